@@ -1,0 +1,155 @@
+"""A whole multiplicative filter network: trunk, per-scale heads and residual sums.
+
+This is the op behind :class:`fieldkern.MFN`, :class:`fieldkern.BACON` and
+:class:`fieldkern.ResidualMFN`. The Triton path evaluates it in one launch per tile of
+points without writing hidden activations to memory; the reference below is the
+definition it is checked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fieldkern.backend import resolve
+from fieldkern.ops._checks import check_coordinates, check_shape
+from fieldkern.ops.filters import fourier_filter_reference, gabor_filter_reference
+from fieldkern.ops.multiplicative_layer import multiplicative_layer_reference
+
+HEAD_ACTIVATIONS = (None, "relu")
+
+
+def mfn_stack_reference(
+    x,
+    filter_weight,
+    filter_bias,
+    linear_weight,
+    linear_bias,
+    head_weight,
+    head_bias,
+    gabor_gamma=None,
+    gabor_mu=None,
+    residual=False,
+    head_activation=None,
+    detach_heads_below=0,
+):
+    n_layers = len(filter_weight)
+    gamma = list(gabor_gamma) if gabor_gamma is not None else [None] * n_layers
+    mu = list(gabor_mu) if gabor_mu is not None else [None] * n_layers
+    outputs = []
+    total = None
+    z = None
+    for i in range(n_layers):
+        if i == 0:
+            if gamma[0] is None:
+                z = fourier_filter_reference(x, filter_weight[0], filter_bias[0])
+            else:
+                z = gabor_filter_reference(x, filter_weight[0], filter_bias[0], gamma[0], mu[0])
+        else:
+            z = multiplicative_layer_reference(
+                z, linear_weight[i - 1], linear_bias[i - 1], x,
+                filter_weight[i], filter_bias[i], gamma[i], mu[i],
+            )
+        if head_weight[i] is None:
+            continue
+        # "Fair" staged BACON: earlier heads keep training on features the trunk is
+        # not pulled by, so their loss cannot undo the current stage.
+        z_head = z.detach() if i < detach_heads_below else z
+        y = torch.nn.functional.linear(z_head, head_weight[i], head_bias[i])
+        if head_activation == "relu":
+            y = torch.relu(y)
+        if residual:
+            total = y if total is None else total + y
+            outputs.append(total)
+        else:
+            outputs.append(y)
+    return outputs
+
+
+def _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
+                      head_weight, head_bias, gabor_gamma, gabor_mu, head_activation):
+    n_layers = len(filter_weight)
+    if n_layers < 1:
+        raise ValueError("filter_weight must hold at least one layer")
+    for name, seq, n in (
+        ("filter_bias", filter_bias, n_layers),
+        ("linear_weight", linear_weight, n_layers - 1),
+        ("linear_bias", linear_bias, n_layers - 1),
+        ("head_weight", head_weight, n_layers),
+        ("head_bias", head_bias, n_layers),
+        ("gabor_gamma", gabor_gamma, n_layers),
+        ("gabor_mu", gabor_mu, n_layers),
+    ):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name} must hold {n} entries (one per layer), got {len(seq)}")
+    if (gabor_gamma is None) != (gabor_mu is None):
+        raise ValueError("gabor_gamma and gabor_mu must be given together or both be None")
+    if head_activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"head_activation must be one of {HEAD_ACTIVATIONS}, got {head_activation!r}")
+    hidden, in_features = filter_weight[0].shape
+    check_coordinates(x, in_features)
+    for i in range(n_layers):
+        check_shape(f"filter_weight[{i}]", filter_weight[i], (hidden, in_features))
+        check_shape(f"filter_bias[{i}]", filter_bias[i], (hidden,))
+        if gabor_gamma is not None:
+            check_shape(f"gabor_gamma[{i}]", gabor_gamma[i], (hidden,))
+            check_shape(f"gabor_mu[{i}]", gabor_mu[i], (hidden, in_features))
+    for i in range(n_layers - 1):
+        check_shape(f"linear_weight[{i}]", linear_weight[i], (hidden, hidden))
+        check_shape(f"linear_bias[{i}]", linear_bias[i], (hidden,))
+    heads = [w for w in head_weight if w is not None]
+    if not heads:
+        raise ValueError("head_weight must have at least one head")
+    out_features = heads[0].shape[0]
+    for i in range(n_layers):
+        if head_weight[i] is None:
+            if head_bias[i] is not None:
+                raise ValueError(f"head_bias[{i}] is given for a layer without a head")
+            continue
+        check_shape(f"head_weight[{i}]", head_weight[i], (out_features, hidden))
+        check_shape(f"head_bias[{i}]", head_bias[i], (out_features,))
+
+
+def mfn_stack(
+    x: torch.Tensor,
+    filter_weight: Sequence[torch.Tensor],
+    filter_bias: Sequence[torch.Tensor],
+    linear_weight: Sequence[torch.Tensor],
+    linear_bias: Sequence[torch.Tensor | None],
+    head_weight: Sequence[torch.Tensor | None],
+    head_bias: Sequence[torch.Tensor | None],
+    gabor_gamma: Sequence[torch.Tensor] | None = None,
+    gabor_mu: Sequence[torch.Tensor] | None = None,
+    residual: bool = False,
+    head_activation: str | None = None,
+    detach_heads_below: int = 0,
+) -> list[torch.Tensor]:
+    """Evaluate an L-layer multiplicative filter network with heads.
+
+    Trunk: ``z_0 = g_0(x)``, ``z_i = (A_i z_{i-1} + c_i) * g_i(x)``; head at layer i:
+    ``y_i = act(U_i z_i + d_i)``. Outputs, one per layer that has a head, in layer order:
+    ``y_i`` or, with ``residual``, the running sum ``Y_i = sum_{k <= i} y_k``.
+
+    Args:
+        x: coordinates ``(..., d)``.
+        filter_weight, filter_bias: L tensors ``(h, d)`` (rad per unit length), ``(h,)`` (rad).
+        linear_weight, linear_bias: L-1 tensors ``A_i`` ``(h, h)`` and ``c_i`` ``(h,)`` or None.
+        head_weight, head_bias: L entries ``U_i`` ``(o, h)``, ``d_i`` ``(o,)``; None where
+            layer i has no head.
+        gabor_gamma, gabor_mu: L tensors ``(h,)`` and ``(h, d)`` for Gabor filters, else None.
+        residual: sum head outputs across scales (residual MFN) instead of returning each.
+        head_activation: None or "relu" on each head.
+        detach_heads_below: heads of layers ``i < detach_heads_below`` see ``z_i`` detached
+            (no gradient reaches the trunk through them).
+
+    Returns:
+        list of ``(..., o)`` tensors, coarsest first.
+    """
+    _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
+                      head_weight, head_bias, gabor_gamma, gabor_mu, head_activation)
+    resolve("mfn_stack", x)
+    return mfn_stack_reference(
+        x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
+        gabor_gamma, gabor_mu, residual, head_activation, detach_heads_below,
+    )
