@@ -1,0 +1,13 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Every test starts from a fixed RNG state and the default backend setting."""
+    import fieldkern.backend as backend
+
+    torch.manual_seed(0)
+    previous = backend._current
+    yield
+    backend._current = previous

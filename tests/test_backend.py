@@ -1,0 +1,74 @@
+"""The backend switch: global setting, context manager, environment variable, errors."""
+
+import pytest
+import torch
+
+import fieldkern
+import fieldkern.backend as backend
+import fieldkern.kernels
+
+
+def test_default_is_auto_and_auto_runs_the_reference_on_cpu(monkeypatch):
+    monkeypatch.setattr(backend, "_current", None)
+    monkeypatch.delenv("FIELDKERN_BACKEND", raising=False)
+    assert fieldkern.get_backend() == "auto"
+    assert backend.resolve("mfn_stack", torch.zeros(1)) == "torch"
+
+
+def test_set_backend_globally_and_as_context_manager():
+    fieldkern.set_backend("torch")
+    assert fieldkern.get_backend() == "torch"
+    with fieldkern.set_backend("auto"):
+        assert fieldkern.get_backend() == "auto"
+        with pytest.raises(RuntimeError):
+            with fieldkern.set_backend("TORCH"):  # case-insensitive
+                assert fieldkern.get_backend() == "torch"
+                raise RuntimeError("restored even on error")
+        assert fieldkern.get_backend() == "auto"
+    assert fieldkern.get_backend() == "torch"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setattr(backend, "_current", None)
+    monkeypatch.setenv("FIELDKERN_BACKEND", "torch")
+    assert fieldkern.get_backend() == "torch"
+    monkeypatch.setenv("FIELDKERN_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FIELDKERN_BACKEND"):
+        fieldkern.get_backend()
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fieldkern.set_backend("jax")
+
+
+def test_triton_request_that_cannot_run_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = fieldkern.ResidualMFN(2, 8, 1, 2, 16)
+    with fieldkern.set_backend("triton"):
+        with pytest.raises(RuntimeError, match="backend 'triton' was requested for mfn_stack"):
+            model(torch.zeros(3, 2))
+    monkeypatch.setattr(fieldkern.kernels, "AVAILABLE", False)
+    monkeypatch.setattr(fieldkern.kernels, "UNAVAILABLE_REASON", "triton is not installed")
+    with fieldkern.set_backend("triton"):
+        with pytest.raises(RuntimeError, match="triton is not installed"):
+            model(torch.zeros(3, 2))
+
+
+def test_torch_backend_always_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fieldkern.set_backend("torch"):
+        assert backend.resolve("mfn_stack", torch.zeros(1)) == "torch"
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fieldkern; "
+        "heavy = [m for m in ('matplotlib', 'gemmi', 'mrcfile', 'starfile', 'skimage', 'PIL', 'triton') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
