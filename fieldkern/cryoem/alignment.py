@@ -1,0 +1,249 @@
+"""Rigid alignment of a map to a reference (for FSC against a ground truth).
+
+A reconstruction from images is only determined up to the frame of its poses: with pose
+refinement the frame can drift (a global rotation and a shift), and ab-initio methods can
+also return the mirror image. :func:`align_volume` undoes that before the FSC is measured.
+
+Transform convention: the aligned map is ``out(r) = V(M^T (r - t))`` (see
+:func:`fieldkern.cryoem.transform_volume`), i.e. a point ``x`` of the input map goes to
+``M x + t`` in the reference frame; ``M = R`` (proper rotation) or ``M = R diag(1, 1, -1)``
+when the hand is flipped; ``t`` in voxels ``(x, y, z)``, about the centre voxel D//2.
+
+Search: both maps are Fourier-cropped to a small box; a deterministic, near-uniform grid of
+rotations (super-Fibonacci) is scored by normalised cross-correlation maximised over all
+translations at once (FFT); the best few (rotation, integer shift) pairs are refined
+continuously (L-BFGS on the correlation, rotation and sub-voxel shift together, through the
+differentiable trilinear resampler), the winner once more on a larger (still reduced)
+box; the final translation is found at full size by FFT cross-correlation with parabolic
+sub-voxel refinement and applied as a Fourier shift.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from fieldkern.cryoem._checks import check_volume
+from fieldkern.cryoem.fourier import fourier_crop, fourier_shift
+from fieldkern.cryoem.projection import transform_volume
+from fieldkern.cryoem.rotations import axis_angle_to_matrix, matmul3, super_fibonacci_rotations
+
+_FLIP = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+
+
+@dataclass
+class AlignmentResult:
+    """Result of :func:`align_volume`.
+
+    Attributes:
+        volume: the aligned map ``(D, D, D)`` (input dtype/device).
+        matrix: ``M`` (3, 3) float64, ``rotation @ diag(1, 1, -1)`` if ``flipped``.
+        rotation: the proper rotation ``R`` (3, 3) float64.
+        flipped: whether the hand was flipped.
+        shift: ``t`` in voxels ``(x, y, z)`` float64; ``out(r) = V(M^T (r - t))``.
+        score: normalised cross-correlation of the aligned map with the reference.
+    """
+
+    volume: torch.Tensor
+    matrix: torch.Tensor
+    rotation: torch.Tensor
+    flipped: bool
+    shift: torch.Tensor
+    score: float
+
+
+def _normalise(v: torch.Tensor) -> torch.Tensor:
+    v = v - v.mean(dim=(-3, -2, -1), keepdim=True)
+    return v / v.flatten(-3).norm(dim=-1).clamp_min(1e-30)[..., None, None, None]
+
+
+def _scores(
+    vol: torch.Tensor, ref_f: torch.Tensor, mats: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best normalised cross-correlation over translations, and its integer shift, per matrix."""
+    D = vol.shape[-1]
+    best, shifts = [], []
+    for i in range(0, mats.shape[0], chunk):
+        w = _normalise(transform_volume(vol, mats[i : i + chunk]))
+        cc = torch.fft.irfftn(
+            ref_f * torch.fft.rfftn(w, dim=(-3, -2, -1)).conj(), s=(D, D, D), dim=(-3, -2, -1)
+        )
+        flat = cc.flatten(1)
+        val, idx = flat.max(dim=1)
+        best.append(val)
+        shifts.append(idx)
+    return torch.cat(best), torch.cat(shifts)
+
+
+def _unravel_shift(idx: int, D: int) -> torch.Tensor:
+    """Flat argmax of a circular cross-correlation -> signed shift (x, y, z) in voxels."""
+    z, rem = divmod(idx, D * D)
+    y, x = divmod(rem, D)
+    wrap = lambda a: a - D if a >= D // 2 else a  # noqa: E731
+    return torch.tensor([wrap(x), wrap(y), wrap(z)], dtype=torch.float64)
+
+
+def _refine(vol: torch.Tensor, ref_n: torch.Tensor, M0: torch.Tensor, t0: torch.Tensor, max_iter: int):
+    """Continuous local refinement of (rotation, translation) by L-BFGS on the correlation.
+
+    The rotation is ``exp([w]_x) M0``; ``w`` is scaled so that one unit moves a point at a
+    quarter of the box by about one voxel, like one unit of ``t``.
+    """
+    D = vol.shape[-1]
+    scale = D / 4
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    t = t0.clone().to(torch.float64).requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [w, t],
+        lr=1,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+    )
+
+    def closure():
+        opt.zero_grad()
+        M = matmul3(axis_angle_to_matrix(w / scale), M0)
+        loss = -(_normalise(transform_volume(vol, M, t)) * ref_n).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        M = matmul3(axis_angle_to_matrix(w / scale), M0)
+        score = float((_normalise(transform_volume(vol, M, t)) * ref_n).sum())
+    return M.detach(), t.detach(), score
+
+
+def _subvoxel_peak(cc: torch.Tensor, idx: int) -> torch.Tensor:
+    """Parabolic refinement of the circular cross-correlation peak, shift (x, y, z)."""
+    D = cc.shape[-1]
+    base = _unravel_shift(idx, D)
+    z, rem = divmod(idx, D * D)
+    y, x = divmod(rem, D)
+    pos = [x, y, z]
+    out = base.clone()
+    for axis in range(3):  # axis 0 = x = last array dim
+
+        def val(o, axis=axis):
+            p = list(pos)
+            p[axis] = (p[axis] + o) % D
+            return float(cc[p[2], p[1], p[0]])
+
+        ym, y0, yp = val(-1), val(0), val(1)
+        den = ym - 2 * y0 + yp
+        if den < 0:
+            out[axis] += max(-0.5, min(0.5, 0.5 * (ym - yp) / den))
+    return out
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """Temporarily set torch's intra-op thread count (restored on exit).
+
+    The search runs thousands of ops on tensors of 10^3-10^5 elements: too small for
+    threading to pay, and on a busy CPU each threaded op can cost milliseconds of
+    synchronisation (measured: a 32^3 refinement went from ~10 s to well under 1 s on a
+    loaded 2-core machine with one thread).
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def align_volume(
+    volume: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    flip: bool = False,
+    search_size: int = 16,
+    refine_size: int = 32,
+    n_rotations: int = 1536,
+    n_candidates: int = 4,
+    max_iter: int = 50,
+    chunk: int = 256,
+) -> AlignmentResult:
+    """Rigidly align ``volume`` to ``reference`` (both ``(D, D, D)``, same voxel size).
+
+    Args:
+        volume: map to move; reference: fixed map.
+        flip: also try the mirror image (handedness flip) and keep the better hand.
+        search_size: box of the coarse rotation search (Fourier-cropped, even, <= D).
+        refine_size: box of the local refinement (even, <= D).
+        n_rotations: coarse grid size (1536: ~ 21 degree spacing).
+        n_candidates: coarse maxima refined locally (per hand).
+        max_iter: L-BFGS iterations per local refinement.
+        chunk: rotations scored per batch (memory ~ chunk * search_size^3).
+
+    Returns:
+        :class:`AlignmentResult`: aligned map, transform ``out(r) = V(M^T (r - t))``, score.
+        Seconds on 2 CPU cores at D = 32-64 with the defaults.
+    """
+    with _intra_op_threads(1):
+        return _align_volume(
+            volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk
+        )
+
+
+def _align_volume(
+    volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk
+):
+    D = check_volume("volume", volume)
+    D_ref = check_volume("reference", reference)
+    if D_ref != D:
+        raise ValueError(
+            f"reference must have the volume's shape {tuple(volume.shape)}, got {tuple(reference.shape)}"
+        )
+    s_size = min(int(search_size), D)
+    r_size = min(max(int(refine_size), s_size), D)
+    for name, n in (("search_size", s_size), ("refine_size", r_size)):
+        if n < 4 or n % 2:
+            raise ValueError(f"{name} must be an even number >= 4, got {n}")
+
+    v64 = volume.detach().to(torch.float64).cpu()
+    r64 = reference.detach().to(torch.float64).cpu()
+    v_s, r_s = fourier_crop(v64, s_size, 3), fourier_crop(r64, s_size, 3)
+    v_r, r_r = fourier_crop(v64, r_size, 3), fourier_crop(r64, r_size, 3)
+    ref_s_f = torch.fft.rfftn(_normalise(r_s))
+
+    grid = super_fibonacci_rotations(n_rotations)
+    hands = [False, True] if flip else [False]
+    cands = []
+    for h in hands:
+        mats = matmul3(grid, _FLIP) if h else grid
+        scores, peaks = _scores(v_s, ref_s_f, mats, chunk)
+        top = torch.topk(scores, min(n_candidates, scores.numel())).indices
+        cands += [(mats[i], _unravel_shift(int(peaks[i]), s_size), h) for i in top.tolist()]
+
+    # Refine every candidate on the search box, then the best one on the refine box.
+    ref_s_n = _normalise(r_s)
+    refined = []
+    for M0, t0, h in cands:
+        M, t, score = _refine(v_s, ref_s_n, M0, t0, max_iter)
+        refined.append((score, M, t, h))
+    _, M, t, flipped = max(refined, key=lambda c: c[0])
+    if r_size != s_size:
+        M, t, _ = _refine(v_r, _normalise(r_r), M, t * (r_size / s_size), max_iter)
+
+    rotated = transform_volume(v64, M)
+    ref_f = torch.fft.rfftn(_normalise(r64))
+    cc = torch.fft.irfftn(ref_f * torch.fft.rfftn(_normalise(rotated)).conj(), s=(D, D, D))
+    idx = int(cc.flatten().argmax())
+    t = _subvoxel_peak(cc, idx)
+    aligned = fourier_shift(rotated, t, 3)
+    score = float((_normalise(aligned) * _normalise(r64)).sum())
+    R = matmul3(M, _FLIP) if flipped else M
+    return AlignmentResult(
+        volume=aligned.to(dtype=volume.dtype, device=volume.device),
+        matrix=M.clone(),
+        rotation=R.clone(),
+        flipped=flipped,
+        shift=t,
+        score=score,
+    )

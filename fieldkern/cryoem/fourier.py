@@ -1,0 +1,108 @@
+"""Centred Fourier transforms and Fourier-space helpers.
+
+Centred means: array index ``i`` of an axis of length ``D`` holds frequency index
+``k = i - D//2`` (Fourier pixels; ``k / (D * apix)`` in 1/A), and the real-space origin
+is the centre index ``D//2`` too. So ``fftn_centered(x)`` is
+``fftshift(fftn(ifftshift(x)))`` over the last ``ndim`` axes. Only even sizes are used in
+fieldkern, where ``fftshift`` and ``ifftshift`` coincide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fieldkern.cryoem._checks import check_box_size, check_floating, check_tensor
+
+
+def _dims(ndim: int) -> tuple[int, ...]:
+    return tuple(range(-ndim, 0))
+
+
+def fftn_centered(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Centred DFT over the last ``ndim`` axes (complex result, same shape)."""
+    check_tensor("x", x)
+    dims = _dims(ndim)
+    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
+
+
+def ifftn_centered(f: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Inverse of :func:`fftn_centered` (complex result; take ``.real`` for real signals)."""
+    check_tensor("f", f)
+    dims = _dims(ndim)
+    return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(f, dim=dims), dim=dims), dim=dims)
+
+
+def fft2_centered(x: torch.Tensor) -> torch.Tensor:
+    """Centred 2D DFT of images ``(..., D, D)``."""
+    return fftn_centered(x, 2)
+
+
+def ifft2_centered(f: torch.Tensor) -> torch.Tensor:
+    """Inverse centred 2D DFT ``(..., D, D)`` (complex)."""
+    return ifftn_centered(f, 2)
+
+
+def fft3_centered(x: torch.Tensor) -> torch.Tensor:
+    """Centred 3D DFT of volumes ``(..., D, D, D)``."""
+    return fftn_centered(x, 3)
+
+
+def ifft3_centered(f: torch.Tensor) -> torch.Tensor:
+    """Inverse centred 3D DFT ``(..., D, D, D)`` (complex)."""
+    return ifftn_centered(f, 3)
+
+
+def frequency_indices(D: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Centred frequency (or position) indices ``i - D//2`` for ``i = 0..D-1``, shape ``(D,)``."""
+    D = check_box_size("D", D)
+    return torch.arange(D, device=device, dtype=dtype) - D // 2
+
+
+def fourier_shift(x: torch.Tensor, shift: Sequence[float] | torch.Tensor, ndim: int) -> torch.Tensor:
+    """Translate the last ``ndim`` axes by ``shift`` pixels with a Fourier phase ramp.
+
+    ``out(r) = x(r - shift)`` (circular, exact for band-limited signals). ``shift`` is given
+    in ``(x, y[, z])`` order, i.e. the first entry moves along the *last* array axis.
+    Returns a real tensor of ``x``'s shape and dtype.
+    """
+    check_floating("x", x)
+    if ndim not in (2, 3) or x.dim() < ndim:
+        raise ValueError(f"x must have at least ndim = {ndim} axes, got {tuple(x.shape)}")
+    t = torch.as_tensor(shift, dtype=torch.float64, device=x.device).reshape(-1)
+    if t.numel() != ndim:
+        raise ValueError(f"shift must have {ndim} entries (x, y[, z]), got {t.numel()}")
+    dims = _dims(ndim)
+    phase = torch.zeros((1,) * ndim, dtype=torch.float64, device=x.device)
+    # axis -1 is x, axis -2 is y, axis -3 is z.
+    for j in range(ndim):
+        n = x.shape[-1 - j]
+        k = torch.fft.fftfreq(n, device=x.device, dtype=torch.float64)
+        shape = [1] * ndim
+        shape[ndim - 1 - j] = n
+        phase = phase + k.reshape(shape) * t[j]
+    ramp = torch.exp(-2j * torch.pi * phase)
+    cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    out = torch.fft.ifftn(torch.fft.fftn(x, dim=dims) * ramp.to(cdtype), dim=dims)
+    return out.real.to(x.dtype)
+
+
+def fourier_crop(x: torch.Tensor, size: int, ndim: int) -> torch.Tensor:
+    """Downsample the last ``ndim`` (equal, even) axes to ``size`` by cropping the centred spectrum.
+
+    Keeps the physical extent of the box (the pixel size grows by ``D / size``) and the
+    mean value. ``size == D`` returns ``x`` unchanged.
+    """
+    check_floating("x", x)
+    D = x.shape[-1]
+    size = check_box_size("size", size)
+    if size > D:
+        raise ValueError(f"size must be <= the current size {D}, got {size}")
+    if size == D:
+        return x
+    f = fftn_centered(x, ndim)
+    lo = D // 2 - size // 2
+    idx = [slice(None)] * (x.dim() - ndim) + [slice(lo, lo + size)] * ndim
+    out = ifftn_centered(f[tuple(idx)], ndim).real
+    return (out * (size / D) ** ndim).to(x.dtype)
