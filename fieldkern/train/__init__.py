@@ -1,0 +1,11 @@
+"""Coarse-to-fine (staged) training, shared by the image and cryo-EM trainers.
+
+:class:`StageSchedule` maps a step (iteration or epoch) to the active stage;
+:func:`run_stages` runs a caller-supplied step function under it, switching the model's
+stage and notifying :class:`Callback` objects at stage boundaries.
+"""
+
+from fieldkern.train.loop import Callback, run_stages, stage_setter
+from fieldkern.train.schedule import StageSchedule
+
+__all__ = ["Callback", "StageSchedule", "run_stages", "stage_setter"]

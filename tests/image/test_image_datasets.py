@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+pytest.importorskip("PIL")
+pytest.importorskip("skimage")
+pytest.importorskip("matplotlib")
+
+from PIL import Image  # noqa: E402
+
+from fieldkern.image import datasets  # noqa: E402
+from fieldkern.image.datasets import ImageLoadError  # noqa: E402
+
+
+def test_text_images_size_range_and_determinism():
+    a, names = datasets.text_images(3, size=64, seed=5)
+    b, _ = datasets.text_images(3, size=64, seed=5)
+    c, _ = datasets.text_images(3, size=64, seed=6)
+    assert len(a) == 3 and len(set(names)) == 3
+    for img in a:
+        assert img.shape == (64, 64, 3) and img.dtype == np.float32
+        assert 0.0 <= img.min() and img.max() <= 1.0
+        assert img.std() > 0.02  # words were drawn, not a blank canvas
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not any(np.array_equal(x, y) for x, y in zip(a, c))
+    # Image i depends on (seed, i) only, so a larger n extends a smaller one.
+    d, _ = datasets.text_images(1, size=64, seed=5)
+    assert np.array_equal(d[0], a[0])
+
+
+def test_text_images_differ_from_each_other():
+    imgs, _ = datasets.text_images(2, size=64, seed=0)
+    assert not np.array_equal(imgs[0], imgs[1])
+
+
+def test_natural_images_are_square_and_deterministic():
+    a, names = datasets.natural_images(3, size=48)
+    b, _ = datasets.natural_images(3, size=48)
+    assert names == ["astronaut", "coffee", "chelsea"]
+    assert [im.shape for im in a] == [(48, 48, 3)] * 3
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="natural has"):
+        datasets.natural_images(100)
+
+
+def test_load_dataset_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        datasets.load_dataset("faces", 1)
+
+
+def test_resize_keeps_constants_and_shape():
+    img = np.full((32, 32, 3), 0.25, np.float32)
+    out = datasets.resize(img, 16)
+    assert out.shape == (16, 16, 3)
+    np.testing.assert_allclose(out, 0.25, atol=1e-6)
+
+
+def test_load_images_file_and_folder_grey_rgb_rgba(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 50), dtype=np.uint8), "L").save(tmp_path / "a_grey.png")
+    Image.fromarray(rng.integers(0, 256, (40, 20, 3), dtype=np.uint8), "RGB").save(tmp_path / "b_rgb.jpg")
+    rgba = np.zeros((10, 10, 4), np.uint8)  # fully transparent: composited on white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "c_rgba.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    imgs, names = datasets.load_images(tmp_path)
+    assert names == ["a_grey", "b_rgb", "c_rgba"]
+    assert [im.shape for im in imgs] == [(30, 50, 1), (40, 20, 3), (10, 10, 3)]
+    np.testing.assert_allclose(imgs[2], 1.0)
+
+    sq, _ = datasets.load_images(tmp_path / "a_grey.png", size=16)
+    assert sq[0].shape == (16, 16, 1)
+
+
+def test_load_images_errors(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ImageLoadError, match="cannot read image"):
+        datasets.load_images(bad)
+    with pytest.raises(ImageLoadError, match="does not exist"):
+        datasets.load_images(tmp_path / "missing.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageLoadError, match="no image files"):
+        datasets.load_images(empty)
+
+
+def test_image_and_train_packages_import_light():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, fieldkern.image, fieldkern.train; "
+            "heavy = [m for m in ('matplotlib', 'skimage', 'PIL') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,141 @@
+"""Each Table 2 method, trained by the real image trainer, freezes what it should."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+
+from fieldkern import grid_coordinates  # noqa: E402
+from fieldkern.image import METHODS, SAPE, Preset, fit_image  # noqa: E402
+from fieldkern.train import Callback  # noqa: E402
+
+# Switches at 1, 2, 4: stage 2 runs steps 2 and 3.
+PRESET = Preset("test", hidden=8, n_scales=4, iterations=20, train_size=16, eval_size=16, sape_frequencies=8)
+
+
+def _image(channels=3):
+    rng = np.random.default_rng(0)
+    return rng.random((16, 16, channels)).astype(np.float32)
+
+
+def _groups(model):
+    """Parameter tensors by role: filter i (phases), linear i (A_i feeding layer i), head k."""
+    out = {}
+    for i, f in enumerate(model.filters):
+        out[f"filter{i}"] = [p for p in f.parameters()]
+    for i, lin in enumerate(model.linears, start=1):
+        out[f"linear{i}"] = list(lin.parameters())
+    for k, h in enumerate(model.heads):
+        out[f"head{k}"] = list(h.parameters())
+    return out
+
+
+class StageWatch(Callback):
+    """Copies the parameters when ``stage`` starts and compares when it ends."""
+
+    def __init__(self, model, stage):
+        self.model, self.stage = model, stage
+        self.changed, self.trainable = {}, {}
+
+    def on_stage_start(self, stage, step):
+        if stage == self.stage:
+            self.before = {k: [p.detach().clone() for p in ps] for k, ps in _groups(self.model).items()}
+
+    def on_stage_end(self, stage, step):
+        if stage == self.stage:
+            for k, ps in _groups(self.model).items():
+                self.changed[k] = any(not torch.equal(p, b) for p, b in zip(ps, self.before[k]))
+                self.trainable[k] = all(p.requires_grad for p in ps)
+
+
+def _trainable_in_stage2(name):
+    trunk = {"filter0", "filter1", "filter2", "linear1", "linear2"}
+    heads = {"head2"} if name == "staged_bacon_unfair" else {"head0", "head1", "head2"}
+    return trunk | heads
+
+
+@pytest.mark.parametrize("name", ["staged_bacon_unfair", "staged_bacon_fair", "staged_res_bacon_init",
+                                  "staged_res_new_init"])
+def test_staged_methods_train_exactly_their_stage(name):
+    method = METHODS[name]
+    model = method.build(3, PRESET)
+    watch = StageWatch(model, stage=2)
+    result = fit_image(method, _image(), PRESET, model=model, callbacks=[watch], progress=False)
+    expected = _trainable_in_stage2(name)
+    assert set(watch.changed) == {f"filter{i}" for i in range(4)} | {f"linear{i}" for i in (1, 2, 3)} | {
+        f"head{k}" for k in range(4)}
+    assert {k for k, v in watch.changed.items() if v} == expected
+    assert {k for k, v in watch.trainable.items() if v} == expected
+    # One MAD per scale but the last, all finite; final PSNR finite.
+    assert len(result.mad) == 3 and all(np.isfinite(result.mad))
+    assert np.isfinite(result.psnr) and np.isfinite(result.psnr_train)
+    # The snapshots are the scales' outputs on the training grid.
+    assert [a.shape for a in result.stage_outputs] == [(16, 16, 3)] * 3
+
+
+def test_training_ends_with_all_scales_active_and_trainable():
+    # After training, set_stage(None) leaves everything trainable again for the user.
+    method = METHODS["staged_res_new_init"]
+    model = method.build(1, PRESET)
+    fit_image(method, _image(1), PRESET, model=model, progress=False)
+    assert model.stage is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_vanilla_bacon_trains_everything_at_once():
+    method = METHODS["bacon"]
+    model = method.build(3, PRESET)
+    before = {k: [p.detach().clone() for p in ps] for k, ps in _groups(model).items()}
+    watch = StageWatch(model, stage=0)  # vanilla: stage callbacks never fire
+    result = fit_image(method, _image(), PRESET, model=model, callbacks=[watch], progress=False)
+    assert watch.changed == {}
+    assert all(not torch.equal(p, b) for k, ps in _groups(model).items() for p, b in zip(ps, before[k]))
+    assert result.mad is None and len(result.eval_outputs) == 4
+
+
+def test_sape_progress_advances_only_where_error_is_high():
+    model = SAPE(2, 8, 1, resolution=4, n_frequencies=10, threshold=0.1, progress_steps=10, start_fraction=0.2)
+    err = torch.zeros(4, 4)
+    err[0, :] = 1.0
+    model.update_progress(err)
+    assert torch.allclose(model.alpha[0], torch.full((4,), 0.3))
+    assert torch.allclose(model.alpha[1:], torch.full((3, 4), 0.2))
+    for _ in range(20):
+        model.update_progress(err)
+    assert torch.allclose(model.alpha[0], torch.ones(4))  # saturates at 1
+
+
+def test_sape_mask_at_pixel_centres_and_frequency_order():
+    model = SAPE(2, 8, 1, resolution=4, n_frequencies=10, start_fraction=0.25)
+    model.alpha[2, 1] = 0.55
+    x = grid_coordinates((4, 4))
+    np.testing.assert_allclose(model.progress(x).numpy(), model.alpha.numpy(), atol=1e-6)
+    m = model.mask(x)
+    # alpha 0.25 of 10 frequencies: 2.5 on -> weights 1, 1, 0.5, 0, ...
+    np.testing.assert_allclose(m[0, 0, :4].numpy(), [1, 1, 0.5, 0], atol=1e-6)
+    np.testing.assert_allclose(m[2, 1, :7].numpy(), [1, 1, 1, 1, 1, 0.5, 0], atol=1e-6)
+    norms = model.frequencies.norm(dim=1)
+    assert torch.all(norms[1:] >= norms[:-1])
+
+
+def test_sape_fits_through_the_trainer_and_advances():
+    method = METHODS["sape"]
+    model = method.build(3, PRESET)
+    start = model.alpha.clone()
+    result = fit_image(method, _image(), PRESET, model=model, progress=False)
+    assert torch.all(model.alpha >= start) and torch.any(model.alpha > start)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_presets_and_lookup_errors():
+    from fieldkern.image import PRESETS, get_method, get_preset
+
+    paper = PRESETS["paper"]
+    assert (paper.hidden, paper.n_scales, paper.iterations, paper.lr) == (256, 4, 10000, 5e-3)
+    assert (paper.train_size, paper.eval_size) == (256, 512)
+    with pytest.raises(ValueError, match="stage fractions"):
+        Preset("bad", hidden=8, n_scales=3, iterations=10, train_size=16, eval_size=32)
+    with pytest.raises(ValueError, match="unknown method 'nerf'"):
+        get_method("nerf")
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
