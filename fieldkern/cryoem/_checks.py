@@ -6,18 +6,14 @@ import numbers
 
 import torch
 
-
-def check_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def check_floating(name: str, t: object) -> torch.Tensor:
-    check_tensor(name, t)
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-    return t
+# The tensor checks the ops need live with the ops (the layer below); re-exported here.
+from fieldkern.ops._checks import (  # noqa: F401
+    check_chunk,
+    check_floating,
+    check_rotations,
+    check_tensor,
+    check_volume,
+)
 
 
 def check_box_size(name: str, D: object) -> int:
@@ -39,18 +35,6 @@ def check_positive(name: str, x: object) -> float:
     return x
 
 
-def check_volume(name: str, v: object) -> int:
-    """A cubic, even-sized, floating (D, D, D) tensor; returns D."""
-    check_floating(name, v)
-    if v.dim() != 3:
-        raise ValueError(f"{name} must have shape (D, D, D), got {tuple(v.shape)}")
-    if not (v.shape[0] == v.shape[1] == v.shape[2]):
-        raise ValueError(f"{name} must be cubic (D, D, D), got {tuple(v.shape)}")
-    if v.shape[0] % 2 or v.shape[0] < 2:
-        raise ValueError(f"{name} must have an even size D, got D = {v.shape[0]}")
-    return v.shape[0]
-
-
 def check_images(name: str, x: object) -> int:
     """A floating (..., D, D) tensor with even D; returns D."""
     check_floating(name, x)
@@ -61,14 +45,6 @@ def check_images(name: str, x: object) -> int:
     if x.shape[-1] % 2 or x.shape[-1] < 2:
         raise ValueError(f"{name} must have an even image size D, got D = {x.shape[-1]}")
     return x.shape[-1]
-
-
-def check_rotations(name: str, r: object) -> int:
-    """A floating (B, 3, 3) tensor; returns B."""
-    check_floating(name, r)
-    if r.dim() != 3 or r.shape[1:] != (3, 3):
-        raise ValueError(f"{name} must have shape (B, 3, 3), got {tuple(r.shape)}")
-    return r.shape[0]
 
 
 def check_matrices(name: str, r: object) -> None:
@@ -82,11 +58,3 @@ def check_vectors(name: str, v: object, n: int = 3) -> None:
     check_floating(name, v)
     if v.dim() < 1 or v.shape[-1] != n:
         raise ValueError(f"{name} must have shape (..., {n}), got {tuple(v.shape)}")
-
-
-def check_chunk(name: str, c: object) -> int | None:
-    if c is None:
-        return None
-    if isinstance(c, bool) or not isinstance(c, numbers.Integral) or int(c) < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {c!r}")
-    return int(c)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
-def check_floating(name: str, t: torch.Tensor) -> None:
+def check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_floating(name: str, t: object) -> torch.Tensor:
+    check_tensor(name, t)
     if not t.dtype.is_floating_point:
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    return t
 
 
 def check_coordinates(x: torch.Tensor, in_features: int, name: str = "x") -> None:
@@ -27,3 +35,31 @@ def check_shape(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> No
     check_floating(name, t)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def check_volume(name: str, v: object) -> int:
+    """A cubic, even-sized, floating (D, D, D) tensor; returns D."""
+    check_floating(name, v)
+    if v.dim() != 3:
+        raise ValueError(f"{name} must have shape (D, D, D), got {tuple(v.shape)}")
+    if not (v.shape[0] == v.shape[1] == v.shape[2]):
+        raise ValueError(f"{name} must be cubic (D, D, D), got {tuple(v.shape)}")
+    if v.shape[0] % 2 or v.shape[0] < 2:
+        raise ValueError(f"{name} must have an even size D, got D = {v.shape[0]}")
+    return v.shape[0]
+
+
+def check_rotations(name: str, r: object) -> int:
+    """A floating (B, 3, 3) tensor; returns B."""
+    check_floating(name, r)
+    if r.dim() != 3 or r.shape[1:] != (3, 3):
+        raise ValueError(f"{name} must have shape (B, 3, 3), got {tuple(r.shape)}")
+    return r.shape[0]
+
+
+def check_chunk(name: str, c: object) -> int | None:
+    if c is None:
+        return None
+    if isinstance(c, bool) or not isinstance(c, numbers.Integral) or int(c) < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {c!r}")
+    return int(c)

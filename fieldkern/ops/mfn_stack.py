@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from fieldkern.backend import resolve
+from fieldkern.ops._precision import get_precision
 from fieldkern.ops._checks import check_coordinates, check_shape
 from fieldkern.ops.filters import fourier_filter_reference, gabor_filter_reference
 from fieldkern.ops.multiplicative_layer import multiplicative_layer_reference
@@ -148,8 +149,127 @@ def mfn_stack(
     """
     _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
                       head_weight, head_bias, gabor_gamma, gabor_mu, head_activation)
-    resolve("mfn_stack", x)
+    if resolve("mfn_stack", x) == "triton" and x.dtype != torch.float64:
+        return _mfn_stack_triton(
+            x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
+            gabor_gamma, gabor_mu, residual, head_activation, detach_heads_below,
+        )
+    # float64 always takes the reference: the kernels compute in fp32.
     return mfn_stack_reference(
         x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
         gabor_gamma, gabor_mu, residual, head_activation, detach_heads_below,
     )
+
+
+# --- Triton path: torch.library custom ops -------------------------------------------------
+#
+# ``custom_op`` (torch >= 2.4) rather than ``triton_op`` (torch >= 2.6): the op is opaque to
+# the compiler either way for fullgraph capture, and ``wrap_triton`` does not accept the
+# interpreter's kernels, which the CPU test-suite relies on. Per-layer parameters are
+# stacked by the caller (cheap, differentiable), so the op sees a fixed set of tensors.
+
+
+@torch.library.custom_op("fieldkern::mfn_stack", mutates_args=())
+def _mfn_stack_op(
+    x: torch.Tensor, filter_weight: torch.Tensor, filter_bias: torch.Tensor,
+    linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, head_weight: torch.Tensor,
+    head_bias: torch.Tensor, gabor_gamma: torch.Tensor | None, gabor_mu: torch.Tensor | None,
+    head_mask: int, residual: bool, relu: bool, detach_heads_below: int, precision: str,
+) -> torch.Tensor:
+    """Fused stack on stacked parameters; returns (L, P, O) (rows of head-less layers: garbage)."""
+    from fieldkern.kernels.mfn_stack import mfn_stack_forward
+
+    return mfn_stack_forward(x, filter_weight, filter_bias, linear_weight, linear_bias,
+                             head_weight, head_bias, gabor_gamma, gabor_mu, head_mask,
+                             residual, relu, precision)
+
+
+@_mfn_stack_op.register_fake
+def _(x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
+      gabor_gamma, gabor_mu, head_mask, residual, relu, detach_heads_below, precision):
+    return x.new_empty((filter_weight.shape[0], x.shape[0], head_weight.shape[1]))
+
+
+@torch.library.custom_op("fieldkern::mfn_stack_backward", mutates_args=())
+def _mfn_stack_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, filter_weight: torch.Tensor, filter_bias: torch.Tensor,
+    linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, head_weight: torch.Tensor,
+    head_bias: torch.Tensor, gabor_gamma: torch.Tensor | None, gabor_mu: torch.Tensor | None,
+    head_mask: int, residual: bool, relu: bool, detach_heads_below: int, need_dw: bool,
+    precision: str,
+) -> list[torch.Tensor]:
+    """[dx, dW, db, dA, dc, dU, dd, dgamma, dmu]; absent ones (no bias / Fourier) are empty."""
+    from fieldkern.kernels.mfn_stack import mfn_stack_backward
+
+    grads = mfn_stack_backward(grad, x, filter_weight, filter_bias, linear_weight, linear_bias,
+                               head_weight, head_bias, gabor_gamma, gabor_mu, head_mask,
+                               residual, relu, detach_heads_below, need_dw, precision)
+    return [g if g is not None else x.new_empty((0,)) for g in grads]
+
+
+@_mfn_stack_backward_op.register_fake
+def _(grad, x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
+      gabor_gamma, gabor_mu, head_mask, residual, relu, detach_heads_below, need_dw, precision):
+    def like(t):
+        return x.new_empty(t.shape) if t is not None else x.new_empty((0,))
+
+    return [x.new_empty(x.shape), like(filter_weight), like(filter_bias), like(linear_weight),
+            like(linear_bias), like(head_weight), like(head_bias), like(gabor_gamma),
+            like(gabor_mu)]
+
+
+def _mfn_stack_setup_context(ctx, inputs, output):
+    (x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach, precision) = inputs
+    ctx.save_for_backward(x, w, b, a, c, u, d, gamma, mu)
+    ctx.flags = (head_mask, residual, relu, detach, precision)
+
+
+def _mfn_stack_autograd_backward(ctx, grad):
+    x, w, b, a, c, u, d, gamma, mu = ctx.saved_tensors
+    head_mask, residual, relu, detach, precision = ctx.flags
+    need = ctx.needs_input_grad
+    grads = torch.ops.fieldkern.mfn_stack_backward(
+        grad.contiguous(), x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach,
+        bool(need[1]), precision,
+    )
+    out = [g if n and t is not None else None
+           for g, n, t in zip(grads, need[:9], (x, w, b, a, c, u, d, gamma, mu))]
+    return (*out, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "fieldkern::mfn_stack", _mfn_stack_autograd_backward, setup_context=_mfn_stack_setup_context
+)
+
+
+def _stack_or_zeros(tensors, shape, like):
+    return torch.stack([t if t is not None else like.new_zeros(shape) for t in tensors]).float()
+
+
+def _mfn_stack_triton(x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight,
+                      head_bias, gabor_gamma, gabor_mu, residual, head_activation,
+                      detach_heads_below):
+    n_layers = len(filter_weight)
+    hidden, in_features = filter_weight[0].shape
+    heads = [i for i in range(n_layers) if head_weight[i] is not None]
+    out_features = head_weight[heads[0]].shape[0]
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, in_features).float().contiguous()
+    w = torch.stack(list(filter_weight)).float().contiguous()
+    b = torch.stack(list(filter_bias)).float().contiguous()
+    if n_layers > 1:
+        a = torch.stack(list(linear_weight)).float().contiguous()
+        has_c = any(t is not None for t in linear_bias)
+        c = _stack_or_zeros(linear_bias, (hidden,), b).contiguous() if has_c else None
+    else:
+        a, c = xf.new_zeros((0, hidden, hidden)), None
+    u = _stack_or_zeros(head_weight, (out_features, hidden), b).contiguous()
+    d = _stack_or_zeros(head_bias, (out_features,), b).contiguous()
+    gamma = torch.stack(list(gabor_gamma)).float().contiguous() if gabor_gamma is not None else None
+    mu = torch.stack(list(gabor_mu)).float().contiguous() if gabor_mu is not None else None
+    head_mask = sum(1 << i for i in heads)
+    out = torch.ops.fieldkern.mfn_stack(
+        xf, w, b, a, c, u, d, gamma, mu, head_mask, bool(residual), head_activation == "relu",
+        int(detach_heads_below), get_precision(),
+    )
+    return [out[i].reshape(*lead, out_features).to(x.dtype) for i in heads]

@@ -1,0 +1,72 @@
+"""mfn_stack through ResidualMFN: fieldkern-Triton vs eager reference vs torch.compile(reference).
+
+Same model, same inputs, same run. ``extra_info``: points, points_per_s, peak_memory_bytes
+(CUDA only), device. Forward is timed under ``torch.no_grad()``; forward+backward is the
+training step's ``loss.backward()`` (sum over scales of MSE to a target).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fieldkern
+from _bench_utils import CUDA, peak_memory_bytes, problem_params, sync
+
+# triton_mixed: the Triton kernels with fieldkern.ops.set_precision("mixed") (bf16 matmuls)
+IMPLS = ["triton", "triton_mixed", "eager", "compile"]
+
+
+def _model(d, h, s, shape, device):
+    torch.manual_seed(0)
+    model = fieldkern.ResidualMFN(d, h, 1, n_scales=s, resolution=max(shape)).to(device)
+    x = fieldkern.grid_coordinates(shape, device=device).reshape(-1, d)
+    target = torch.sin(9.0 * x.sum(-1, keepdim=True))
+    return model, x, target
+
+
+def _runner(impl, model):
+    if impl == "compile":
+        return torch.compile(model), "torch"
+    return model, ("triton" if impl.startswith("triton") else "torch")
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("problem", problem_params())
+def test_bench_mfn_stack(benchmark, problem, impl, mode, device):
+    if impl.startswith("triton") and not CUDA:
+        pytest.skip("Triton cases need a CUDA device: on CPU the kernels only run under the "
+                    "Triton interpreter (a correctness tool, far too slow to benchmark)")
+    d, h, s, shape = problem
+    model, x, target = _model(d, h, s, shape, device)
+    fn_model, backend = _runner(impl, model)
+    precision = "mixed" if impl == "triton_mixed" else "float32"
+
+    if mode == "forward":
+        def step():
+            with torch.no_grad(), fieldkern.set_backend(backend), fieldkern.ops.set_precision(precision):
+                out = fn_model(x)
+            sync()
+            return out
+    else:
+        def step():
+            model.zero_grad(set_to_none=True)
+            with fieldkern.set_backend(backend), fieldkern.ops.set_precision(precision):
+                loss = sum(torch.nn.functional.mse_loss(y, target) for y in fn_model(x))
+                loss.backward()
+            sync()
+            return loss
+
+    step()  # warm-up: compilation / autotuning stay out of the timings
+    peak = peak_memory_bytes(step)
+    benchmark.pedantic(step, rounds=5 if CUDA else 3, iterations=1, warmup_rounds=1)
+    n = x.shape[0]
+    benchmark.extra_info.update(
+        points=n,
+        points_per_s=n / benchmark.stats.stats.mean,
+        peak_memory_bytes=peak,
+        peak_memory_note=None if CUDA else "not measured on CPU",
+        device=torch.cuda.get_device_name() if CUDA else "cpu",
+        precision=precision,
+    )

@@ -1,0 +1,127 @@
+"""Helpers shared by the kernel files: interpreter detection, autotune configs, block sizes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def configs(gpu_configs: list[triton.Config], interp_config: triton.Config) -> list[triton.Config]:
+    """Autotune configs: the GPU list, or one small config under the interpreter (autotuning
+    there would rerun every candidate in Python). ``FIELDKERN_AUTOTUNE=0`` keeps only the
+    first GPU config: each candidate of a large stack costs 40-70 s of compilation on its
+    first call, which short jobs (tests, smoke runs) need not pay."""
+    if interpreting():
+        return [interp_config]
+    if os.environ.get("FIELDKERN_AUTOTUNE", "1") == "0":
+        return gpu_configs[:1]
+    return gpu_configs
+
+
+def block(n: int, minimum: int = 16) -> int:
+    """Power-of-two block covering ``n`` (``tl.dot`` needs every dim >= 16)."""
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+def max_programs(device: torch.device, per_sm: int = 2) -> int:
+    """Size of the persistent grid. Per-program scratch and gradient partials scale with
+    it, not with the number of points."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: two programs, so the multi-tile loop is exercised by tests
+
+
+# The interpreter's bf16 x bf16 tl.dot returns garbage (numpy has no bfloat16), so there the
+# mixed mode rounds the operands to bf16 and multiplies in fp32: the same products (a bf16
+# product is exact in fp32), only the accumulation order differs.
+_EMULATE_BF16_DOT = tl.constexpr(interpreting())
+
+
+@triton.jit
+def mm(a, b, MIXED: tl.constexpr):
+    """``a @ b`` with fp32 accumulation: exact fp32 (``ieee``, no TF32) or bf16 operands."""
+    if MIXED:
+        if _EMULATE_BF16_DOT:
+            r = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                       input_precision="ieee")
+        else:
+            r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        r = tl.dot(a, b, input_precision="ieee")
+    return r
+
+
+@triton.jit
+def accumulate(ptr, value, mask):
+    """``*ptr += value`` for memory this program owns alone (no atomics: deterministic)."""
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h, mask_h,
+                D: tl.constexpr, GABOR: tl.constexpr):
+    """Sine argument ``s = x W^T + b`` (fp32, always), and for Gabor the squared distance
+    ``q = |x - mu|^2`` and envelope ``e = exp(-gamma q / 2)``; (BLOCK_P, BLOCK_H) each.
+    ``w_ptr``/``mu_ptr`` point at (H, D) row-major, ``b_ptr``/``gamma_ptr`` at (H,)."""
+    x0 = tl.load(x_ptr + offs_p * D, mask=mask_p, other=0.0)
+    w0 = tl.load(w_ptr + offs_h * D, mask=mask_h, other=0.0)
+    bias = tl.load(b_ptr + offs_h, mask=mask_h, other=0.0)
+    s = x0[:, None] * w0[None, :] + bias[None, :]
+    for d in tl.static_range(1, D):
+        xd = tl.load(x_ptr + offs_p * D + d, mask=mask_p, other=0.0)
+        wd = tl.load(w_ptr + offs_h * D + d, mask=mask_h, other=0.0)
+        s += xd[:, None] * wd[None, :]
+    if GABOR:
+        q = s * 0.0
+        for d in tl.static_range(D):
+            xd = tl.load(x_ptr + offs_p * D + d, mask=mask_p, other=0.0)
+            md = tl.load(mu_ptr + offs_h * D + d, mask=mask_h, other=0.0)
+            diff = xd[:, None] - md[None, :]
+            q += diff * diff
+        gamma = tl.load(gamma_ptr + offs_h, mask=mask_h, other=0.0)
+        e = tl.exp(-0.5 * gamma[None, :] * q)
+    else:
+        q = s
+        e = s
+    return s, q, e
+
+
+@triton.jit
+def filter_backward(dg, sn, cs, q, e, x_ptr, w_ptr, gamma_ptr, mu_ptr,
+                    dw_ptr, db_ptr, dgamma_ptr, dmu_ptr, dx,
+                    offs_p, mask_p, offs_h, mask_h, offs_d,
+                    D: tl.constexpr, GABOR: tl.constexpr, NEED_DW: tl.constexpr):
+    """Given dL/dg for g = e sin(s), add this tile's sums over points into the (program-
+    owned) partials of dW (H, D), db (H,), dgamma (H,), dmu (H, D); return dx (BLOCK_P, BLOCK_D)
+    plus this filter's contribution."""
+    if GABOR:
+        ds = dg * e * cs
+        de = dg * sn
+    else:
+        ds = dg * cs
+    accumulate(db_ptr + offs_h, tl.sum(ds, axis=0), mask_h)
+    if GABOR:
+        gamma = tl.load(gamma_ptr + offs_h, mask=mask_h, other=0.0)
+        dee = de * e
+        accumulate(dgamma_ptr + offs_h, tl.sum(-0.5 * dee * q, axis=0), mask_h)
+        t = -dee * gamma[None, :]  # dL/d(x - mu) = t (x - mu)
+    for d in tl.static_range(D):
+        xd = tl.load(x_ptr + offs_p * D + d, mask=mask_p, other=0.0)
+        wd = tl.load(w_ptr + offs_h * D + d, mask=mask_h, other=0.0)
+        col = tl.sum(ds * wd[None, :], axis=1)
+        if NEED_DW:
+            accumulate(dw_ptr + offs_h * D + d, tl.sum(ds * xd[:, None], axis=0), mask_h)
+        if GABOR:
+            md = tl.load(mu_ptr + offs_h * D + d, mask=mask_h, other=0.0)
+            tdiff = t * (xd[:, None] - md[None, :])
+            col += tl.sum(tdiff, axis=1)
+            accumulate(dmu_ptr + offs_h * D + d, -tl.sum(tdiff, axis=0), mask_h)
+        dx += tl.where(offs_d[None, :] == d, col[:, None], 0.0)
+    return dx

@@ -1,0 +1,47 @@
+"""Fused Fourier / Gabor filter kernels vs the reference, under the interpreter."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fieldkern
+from _kernel_helpers import compare_op, needs_interpreter
+
+pytestmark = needs_interpreter
+
+
+def _args(n, d, h, gabor, train_w=True, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(*lead, n, d, generator=g) - 0.5).requires_grad_()
+    w = (torch.randn(h, d, generator=g) * 30).requires_grad_(train_w)
+    b = (torch.randn(h, generator=g) * 3).requires_grad_()
+    if not gabor:
+        return (x, w, b)
+    gamma = (torch.rand(h, generator=g) * 5).requires_grad_()
+    mu = (torch.rand(h, d, generator=g) - 0.5).requires_grad_()
+    return (x, w, b, gamma, mu)
+
+
+@pytest.mark.parametrize("gabor", [False, True], ids=["fourier", "gabor"])
+@pytest.mark.parametrize("d,h,n,train_w", [(2, 16, 37, True), (3, 33, 100, False), (2, 64, 65, True)])
+def test_filter_matches_reference(gabor, d, h, n, train_w):
+    fn = fieldkern.ops.gabor_filter if gabor else fieldkern.ops.fourier_filter
+    compare_op(fn, _args(n, d, h, gabor, train_w))
+
+
+def test_filter_leading_dims():
+    compare_op(fieldkern.ops.gabor_filter, _args(9, 3, 20, True, lead=(4,)))
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 120), d=st.sampled_from([1, 2, 3]), h=st.integers(1, 40), gabor=st.booleans())
+def test_filter_shapes_hypothesis(n, d, h, gabor):
+    fn = fieldkern.ops.gabor_filter if gabor else fieldkern.ops.fourier_filter
+    compare_op(fn, _args(n, d, h, gabor, seed=n))
+
+
+def test_filter_modules_match():
+    for module in (fieldkern.FourierFilter(2, 24, trainable_frequencies=True), fieldkern.GaborFilter(3, 17)):
+        x = torch.rand(50, module.in_features) - 0.5
+        compare_op(lambda x: module(x), (x.requires_grad_(),))

@@ -1,0 +1,42 @@
+"""Fused multiplicative layer kernels vs the reference, under the interpreter."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fieldkern
+from _kernel_helpers import compare_op, needs_interpreter
+
+pytestmark = needs_interpreter
+
+
+def _args(n, d, h_in, h, gabor, has_c=True, train_w=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, grad=True):
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_(grad)
+
+    z = r(n, h_in)
+    a = r(h, h_in, scale=h_in ** -0.5)
+    c = r(h, scale=0.1) if has_c else None
+    x = (torch.rand(n, d, generator=g) - 0.5).requires_grad_()
+    w = r(h, d, scale=20.0, grad=train_w)
+    b = r(h, scale=3.0)
+    gamma = (torch.rand(h, generator=g) * 5).requires_grad_() if gabor else None
+    mu = (torch.rand(h, d, generator=g) - 0.5).requires_grad_() if gabor else None
+    return (z, a, c, x, w, b, gamma, mu)
+
+
+@pytest.mark.parametrize("gabor", [False, True], ids=["fourier", "gabor"])
+@pytest.mark.parametrize("d,h_in,h,n,has_c,train_w", [
+    (2, 16, 16, 37, True, False), (3, 20, 33, 70, False, True), (2, 64, 40, 45, True, True)])
+def test_multiplicative_layer_matches_reference(gabor, d, h_in, h, n, has_c, train_w):
+    compare_op(fieldkern.ops.multiplicative_layer, _args(n, d, h_in, h, gabor, has_c, train_w))
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 100), d=st.sampled_from([2, 3]), h_in=st.integers(1, 40),
+       h=st.integers(1, 40), gabor=st.booleans(), has_c=st.booleans())
+def test_multiplicative_layer_shapes_hypothesis(n, d, h_in, h, gabor, has_c):
+    compare_op(fieldkern.ops.multiplicative_layer, _args(n, d, h_in, h, gabor, has_c, seed=n))
