@@ -1,0 +1,301 @@
+"""The paper's cryo-EM experiment end to end: data, reconstruction, evaluation, outputs.
+
+:func:`prepare_data` simulates a particle set from a structure or map (or reads a RELION
+STAR file), :func:`initial_poses` draws the starting pose estimates, :class:`Reconstruction`
+trains, :func:`evaluate` aligns each scale's map to the ground truth and measures FSC
+resolution and pose errors, and :func:`write_outputs` writes maps, curves, figures, the
+refined poses and ``results.json``. ``examples/cryoem.py`` is the command line over these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from fieldkern.cryoem.alignment import align_volume
+from fieldkern.cryoem.fsc import fourier_shell_correlation, resolution
+from fieldkern.cryoem.io import ParticleDataset, load_particles, read_mrc, write_mrc, write_particles_star
+from fieldkern.cryoem.projection import transform_volume
+from fieldkern.cryoem.reconstruct import Reconstruction, ReconstructionConfig, pose_errors_deg
+from fieldkern.cryoem.rotations import jitter_rotations, matrix_to_relion_euler
+
+POSE_INITS = ("gt", "perturbed", "coarse")
+
+
+@dataclass
+class Preset:
+    """Data-set size and training settings of one named run."""
+
+    name: str
+    box: int
+    apix: float
+    n_particles: int
+    snr: float
+    recon: ReconstructionConfig
+    perturb_deg: float = 20.0  # "perturbed": random-axis rotation of up to this angle
+    coarse_deg: tuple[float, float] = (45.0, 90.0)  # "coarse": the paper's [pi/4, pi/2]
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        "quick", box=32, apix=3.0, n_particles=3000, snr=0.1,
+        recon=ReconstructionConfig(
+            hidden_features=64, epochs=12, stage_epochs=(2, 5), batch_size=300, volume_steps=5,
+            pose_steps=10, volume_lr=2e-3, pose_lr=1e-2, pose_lr_decay=0.9,
+        ),
+        description="box 32 at 3 A, 3000 particles: under 10 minutes on a 2-core CPU",
+    ),
+    "paper": Preset(
+        "paper", box=80, apix=1.25, n_particles=50_000, snr=0.1,
+        recon=ReconstructionConfig(),  # the authors' settings (REFERENCE.md section 4)
+        description="the paper's data-set size and training schedule (GPU)",
+    ),
+    "tiny": Preset(
+        "tiny", box=16, apix=6.0, n_particles=120, snr=0.1,
+        recon=ReconstructionConfig(
+            hidden_features=16, epochs=3, stage_epochs=(1, 2), batch_size=60, volume_steps=2,
+            pose_steps=2, volume_lr=2e-3,
+        ),
+        description="smoke tests: seconds",
+    ),
+}
+
+#: The authors' stage epochs per structure (REFERENCE.md section 4).
+PAPER_STAGE_EPOCHS = {"1ol5": (15, 30), "4ake": (25, 50)}
+
+
+def get_preset(name: str, structure: str | None = None, **overrides) -> Preset:
+    """A copy of preset ``name`` with ``overrides`` applied to its fields or its ``recon``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    recon_fields = set(ReconstructionConfig.__dataclass_fields__)
+    recon_over = {k: v for k, v in overrides.items() if k in recon_fields and v is not None}
+    top_over = {k: v for k, v in overrides.items() if k not in recon_fields and v is not None}
+    if name == "paper" and structure in PAPER_STAGE_EPOCHS and "stage_epochs" not in recon_over:
+        recon_over["stage_epochs"] = PAPER_STAGE_EPOCHS[structure]
+    recon = replace(preset.recon, **recon_over)
+    return replace(preset, recon=recon, **top_over)
+
+
+def scale_epochs(preset: Preset, epochs: int) -> Preset:
+    """``preset`` trained for ``epochs`` epochs, its stage switches at the same fractions."""
+    old = preset.recon.epochs
+    switches, last = [], 0
+    for e in preset.recon.stage_epochs:
+        s = min(max(last + 1, round(e * epochs / old)), epochs - 1)
+        switches.append(s)
+        last = s
+    if any(b <= a for a, b in zip(switches, switches[1:])) or (switches and switches[0] < 1):
+        raise ValueError(f"{epochs} epochs are too few for {len(switches) + 1} stages")
+    return replace(preset, recon=replace(preset.recon, epochs=epochs, stage_epochs=tuple(switches)))
+
+
+@dataclass
+class ExperimentData:
+    """Particles with their CTFs, the true poses and map when known."""
+
+    dataset: ParticleDataset
+    ground_truth: torch.Tensor | None
+    true_rotations: torch.Tensor | None
+    source: str
+    simulated: bool
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, particles: str | None = None,
+                 reference: str | None = None, progress: bool = True, device=None) -> ExperimentData:
+    """Simulate a particle set (or read ``particles``) and load it.
+
+    ``structure``: ``"4ake"``, ``"1ol5"``, a PDB/mmCIF path, or an ``.mrc`` map to simulate from.
+    ``particles``: a RELION STAR file to reconstruct instead; its poses are taken as the
+    truth only for reporting pose changes, and ``reference`` (an ``.mrc`` map) serves as the
+    ground truth for FSC if given.
+    """
+    from fieldkern.cryoem.simulate import simulate
+
+    if particles is not None:
+        ds = load_particles(particles)
+        gt = None
+        if reference is not None:
+            gt, ref_apix = read_mrc(reference)
+            if gt.shape[0] != ds.box:
+                raise ValueError(f"reference map {reference} has box {gt.shape[0]}, the particles {ds.box}")
+            if abs(ref_apix - ds.apix) > 1e-3 * ds.apix:
+                raise ValueError(f"reference map {reference} has {ref_apix} A/pixel, the particles {ds.apix}")
+        return ExperimentData(ds, gt, ds.rotations, str(particles), False, {"particles": str(particles)})
+    data_dir = out_dir / "data"
+    source = structure
+    if str(structure).lower().endswith(".mrc"):
+        volume, apix = read_mrc(structure)
+        structure_arg, box, apix_arg = volume, None, apix
+    else:
+        structure_arg, box, apix_arg = structure, preset.box, preset.apix
+    sim = simulate(
+        structure_arg, data_dir, preset.n_particles, box, apix_arg, snr=preset.snr, seed=seed,
+        progress=progress, overwrite=True, device=device,
+    )
+    ds = load_particles(sim.star_path)
+    gt, _ = read_mrc(sim.volume_path)
+    return ExperimentData(ds, gt, sim.rotations, str(source), True,
+                          {"particles": str(sim.star_path), "ground_truth_input": str(sim.volume_path)})
+
+
+def initial_poses(true_rotations: torch.Tensor, mode: str, preset: Preset, seed: int) -> torch.Tensor:
+    """Starting pose estimates: the truth (``gt``), the truth rotated about a random axis by
+    up to ``preset.perturb_deg`` (``perturbed``), or by ``preset.coarse_deg`` (``coarse``)."""
+    if mode not in POSE_INITS:
+        raise ValueError(f"pose init must be one of {POSE_INITS}, got {mode!r}")
+    if mode == "gt":
+        return true_rotations.clone()
+    gen = torch.Generator().manual_seed(seed + 17)
+    lo, hi = (0.0, preset.perturb_deg) if mode == "perturbed" else preset.coarse_deg
+    return jitter_rotations(true_rotations.to(torch.float64), lo, hi, generator=gen)
+
+
+@dataclass
+class Evaluation:
+    resolution_angstrom: list[float]
+    fsc: list[list[float]]
+    alignment: dict
+    pose_error_deg: dict | None
+    aligned_maps: list[torch.Tensor] = field(repr=False, default_factory=list)
+
+
+def evaluate(volumes: list[torch.Tensor], ground_truth: torch.Tensor | None, apix: float,
+             initial: torch.Tensor, final: torch.Tensor, truth: torch.Tensor | None) -> Evaluation:
+    """FSC resolution (0.5 criterion) of every scale against the ground truth, after one
+    rigid alignment of the finest map (applied to all scales: they share a frame), and pose
+    errors before/after refinement."""
+    poses = None
+    if truth is not None:
+        before, after = pose_errors_deg(initial, truth), pose_errors_deg(final, truth)
+        poses = {
+            "initial": {"mean": float(before.mean()), "median": float(before.median())},
+            "final": {"mean": float(after.mean()), "median": float(after.median())},
+        }
+    if ground_truth is None:
+        return Evaluation([], [], {}, poses, [v.clone() for v in volumes])
+    gt = ground_truth.to(torch.float64)
+    al = align_volume(volumes[-1].to(torch.float64), gt)
+    aligned, curves, res = [], [], []
+    for v in volumes:
+        va = transform_volume(v.to(torch.float64), al.matrix, al.shift)
+        _, f = fourier_shell_correlation(va, gt)
+        aligned.append(va)
+        curves.append([float(x) for x in f])
+        res.append(resolution(f, apix, 0.5))
+    eye = torch.eye(3, dtype=torch.float64)[None]
+    alignment = {
+        # How far the reconstruction's frame drifted from the ground truth's.
+        "rotation_deg": float(pose_errors_deg(al.rotation[None], eye)[0]),
+        "flipped": bool(al.flipped),
+        "shift_voxels": [float(s) for s in al.shift],
+        "score": float(al.score),
+    }
+    return Evaluation(res, curves, alignment, poses, aligned)
+
+
+def _json_float(x: float):
+    return None if x is None or not math.isfinite(x) else x
+
+
+def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes, ev: Evaluation,
+                  preset: Preset, settings: dict, seconds: float) -> dict:
+    """Maps (``.mrc``), ``fsc.csv``/``fsc.png``, ``slices.png``, ``poses.star`` and
+    ``results.json`` in ``out``; returns the results dictionary."""
+    from fieldkern.cryoem import figures
+
+    ds = data.dataset
+    apix, D = ds.apix, ds.box
+    maps = ev.aligned_maps or volumes
+    paths = {}
+    if data.ground_truth is not None:
+        paths["ground_truth"] = write_mrc(out / "ground_truth.mrc", data.ground_truth.float(), apix)
+    for k, v in enumerate(maps):
+        paths[f"scale{k}"] = write_mrc(out / f"reconstruction_scale{k}.mrc", v.float(), apix)
+    if ev.fsc:
+        lines = ["shell,frequency_per_angstrom," + ",".join(f"fsc_scale{k}" for k in range(len(ev.fsc)))]
+        for r in range(len(ev.fsc[0])):
+            lines.append(f"{r},{r / (D * apix):.6f}," + ",".join(f"{c[r]:.6f}" for c in ev.fsc))
+        (out / "fsc.csv").write_text("\n".join(lines) + "\n")
+        figures.plot_fsc(out / "fsc.png", ev.fsc, ev.resolution_angstrom, apix, D)
+    figures.plot_slices(out / "slices.png", maps, data.ground_truth)
+    _write_poses(out / "poses.star", ds, rec.rotations)
+    nyquist = 2 * apix
+    results = {
+        "nyquist_angstrom": nyquist,
+        "resolution_angstrom": [_json_float(r) for r in ev.resolution_angstrom],
+        "pose_error_deg": ev.pose_error_deg,
+        "n_particles": len(ds),
+        "box": D,
+        "apix": apix,
+        "seconds": seconds,
+        "alignment": ev.alignment,
+        "loss_per_epoch": rec.state.losses,
+        "settings": settings,
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / "results.json")
+    return results
+
+
+def _write_poses(path: Path, ds: ParticleDataset, rotations: torch.Tensor) -> None:
+    names = list(ds.particles["rlnImageName"])
+    star_dir = ds.star_path.parent
+    rel = []
+    for name in names:
+        idx, _, file = str(name).partition("@")
+        stack = (star_dir / file).resolve()
+        rel.append(f"{idx}@{os.path.relpath(stack, path.parent.resolve())}")
+    p = ds.ctf_params
+    write_particles_star(
+        path, image_names=rel, euler_deg=matrix_to_relion_euler(rotations.cpu().to(torch.float64)),
+        dfu=p.dfu, dfv=p.dfv, dfang=p.dfang, apix=ds.apix, box=ds.box, volt=float(p.volt[0]),
+        cs=float(p.cs[0]), w=float(p.w[0]), phase_shift=p.phase_shift, bfactor=p.bfactor,
+        shifts_A=ds.shifts_A,
+    )
+
+
+def settings_dict(preset: Preset, args: dict) -> dict:
+    return {
+        "preset": preset.name,
+        "description": preset.description,
+        "reconstruction": asdict(preset.recon),
+        "snr": preset.snr,
+        "perturb_deg": preset.perturb_deg,
+        "coarse_deg": list(preset.coarse_deg),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        **args,
+    }
+
+
+def summary_lines(results: dict) -> list[str]:
+    """Short human-readable summary of ``results.json``."""
+    lines = [f"particles {results['n_particles']}, box {results['box']}, {results['apix']} A/pixel, "
+             f"Nyquist {results['nyquist_angstrom']:.2f} A"]
+    for k, r in enumerate(results["resolution_angstrom"]):
+        lines.append(f"scale {k}: resolution at FSC 0.5 = {'n/a' if r is None else f'{r:.2f} A'}")
+    pe = results["pose_error_deg"]
+    if pe:
+        lines.append(f"pose error (deg): mean {pe['initial']['mean']:.2f} -> {pe['final']['mean']:.2f}, "
+                     f"median {pe['initial']['median']:.2f} -> {pe['final']['median']:.2f}")
+    lines.append(f"time {results['seconds']:.0f} s")
+    return lines
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
