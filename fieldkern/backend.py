@@ -12,26 +12,19 @@ from __future__ import annotations
 
 import os
 
+from fieldkern._settings import Setting, SettingSwitch
+
 BACKENDS = ("auto", "torch", "triton")
 
-_ENV_VAR = "FIELDKERN_BACKEND"
-_current: str | None = None  # None: not set in code yet, read the environment
-
-
-def _check(name: object, source: str) -> str:
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name.lower()
+_SETTING = Setting("backend", BACKENDS, "FIELDKERN_BACKEND", "auto")
 
 
 def get_backend() -> str:
     """The current backend name: "auto", "torch" or "triton"."""
-    if _current is not None:
-        return _current
-    return _check(os.environ.get(_ENV_VAR, "auto"), f"environment variable {_ENV_VAR}")
+    return _SETTING.get()
 
 
-class set_backend:
+class set_backend(SettingSwitch):
     """Select the backend globally, or for a ``with`` block.
 
     ``fieldkern.set_backend("torch")`` switches until changed again;
@@ -39,21 +32,7 @@ class set_backend:
     setting when the block exits (also on error).
     """
 
-    def __init__(self, name: str):
-        global _current
-        new = _check(name, "backend")
-        self._previous = _current
-        _current = new
-
-    def __enter__(self) -> "set_backend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        global _current
-        _current = self._previous
-
-    def __repr__(self) -> str:
-        return f"set_backend({get_backend()!r})"
+    setting = _SETTING
 
 
 def triton_usable(device) -> bool:

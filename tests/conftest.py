@@ -8,6 +8,6 @@ def _seed_and_backend():
     import fieldkern.backend as backend
 
     torch.manual_seed(0)
-    previous = backend._current
+    previous = backend._SETTING.current
     yield
-    backend._current = previous
+    backend._SETTING.current = previous

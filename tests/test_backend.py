@@ -9,7 +9,7 @@ import fieldkern.kernels
 
 
 def test_default_is_auto_and_auto_runs_the_reference_on_cpu(monkeypatch):
-    monkeypatch.setattr(backend, "_current", None)
+    monkeypatch.setattr(backend._SETTING, "current", None)
     monkeypatch.delenv("FIELDKERN_BACKEND", raising=False)
     assert fieldkern.get_backend() == "auto"
     assert backend.resolve("mfn_stack", torch.zeros(1)) == "torch"
@@ -29,7 +29,7 @@ def test_set_backend_globally_and_as_context_manager():
 
 
 def test_environment_variable(monkeypatch):
-    monkeypatch.setattr(backend, "_current", None)
+    monkeypatch.setattr(backend._SETTING, "current", None)
     monkeypatch.setenv("FIELDKERN_BACKEND", "torch")
     assert fieldkern.get_backend() == "torch"
     monkeypatch.setenv("FIELDKERN_BACKEND", "cuda")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numbers
 
-import torch
 
 # The tensor checks the ops need live with the ops (the layer below); re-exported here.
 from fieldkern.ops._checks import (  # noqa: F401

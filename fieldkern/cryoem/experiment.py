@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -293,9 +292,3 @@ def summary_lines(results: dict) -> list[str]:
                      f"median {pe['initial']['median']:.2f} -> {pe['final']['median']:.2f}")
     lines.append(f"time {results['seconds']:.0f} s")
     return lines
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start

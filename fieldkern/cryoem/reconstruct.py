@@ -71,7 +71,8 @@ class ReconstructionConfig:
         volume_lr: field Adam learning rate; pose_lr, pose_betas: pose Adam.
         refine_poses: False keeps the poses fixed (known-pose reconstruction).
         pose_start_stage: first stage with pose steps.
-        pose_lr_decay: the pose learning rate is multiplied by this every epoch.
+        pose_lr_decay: the pose learning rate is multiplied by this every epoch after the
+            first epoch with pose steps.
         projector: "fourier" (central slices) or "real" (rotated-grid ray sums).
         seed: seeds the model initialisation and the batch order.
     """
@@ -266,6 +267,11 @@ class Reconstruction:
             cfg.pose_steps, lr, cfg.pose_betas, gen,
         )
 
+    def _first_pose_epoch(self) -> int:
+        s = self.config.pose_start_stage
+        switches = self.schedule.switches or ()
+        return 0 if s <= 0 or not switches else switches[min(s, len(switches)) - 1]
+
     def train_epoch(self, epoch: int, stage: int | None) -> float:
         cfg = self.config
         N = self.spectra.shape[0]
@@ -274,7 +280,7 @@ class Reconstruction:
         lowpass = self.lowpass(stage)
         pose_on = (cfg.refine_poses and cfg.pose_steps > 0
                    and (stage is None or stage >= cfg.pose_start_stage))
-        pose_lr = cfg.pose_lr * cfg.pose_lr_decay ** epoch
+        pose_lr = cfg.pose_lr * cfg.pose_lr_decay ** max(0, epoch - self._first_pose_epoch())
         losses = []
         for idx in order.split(cfg.batch_size):
             target, ctf = self.spectra[idx] * lowpass, self.ctf(idx)

@@ -21,41 +21,18 @@ The PyTorch reference path ignores it (it computes in the tensors' dtype).
 
 from __future__ import annotations
 
-import os
+from fieldkern._settings import Setting, SettingSwitch
 
 PRECISIONS = ("float32", "mixed")
-_ENV_VAR = "FIELDKERN_PRECISION"
-_current: str | None = None
-
-
-def _check(name: object, source: str) -> str:
-    if not isinstance(name, str) or name.lower() not in PRECISIONS:
-        raise ValueError(f"{source} must be one of {PRECISIONS}, got {name!r}")
-    return name.lower()
+_SETTING = Setting("precision", PRECISIONS, "FIELDKERN_PRECISION", "float32")
 
 
 def get_precision() -> str:
     """The current kernel precision: "float32" or "mixed"."""
-    if _current is not None:
-        return _current
-    return _check(os.environ.get(_ENV_VAR, "float32"), f"environment variable {_ENV_VAR}")
+    return _SETTING.get()
 
 
-class set_precision:
+class set_precision(SettingSwitch):
     """Select the kernel precision globally, or for a ``with`` block (restored on exit)."""
 
-    def __init__(self, name: str):
-        global _current
-        new = _check(name, "precision")
-        self._previous = _current
-        _current = new
-
-    def __enter__(self) -> "set_precision":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        global _current
-        _current = self._previous
-
-    def __repr__(self) -> str:
-        return f"set_precision({get_precision()!r})"
+    setting = _SETTING

@@ -12,7 +12,6 @@ import torch
 from fieldkern.cryoem import (
     apply_ctf,
     ctf,
-    fft2_centered,
     fourier_shell_correlation,
     jitter_rotations,
     project_volume,

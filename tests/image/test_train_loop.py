@@ -81,3 +81,15 @@ def test_stage_setter_for_models_without_stages():
     set_stage(3)  # no-op
     with pytest.raises(TypeError, match="no set_stage"):
         stage_setter(object(), fair=True)
+
+
+def test_start_step_resumes_mid_schedule():
+    seen, switched = [], []
+    losses = run_stages(lambda step, stage: seen.append((step, stage)) or 1.0, 6, StageSchedule((2, 4)),
+                        switched.append, progress=False, start_step=3)
+    assert seen == [(3, 1), (4, 2), (5, 2)]
+    assert switched == [1, 2]
+    assert losses == [1.0, 1.0, 1.0]
+    for bad in (-1, 6, 2.0):
+        with pytest.raises(ValueError, match="start_step"):
+            run_stages(lambda s, t: 0.0, 6, StageSchedule((2, 4)), switched.append, progress=False, start_step=bad)
