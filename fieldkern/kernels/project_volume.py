@@ -65,21 +65,22 @@ def _ray_setup(rot_ptr, b, xi, yi, D):
 
 
 @triton.jit
+def _cell(qx, qy, qz):
+    """Lower corner of the voxel cell holding each sample, and the fractional offsets."""
+    x0f = tl.floor(qx)
+    y0f = tl.floor(qy)
+    z0f = tl.floor(qz)
+    return (x0f.to(tl.int32), y0f.to(tl.int32), z0f.to(tl.int32), qx - x0f, qy - y0f, qz - z0f)
+
+
+@triton.jit
 def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
     px, py, qx, qy, qz, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for _k in range(0, D):
-        x0f = tl.floor(qx)
-        y0f = tl.floor(qy)
-        z0f = tl.floor(qz)
-        fx = qx - x0f
-        fy = qy - y0f
-        fz = qz - z0f
-        x0 = x0f.to(tl.int32)
-        y0 = y0f.to(tl.int32)
-        z0 = z0f.to(tl.int32)
+        x0, y0, z0, fx, fy, fz = _cell(qx, qy, qz)
         for corner in tl.static_range(8):
             cx = corner % 2
             cy = (corner // 2) % 2
@@ -116,15 +117,7 @@ def project_volume_bwd_kernel(
     tz = tl.zeros((BLOCK,), dtype=tl.float32)
     c = D // 2
     for k in range(0, D):
-        x0f = tl.floor(qx)
-        y0f = tl.floor(qy)
-        z0f = tl.floor(qz)
-        fx = qx - x0f
-        fy = qy - y0f
-        fz = qz - z0f
-        x0 = x0f.to(tl.int32)
-        y0 = y0f.to(tl.int32)
-        z0 = z0f.to(tl.int32)
+        x0, y0, z0, fx, fy, fz = _cell(qx, qy, qz)
         gx = tl.zeros((BLOCK,), dtype=tl.float32)
         gy = tl.zeros((BLOCK,), dtype=tl.float32)
         gz = tl.zeros((BLOCK,), dtype=tl.float32)

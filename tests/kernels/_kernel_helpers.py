@@ -118,3 +118,17 @@ def smooth_volume(D, seed=0, device="cpu"):
         ctr = (torch.rand(3, generator=g) - 0.5) * D * 0.5
         vol += torch.exp(-((x - ctr[0]) ** 2 + (y - ctr[1]) ** 2 + (z - ctr[2]) ** 2) / (0.02 * D * D + 1))
     return (vol + 0.1 * torch.rand(D, D, D, generator=g)).to(device)
+
+
+def projection_both_paths(volume, rotations, grad_out):
+    """``project_volume`` on backends triton and torch: ``[(images, d volume, d rotations)]``
+    for the upstream gradient ``grad_out``, triton first."""
+    results = []
+    for backend in ("triton", "torch"):
+        v = volume.clone().requires_grad_()
+        r = rotations.clone().requires_grad_()
+        with fieldkern.set_backend(backend):
+            out = fieldkern.ops.project_volume(v, r)
+        (out * grad_out).sum().backward()
+        results.append((out.detach(), v.grad, r.grad))
+    return results

@@ -6,7 +6,7 @@ Tolerances (float32 both sides, compared as |a - b| <= ATOL + RTOL * max|b|): th
 
 import pytest
 import torch
-from _kernel_helpers import close, needs_interpreter, smooth_volume
+from _kernel_helpers import close, needs_interpreter, projection_both_paths, smooth_volume
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,25 +19,13 @@ pytestmark = needs_interpreter
 RTOL, ATOL = 2e-5, 1e-5
 
 
-def both_paths(volume, rotations, grad_out):
-    results = []
-    for backend in ("triton", "torch"):
-        v = volume.clone().requires_grad_()
-        r = rotations.clone().requires_grad_()
-        with fieldkern.set_backend(backend):
-            out = ops.project_volume(v, r)
-        (out * grad_out).sum().backward()
-        results.append((out.detach(), v.grad, r.grad))
-    return results
-
-
 @pytest.mark.parametrize("D, B", [(6, 1), (10, 3), (12, 5)])
 def test_projection_values_and_gradients(D, B):
     """Even D that are not powers of two, B = 1 and B not a multiple of anything."""
     volume = smooth_volume(D)
     rotations = random_rotations(B, generator=torch.Generator().manual_seed(D)).float()
     grad_out = torch.randn(B, D, D, generator=torch.Generator().manual_seed(1))
-    (out, gv, gr), (out_ref, gv_ref, gr_ref) = both_paths(volume, rotations, grad_out)
+    (out, gv, gr), (out_ref, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
     close("images", out, out_ref, RTOL, ATOL)
     close("d volume", gv, gv_ref, RTOL, ATOL)
     close("d rotations", gr, gr_ref, 1e-4, 1e-4)
