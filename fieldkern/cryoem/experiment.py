@@ -47,8 +47,8 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "quick", box=32, apix=3.0, n_particles=3000, snr=0.1,
         recon=ReconstructionConfig(
-            hidden_features=64, epochs=12, stage_epochs=(2, 5), batch_size=300, volume_steps=5,
-            pose_steps=10, volume_lr=2e-3, pose_lr=1e-2, pose_lr_decay=0.9,
+            hidden_features=128, epochs=24, stage_epochs=(3, 6), batch_size=300, volume_steps=5,
+            pose_steps=20, volume_lr=1e-3, pose_lr=1e-2, pose_lr_decay=0.8, pose_start_stage=2,
         ),
         description="box 32 at 3 A, 3000 particles: under 10 minutes on a 2-core CPU",
     ),
