@@ -26,7 +26,9 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def _check_resolution(resolution) -> None:
+def _check_scales(n_scales, resolution) -> None:
+    if not isinstance(n_scales, int) or isinstance(n_scales, bool) or n_scales < 1:
+        raise ValueError(f"n_scales must be an int >= 1, got {n_scales!r}")
     if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 2:
         raise ValueError(
             f"resolution must be an int >= 2 (samples per axis of the training grid), got {resolution!r}"
@@ -231,9 +233,7 @@ class BACON(_MultiscaleNetwork):
         head_activation: str | None = None,
         trainable_frequencies: bool = False,
     ):
-        if not isinstance(n_scales, int) or n_scales < 1:
-            raise ValueError(f"n_scales must be an int >= 1, got {n_scales!r}")
-        _check_resolution(resolution)
+        _check_scales(n_scales, resolution)
         if finit.bacon_quantum(n_scales, resolution) < 1:
             raise ValueError(
                 f"resolution={resolution} is too small for {n_scales} BACON scales: the "
@@ -285,9 +285,7 @@ class ResidualMFN(_MultiscaleNetwork):
         head_activation: str | None = None,
         trainable_frequencies: bool = False,
     ):
-        if not isinstance(n_scales, int) or n_scales < 1:
-            raise ValueError(f"n_scales must be an int >= 1, got {n_scales!r}")
-        _check_resolution(resolution)
+        _check_scales(n_scales, resolution)
         _check_choice("init", init, ("residual", "bacon"))
         for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
