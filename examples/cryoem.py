@@ -7,7 +7,8 @@ Examples:
     python examples/cryoem.py --particles my.star --reference map.mrc --pose-init gt
     python examples/cryoem.py --preset paper --device cuda      # 50,000 particles (GPU)
 
-Writes to ``--out``: ``ground_truth.mrc``, ``reconstruction_scale{k}.mrc``, ``fsc.csv``,
+Writes to ``--out``: ``ground_truth.mrc``, ``reconstruction_scale{k}.mrc`` (every scale at the
+end, aligned to the ground truth), ``stage{k}_scale{k}.mrc`` (scale k as its stage ended), ``fsc.csv``,
 ``fsc.png``, ``slices.png``, ``poses.star``, ``results.json`` and ``checkpoint.pt`` (every
 epoch; ``--resume`` continues from it). Exit status 0 on success, 1 on bad input or failure,
 2 on bad arguments.
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         rec.load(checkpoint)
-    rec.fit(checkpoint, progress=progress)
+    rec.fit(checkpoint, progress=progress, callbacks=[experiment.StageMapWriter(rec, out, ds.apix)])
     volumes = rec.volumes()
     ev = experiment.evaluate(volumes, data.ground_truth, ds.apix, init, rec.rotations.cpu(), data.true_rotations)
     seconds = time.perf_counter() - start

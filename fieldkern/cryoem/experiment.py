@@ -24,6 +24,7 @@ from fieldkern.cryoem.io import ParticleDataset, load_particles, read_mrc, write
 from fieldkern.cryoem.projection import transform_volume
 from fieldkern.cryoem.reconstruct import Reconstruction, ReconstructionConfig, pose_errors_deg
 from fieldkern.cryoem.rotations import jitter_rotations, matrix_to_relion_euler
+from fieldkern.train import Callback
 
 POSE_INITS = ("gt", "perturbed", "coarse")
 
@@ -158,6 +159,19 @@ def initial_poses(true_rotations: torch.Tensor, mode: str, preset: Preset, seed:
     gen = torch.Generator().manual_seed(seed + 17)
     lo, hi = (0.0, preset.perturb_deg) if mode == "perturbed" else preset.coarse_deg
     return jitter_rotations(true_rotations.to(torch.float64), lo, hi, generator=gen)
+
+
+class StageMapWriter(Callback):
+    """Writes ``stage{k}_scale{k}.mrc``, the map of scale ``k`` as its stage ends (in the
+    reconstruction's own frame, before any alignment)."""
+
+    def __init__(self, rec: Reconstruction, out: Path, apix: float):
+        self.rec, self.out, self.apix = rec, Path(out), apix
+
+    def on_stage_end(self, stage: int, step: int) -> None:
+        with torch.no_grad():
+            volume = self.rec.volume().detach().float().cpu()
+        write_mrc(self.out / f"stage{stage}_scale{stage}.mrc", volume, self.apix)
 
 
 @dataclass

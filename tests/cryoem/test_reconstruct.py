@@ -166,6 +166,7 @@ def test_example_tiny_preset_writes_every_output(tmp_path):
     proc = run_example("--preset", "tiny", "--out", str(out), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("ground_truth.mrc", "reconstruction_scale0.mrc", "reconstruction_scale2.mrc",
+                 "stage0_scale0.mrc", "stage1_scale1.mrc", "stage2_scale2.mrc",
                  "fsc.csv", "fsc.png", "slices.png", "poses.star", "results.json", "checkpoint.pt"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
