@@ -64,8 +64,12 @@ def test_known_pose_reconstruction_converges():
     vol, images, ctfs, R = particles(300)
     rec = Reconstruction(images, ctfs, R, small_config(epochs=25, stage_epochs=(5,)))
     rec.fit(progress=False)
-    final = rec.volumes()[-1]
+    coarse, final = rec.volumes()
     _, fsc = fourier_shell_correlation(final.double(), vol.double())
+    _, fsc_coarse = fourier_shell_correlation(coarse.double(), vol.double())
+    # Coarse to fine: the finer scale improves on the coarse one (measured at shells 1-4:
+    # 0.946/0.887/0.546/0.291 -> 0.994/0.983/0.689/0.424).
+    assert torch.all(fsc[1:5] > fsc_coarse[1:5]), (fsc, fsc_coarse)
     # Shells 1-2 lie inside the CTFs' first zero (~shell 3.4 at 15000-20000 A, 4 A pixels):
     # measured 0.994 / 0.983; shell 3, next to the zero, converges far more slowly (0.69).
     assert fsc[1:3].min() > 0.95, fsc
