@@ -74,6 +74,14 @@ def _cell(qx, qy, qz):
 
 
 @triton.jit
+def _tap(ix, iy, iz, pix, D):
+    """Flat index of voxel ``(ix, iy, iz)`` of a ``[z, y, x]`` volume and whether it is in the
+    box (outside it the volume is zero)."""
+    ok = pix & (ix >= 0) & (ix < D) & (iy >= 0) & (iy < D) & (iz >= 0) & (iz < D)
+    return (iz * D + iy) * D + ix, ok
+
+
+@triton.jit
 def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
@@ -85,12 +93,9 @@ def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr)
             cx = corner % 2
             cy = (corner // 2) % 2
             cz = corner // 4
-            ix = x0 + cx
-            iy = y0 + cy
-            iz = z0 + cz
-            ok = pix & (ix >= 0) & (ix < D) & (iy >= 0) & (iy < D) & (iz >= 0) & (iz < D)
+            idx, ok = _tap(x0 + cx, y0 + cy, z0 + cz, pix, D)
             w = (fx if cx else 1.0 - fx) * (fy if cy else 1.0 - fy) * (fz if cz else 1.0 - fz)
-            v = tl.load(vol_ptr + (iz * D + iy) * D + ix, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(vol_ptr + idx, mask=ok, other=0.0).to(tl.float32)
             acc += w * v
         qx += dx
         qy += dy
@@ -125,14 +130,10 @@ def project_volume_bwd_kernel(
             cx = corner % 2
             cy = (corner // 2) % 2
             cz = corner // 4
-            ix = x0 + cx
-            iy = y0 + cy
-            iz = z0 + cz
-            ok = pix & (ix >= 0) & (ix < D) & (iy >= 0) & (iy < D) & (iz >= 0) & (iz < D)
+            idx, ok = _tap(x0 + cx, y0 + cy, z0 + cz, pix, D)
             wx = fx if cx else 1.0 - fx
             wy = fy if cy else 1.0 - fy
             wz = fz if cz else 1.0 - fz
-            idx = (iz * D + iy) * D + ix
             if NEED_VOLUME:
                 tl.atomic_add(grad_vol_ptr + idx, wx * wy * wz * g, mask=ok, sem="relaxed")
             if NEED_ROTATION:
