@@ -42,11 +42,18 @@ def max_programs(device: torch.device, per_sm: int = 2) -> int:
 # mixed mode rounds the operands to bf16 and multiplies in fp32: the same products (a bf16
 # product is exact in fp32), only the accumulation order differs.
 _EMULATE_BF16_DOT = tl.constexpr(interpreting())
+# float32 products (the ``FP32`` argument of ``mm``): "tf32x3" splits each operand into a
+# TF32 head and a TF32 remainder and sums three tensor-core products (error at fp32
+# rounding level, unlike plain TF32); "ieee" is the FMA path. Which is faster depends on
+# the kernel's register pressure: measured per kernel (bench/RESULTS.md).
+TF32X3 = tl.constexpr("tf32x3")
+IEEE = tl.constexpr("ieee")
 
 
 @triton.jit
-def mm(a, b, MIXED: tl.constexpr):
-    """``a @ b`` with fp32 accumulation: exact fp32 (``ieee``, no TF32) or bf16 operands."""
+def mm(a, b, MIXED: tl.constexpr, FP32: tl.constexpr):
+    """``a @ b`` with fp32 accumulation: bf16 operands (``MIXED``), else fp32 products
+    computed as ``FP32`` says (``TF32X3`` or ``IEEE``; both accurate to fp32 rounding)."""
     if MIXED:
         if _EMULATE_BF16_DOT:
             r = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
@@ -54,7 +61,7 @@ def mm(a, b, MIXED: tl.constexpr):
         else:
             r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     else:
-        r = tl.dot(a, b, input_precision="ieee")
+        r = tl.dot(a, b, input_precision=FP32)
     return r
 
 

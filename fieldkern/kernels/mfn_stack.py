@@ -20,9 +20,12 @@ Design (forward, ``_mfn_stack_fwd_kernel``):
   Nothing of size ``P x H`` is ever written.
 * Hidden width padded to ``BLOCK_H`` (power of two >= 16) by masks: padded columns have
   ``W = b = 0`` so ``g = 0`` and stay exactly zero through every layer.
-* ``BLOCK_K`` is 32 for float32 (``tl.dot(..., input_precision="ieee")`` lowers to FMA
-  loops whose operand fragments sit in registers: a larger K spills) and 64 for the bf16
-  mixed mode (tensor cores, operands in shared memory).
+* Products: mixed precision uses bf16 tensor-core products. float32 uses ``tf32x3`` in the
+  forward (each operand split into a TF32 head and a TF32 remainder, three tensor-core
+  products summed in fp32: error at fp32 rounding level, unlike plain TF32) and the FMA
+  path (``ieee``) in the backward, where the split operands' extra registers made it
+  slower (H200 measurements in bench/RESULTS.md). ``BLOCK_P``, ``BLOCK_N`` and ``BLOCK_K``
+  are autotuned; the hidden width is padded to at least the largest column block.
 
 Backward (``_mfn_stack_bwd_kernel``), per tile, nothing saved from the forward pass, same
 column-blocked structure (register tiles are ``BLOCK_P x BLOCK_N``, never full width):
@@ -58,38 +61,43 @@ from fieldkern.kernels._common import (
     block,
     configs,
     filter_args,
+    IEEE,
+    TF32X3,
     filter_backward,
+    interpreting,
     max_programs,
     mm,
 )
 
 
-def _blocks(block_h: int, precision: str, backward: bool = False) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the hidden x hidden products. fp32 ``tl.dot`` lowers to FMA
-    loops whose operand fragments live in registers, so K stays small (32); bf16 goes to
-    tensor cores with operands in shared memory and takes 64. The fp32 backward, with ~14
-    live column-block tiles, needs N = 32 too (sm_90 build: ptxas stack 1128 -> 48 bytes
-    per thread at H = 256, BLOCK_P = 32, 8 warps)."""
-    fp32 = precision == "float32"
-    k = 32 if fp32 else 64
-    n = 32 if (fp32 and backward) else 64
-    return min(block_h, n), min(block_h, k)
+def _config(bp, warps, bn, bk):
+    return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=2)
 
 
-_FWD_CONFIGS = configs(
-    # few configs: one H=256, L=4 variant takes ~40 s (forward) / ~70 s (backward) to compile
-    [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=2)
-     for bp, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
-    triton.Config({"BLOCK_P": 32}, num_warps=4),
-)
-_BWD_CONFIGS = configs(
-    [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=2)
-     for bp, w in ((16, 4), (32, 8), (64, 8))],
-    triton.Config({"BLOCK_P": 32}, num_warps=4),
-)
-_MAX_BLOCK_P_FWD = max(c.kwargs["BLOCK_P"] for c in _FWD_CONFIGS)
-_MAX_BLOCK_P_BWD = max(c.kwargs["BLOCK_P"] for c in _BWD_CONFIGS)
-_MIN_BLOCK_P = min(c.kwargs["BLOCK_P"] for c in _FWD_CONFIGS + _BWD_CONFIGS)
+# (BLOCK_P, warps, BLOCK_N, BLOCK_K). Both precisions run on tensor cores (tf32x3 / bf16);
+# the register tiles are BLOCK_P x BLOCK_N, so N and K stay at 32-64: ptxas (sm_90, triton
+# 3.9) reports 255 registers for every variant with BLOCK_P >= 64, and spills of 32-700
+# bytes per thread that grow with BLOCK_N and BLOCK_K (bench/RESULTS.md). The first
+# config is the one ``FIELDKERN_AUTOTUNE=0`` keeps: the least spilling at BLOCK_P = 64.
+FWD_CANDIDATES = [_config(*c) for c in ((64, 4, 32, 32), (128, 8, 64, 32), (64, 4, 64, 32),
+                                         (128, 4, 32, 32), (32, 4, 32, 32), (64, 8, 64, 64))]
+# (64, 8, 32, 32) and (64, 8, 64, 32) were candidates too: on an H200 with triton 3.6 the
+# first made an illegal memory access and the second gave dx 0.2% off (compiler issue with
+# 8 warps at BLOCK_P = 64, not understood); tests/kernels/test_kernels_gpu.py checks every
+# candidate against the reference.
+BWD_CANDIDATES = [_config(*c) for c in ((32, 4, 32, 32), (64, 4, 32, 32), (128, 8, 32, 32))]
+_INTERP_CONFIG = _config(32, 4, 32, 32)
+_FWD_CONFIGS = configs(FWD_CANDIDATES, _INTERP_CONFIG)
+_BWD_CONFIGS = configs(BWD_CANDIDATES, _INTERP_CONFIG)
+# Buffers are sized for every candidate, whichever subset autotuning may use (tests force
+# single candidates): scratch for the largest BLOCK_P, hidden width padded to at least the
+# largest column block, persistent grid for the smallest BLOCK_P.
+_ALL = [_INTERP_CONFIG] if interpreting() else FWD_CANDIDATES + BWD_CANDIDATES
+_MAX_BLOCK_P_FWD = max(c.kwargs["BLOCK_P"] for c in _ALL)
+_MAX_BLOCK_P_BWD = max(c.kwargs["BLOCK_P"] for c in _ALL)
+_MIN_BLOCK_P = min(c.kwargs["BLOCK_P"] for c in _ALL)
+_MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _ALL)
+
 # Point counts stay out of the keys: one tuning per network shape, not per batch size.
 _KEY = ["H", "O", "D", "N_LAYERS", "HEAD_MASK", "HAS_C", "GABOR", "RELU", "RESIDUAL", "MIXED"]
 
@@ -141,7 +149,7 @@ def _mfn_stack_fwd_kernel(
                         zk = tl.load(cur + offs_r[:, None] * BLOCK_H + kk[None, :])
                         at = tl.load(a_ptr + (i - 1) * H * H + offs_n[None, :] * H + kk[:, None],
                                      mask=mask_n[None, :] & (kk[:, None] < H), other=0.0)
-                        acc += mm(zk, at, MIXED)
+                        acc += mm(zk, at, MIXED, TF32X3)
                     if HAS_C:
                         acc += tl.load(c_ptr + (i - 1) * H + offs_n, mask=mask_n, other=0.0)[None, :]
                     zn = acc * g  # padded columns: g = 0, so z stays 0 there
@@ -150,7 +158,7 @@ def _mfn_stack_fwd_kernel(
                 if (HEAD_MASK >> i) & 1:
                     ut = tl.load(u_ptr + i * O * H + offs_o[None, :] * H + offs_n[:, None],
                                  mask=mask_o[None, :] & mask_n[:, None], other=0.0)
-                    y += mm(zn, ut, MIXED)
+                    y += mm(zn, ut, MIXED, TF32X3)
             if (HEAD_MASK >> i) & 1:
                 y += tl.load(d_ptr + i * O + offs_o, mask=mask_o, other=0.0)[None, :]
                 if RELU:
@@ -230,7 +238,7 @@ def _mfn_stack_bwd_kernel(
                         zk = tl.load(cur + offs_r[:, None] * BLOCK_H + kk[None, :])
                         at = tl.load(a_ptr + (i - 1) * H * H + offs_n[None, :] * H + kk[:, None],
                                      mask=mask_n[None, :] & (kk[:, None] < H), other=0.0)
-                        acc += mm(zk, at, MIXED)
+                        acc += mm(zk, at, MIXED, IEEE)
                     if HAS_C:
                         acc += tl.load(c_ptr + (i - 1) * H + offs_n, mask=mask_n, other=0.0)[None, :]
                     tl.store(scr + i * tile_elems + offs_r[:, None] * BLOCK_H + offs_n[None, :], acc)
@@ -241,7 +249,7 @@ def _mfn_stack_bwd_kernel(
                     if (HEAD_MASK >> i) & 1:
                         ut = tl.load(u_ptr + i * O * H + offs_o[None, :] * H + offs_n[:, None],
                                      mask=mask_o[None, :] & mask_n[:, None], other=0.0)
-                        h += mm(zn, ut, MIXED)
+                        h += mm(zn, ut, MIXED, IEEE)
             if RELU:
                 if (HEAD_MASK >> i) & 1:
                     h += tl.load(d_ptr + i * O + offs_o, mask=mask_o, other=0.0)[None, :]
@@ -291,9 +299,9 @@ def _mfn_stack_bwd_kernel(
                     ut = tl.load(u_ptr + i * O * H + offs_o[None, :] * H + offs_n[:, None],
                                  mask=mask_o[None, :] & mask_n[:, None], other=0.0)
                     accumulate(pu + i * O * H + offs_o[:, None] * H + offs_n[None, :],
-                               mm(tl.trans(dh), zn, MIXED), mask_o[:, None] & mask_n[None, :])
+                               mm(tl.trans(dh), zn, MIXED, IEEE), mask_o[:, None] & mask_n[None, :])
                     if i >= DETACH:
-                        dzn += mm(dh, tl.trans(ut), MIXED)
+                        dzn += mm(dh, tl.trans(ut), MIXED, IEEE)
                 if i >= 1:
                     dln = dzn * g
                     dgn = dzn * un
@@ -326,7 +334,7 @@ def _mfn_stack_bwd_kernel(
                     for k0 in range(0, BLOCK_H, BLOCK_N):
                         kk = k0 + offs_bn
                         zk = tl.load(s_zp + offs_r[:, None] * BLOCK_H + kk[None, :])
-                        accumulate(pai + offs_n[:, None] * H + kk[None, :], mm(tl.trans(dln), zk, MIXED),
+                        accumulate(pai + offs_n[:, None] * H + kk[None, :], mm(tl.trans(dln), zk, MIXED, IEEE),
                                    mask_n[:, None] & (kk[None, :] < H))
                     # dz_{i-1}[:, n-block] = dlin_i A_i[:, n-block]
                     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -335,7 +343,7 @@ def _mfn_stack_bwd_kernel(
                         dlk = tl.load(s_dl + offs_r[:, None] * BLOCK_H + kk[None, :])
                         ak = tl.load(a_ptr + (i - 1) * H * H + kk[:, None] * H + offs_n[None, :],
                                      mask=(kk[:, None] < H) & mask_n[None, :], other=0.0)
-                        acc += mm(dlk, ak, MIXED)
+                        acc += mm(dlk, ak, MIXED, IEEE)
                     tl.store(s_dz + offs_r[:, None] * BLOCK_H + offs_n[None, :], acc)
                 tl.debug_barrier()
         tl.store(dx_ptr + offs_p[:, None] * D + offs_d[None, :], dx,
@@ -358,8 +366,7 @@ def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
     out = torch.empty((L, P, O), device=x.device, dtype=torch.float32)
     if P == 0:
         return out
-    block_h = block(H)
-    block_n, block_k = _blocks(block_h, precision)
+    block_h = block(H, _MIN_BLOCK_H)
     # no config launches more programs than this (small P: fewer tiles than SMs)
     nprog = min(max_programs(x.device), triton.cdiv(P, _MIN_BLOCK_P))
     scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), device=x.device,
@@ -369,7 +376,7 @@ def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
         x, w, b, a if a.numel() else w, c if c is not None else b, u, d,
         gamma if gamma is not None else b, mu if mu is not None else w, out, scratch,
         P, H, O,
-        D=D, N_LAYERS=L, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_O=block(O),
+        D=D, N_LAYERS=L, BLOCK_H=block_h, BLOCK_O=block(O),
         **_flags(head_mask, gamma, c, relu, residual, precision),
     )
     return out
@@ -384,11 +391,10 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, head_mask, resi
     L, H, _ = w.shape
     O = u.shape[1]
     dev = x.device
-    block_h = block(H)
-    block_n, block_k = _blocks(block_h, precision, backward=True)
-    # one program per SM: the backward holds ~8 (BLOCK_P, BLOCK_H) fp32 tiles, and the
+    block_h = block(H, _MIN_BLOCK_H)
+    # two programs per SM (one left 4 warps per SM to hide all the latency); the
     # [n_programs, L-1, H, H] dA partials are the largest buffer of the op
-    nprog = max(1, min(max_programs(dev, per_sm=1), triton.cdiv(P, _MIN_BLOCK_P)))
+    nprog = max(1, min(max_programs(dev, per_sm=2), triton.cdiv(P, _MIN_BLOCK_P)))
     f32 = dict(device=dev, dtype=torch.float32)
     dx = torch.empty((P, D), **f32)
     pw = torch.zeros((nprog, L, H, D), **f32)
@@ -409,7 +415,7 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, head_mask, resi
             dx, pw, pb, pa if pa.numel() else pb, pc if pc.numel() else pb, pu, pd, pg, pm,
             P, H, O,
             D=D, N_LAYERS=L, NEED_DW=bool(need_dw), DETACH=int(detach_heads_below),
-            BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_O=block(O),
+            BLOCK_H=block_h, BLOCK_O=block(O),
             BLOCK_D=block(D, 2),
             **_flags(head_mask, gamma, c, relu, residual, precision),
         )

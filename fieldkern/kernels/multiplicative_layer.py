@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import block, configs, filter_args, filter_backward, max_programs, mm
+from fieldkern.kernels._common import TF32X3, block, configs, filter_args, filter_backward, max_programs, mm
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -44,7 +44,7 @@ def _lin_tile(z_ptr, a_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
         mk = kk < K
         zt = tl.load(z_ptr + offs_p[:, None] * K + kk[None, :], mask=mask_p[:, None] & mk[None, :], other=0.0)
         at = tl.load(a_ptr + offs_n[None, :] * K + kk[:, None], mask=mask_n[None, :] & mk[:, None], other=0.0)
-        acc += mm(zt, at, MIXED)
+        acc += mm(zt, at, MIXED, TF32X3)
     if HAS_C:
         acc += tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     return acc

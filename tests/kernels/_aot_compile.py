@@ -36,14 +36,13 @@ def build(kernel, consts, num_warps=4):
 def main():
     for mixed, gabor in ((False, True), (True, False)):  # small blocks: compile time
         prec = "mixed" if mixed else "float32"
-        bh = 32 if mixed else 128  # float32 at 128: two column blocks, four K blocks
+        bh = 32 if mixed else 128  # float32 at 128: four column blocks and K blocks
         flags = dict(D=3, N_LAYERS=2, HEAD_MASK=3, HAS_C=True, GABOR=gabor, RELU=True, RESIDUAL=True,
                      MIXED=mixed, BLOCK_H=bh, BLOCK_O=16, BLOCK_P=16)
-        bn, bk = M._blocks(bh, prec)
-        build(M._mfn_stack_fwd_kernel, dict(flags, BLOCK_N=bn, BLOCK_K=bk))
-        bn, bk = M._blocks(bh, prec, backward=True)
-        build(M._mfn_stack_bwd_kernel, dict(flags, BLOCK_N=bn, BLOCK_K=bk, NEED_DW=True,
-                                            DETACH=1, BLOCK_D=4))
+        fwd, bwd = M._FWD_CONFIGS[0].kwargs, M._BWD_CONFIGS[0].kwargs  # the AUTOTUNE=0 configs
+        build(M._mfn_stack_fwd_kernel, dict(flags, BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"]))
+        build(M._mfn_stack_bwd_kernel, dict(flags, BLOCK_N=bwd["BLOCK_N"], BLOCK_K=bwd["BLOCK_K"],
+                                            NEED_DW=True, DETACH=1, BLOCK_D=4))
         build(F._filter_fwd_kernel, dict(D=3, GABOR=gabor, BLOCK_P=16, BLOCK_H=16))
         build(F._filter_bwd_kernel, dict(D=3, GABOR=gabor, NEED_DW=True, BLOCK_D=4, BLOCK_P=16, BLOCK_H=16))
         ml = dict(D=3, HAS_C=True, GABOR=gabor, MIXED=mixed, BLOCK_P=16, BLOCK_N=16, BLOCK_K=16)

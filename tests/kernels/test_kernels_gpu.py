@@ -156,3 +156,30 @@ def test_project_volume_cuda(D, B):
     # Both sides sum with float32 atomics (measured 1.2e-4 of the max at D = 64, B = 5).
     close("d volume", gv, gv_ref, rtol=1e-3, atol=1e-4)
     close("d rotations", gr, gr_ref, rtol=1e-3, atol=1e-3)
+
+
+def _candidate_params():
+    from fieldkern.kernels import mfn_stack as M
+
+    return ([pytest.param("fwd", i, id=f"fwd{i}") for i in range(len(M.FWD_CANDIDATES))]
+            + [pytest.param("bwd", i, id=f"bwd{i}") for i in range(len(M.BWD_CANDIDATES))])
+
+
+@pytest.mark.parametrize("which, index", _candidate_params())
+def test_mfn_stack_every_autotune_candidate(which, index):
+    """Autotuning may pick any candidate, while the other tests (FIELDKERN_AUTOTUNE=0) run
+    the first: force each one, forward or backward, on a wide, a 3D and an odd-width net."""
+    from fieldkern.kernels import mfn_stack as M
+
+    kernel = M._mfn_stack_fwd_kernel if which == "fwd" else M._mfn_stack_bwd_kernel
+    candidates = M.FWD_CANDIDATES if which == "fwd" else M.BWD_CANDIDATES
+    saved = kernel.configs
+    kernel.configs = [candidates[index]]
+    try:
+        for d, h, n_layers, gabor, relu in ((2, 256, 4, False, False), (3, 128, 3, True, True),
+                                            (2, 100, 5, False, True)):
+            p = _cuda(stack_params(d, h, n_layers, 1, gabor, trainable_w=True))
+            compare_stack(p, _x(4099, d), rtol=1e-4, atol=1e-4, residual=True,
+                          head_activation="relu" if relu else None)
+    finally:
+        kernel.configs = saved

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One lent-GPU session in a single call: device correctness tests, then the benchmarks.
+# Every step has its own time limit; logs are gathered into $OUT/log.txt and benchmark
+# JSONs into $OUT, so a step that runs out of time costs only its own results.
+# Usage: OUT=/some/dir bash bench/run_gpu.sh [steps...]
+#   steps (default all): candidates (every mfn_stack autotune candidate vs the reference,
+#   ~3 min), tests (the device test module, first configs), sanity (two of those), mfn,
+#   compile, project
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD:$PWD/bench"
+OUT=${OUT:-/tmp/fieldkern_gpu}
+LOGS=$(mktemp -d)
+mkdir -p "$OUT"
+steps=${*:-candidates tests mfn compile project}
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+has() { [[ " $steps " == *" $1 "* ]]; }
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; }
+
+# 1. compile every mfn_stack autotune candidate of the benchmark networks in parallel (fills
+#    Triton's disk cache; autotuning would compile them one after the other) while the
+#    device tests run
+stamp "warm-up + device tests"
+for p in 2d_h256_s4 3d_h128_s3; do for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
+  echo "$p $prec $i"; done; done; done |
+  timeout 150 xargs -P 12 -n 3 python bench/warm_kernels.py > "$LOGS/warm.log" 2>&1 &
+t() { FIELDKERN_AUTOTUNE=0 timeout 200 python -m pytest -q -p no:cacheprovider -rf \
+      tests/kernels/test_kernels_gpu.py -k "$1" > "$LOGS/tests_$2.log" 2>&1; }
+if has candidates; then
+  t "every and (fwd0 or fwd1 or fwd2)" 1 & t "every and (fwd3 or fwd4 or fwd5)" 2 &
+  t "every and (bwd0 or bwd1)" 3 & t "every and bwd2" 4 &
+fi
+if has sanity; then  # two of the device tests (wide 2D and 3D ReLU nets), first configs
+  t "not every and mfn_stack and (case0 or case1)" 7 &
+fi
+if has tests; then
+  t "not every and (mfn_stack and (case0 or case1))" 5 & t "not every and not (mfn_stack and (case0 or case1))" 6 &
+fi
+wait
+stamp "warm-ups done: $(grep -c '^warm' "$LOGS/warm.log") of 24"
+grep -v "^warm" "$LOGS/warm.log" | grep -E "Error|error" | sort | uniq -c | head -5
+for f in "$LOGS"/tests_*.log; do [ -e "$f" ] && { echo "== $f"; grep -E "^(FAILED|ERROR)|passed|failed" "$f" | cut -c1-300; }; done
+
+bench() {  # name, time limit, pytest args...
+  local name=$1 limit=$2; shift 2
+  stamp "bench $name"
+  timeout "$limit" python -m pytest -q -p no:cacheprovider --benchmark-only -rf \
+    --benchmark-json="$OUT/$name.json" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$LOGS/$name.log" | cut -c1-300
+  return $rc
+}
+if has mfn; then
+  bench mfn 110 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and not compile" ||
+    FIELDKERN_AUTOTUNE=0 bench mfn_first_config 100 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and triton"
+fi
+has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"
+has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference"
+stamp "done"
+python bench/summarize.py "$OUT"/*.json
+for f in "$LOGS"/*.log; do echo "=== $f"; grep -v "^\s*$" "$f" | tail -n 60; done > "$OUT/log.txt"

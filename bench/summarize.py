@@ -1,0 +1,18 @@
+"""Print pytest-benchmark JSON files as one table: mean time, throughput, peak memory."""
+
+import json
+import sys
+
+for path in sys.argv[1:]:
+    try:
+        data = json.load(open(path))
+    except (OSError, ValueError) as exc:
+        print(f"{path}: unreadable ({exc})")
+        continue
+    print(f"## {path} ({data['machine_info'].get('node', '')})")
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        rate = info.get("points_per_s") or info.get("projections_per_s")
+        mem = info.get("peak_memory_bytes")
+        print(f"{b['name']:<70} {b['stats']['mean'] * 1e3:9.3f} ms  "
+              f"{rate or 0:10.4g}/s  {(mem or 0) / 2**20:9.1f} MiB  {info.get('precision', '')}")
