@@ -192,3 +192,14 @@ def test_example_reports_bad_input(tmp_path):
     assert "missing.star" in proc.stderr and "not found" in proc.stderr
     proc = run_example("--reference", "x.mrc", cwd=tmp_path)
     assert proc.returncode == 2 and "--reference needs --particles" in proc.stderr
+
+
+def test_quick_preset_geometry_per_structure():
+    from fieldkern.cryoem import experiment
+
+    assert (experiment.get_preset("quick", "4ake").box, experiment.get_preset("quick", "4ake").apix) == (32, 3.0)
+    p = experiment.get_preset("quick", "1ol5")
+    assert (p.box, p.apix) == (40, 2.4)
+    assert experiment.get_preset("quick", "1ol5", box=36).box == 36  # the user's choice wins
+    assert experiment.get_preset("quick", "1ol5", apix=3.0).box == 32
+    assert experiment.get_preset("paper", "1ol5").box == 80
