@@ -5,8 +5,8 @@ trilinear interpolation and zero outside the box (the convention of
 :func:`fieldkern.cryoem.project_volume`).
 
 Design: one program per (image, run of ``BLOCK`` consecutive pixels). The program rotates
-its pixels' ray origins once and walks the rays along z by adding the third row of ``R``
-each step, so the sample positions cost three adds per step; the eight trilinear taps are
+its pixels' ray origins once and walks the rays along z (sample ``k`` at origin + ``k`` times
+the third row of ``R``: three multiply-adds per step); the eight trilinear taps are
 gathered from the volume, which for D <= 160 (16 MB in float32) stays resident in an
 H100's 50 MB L2 across the whole batch. The sum along the ray lives in registers: extra
 memory is the output only, O(B D^2). (Square 16 x 16 tiles were measured 1.3-1.9x slower
@@ -65,6 +65,14 @@ def _ray_setup(rot_ptr, b, xi, yi, D):
 
 
 @triton.jit
+def _sample(qx0, qy0, qz0, dx, dy, dz, k):
+    """Position of sample ``k`` on each ray: ``q0 + k d`` from the origin every step (adding
+    ``d`` step by step accumulated ~k ulps: 30x the reference's error in the images at D = 64)."""
+    kf = k * 1.0  # int32 -> float32 (a plain int under the interpreter)
+    return qx0 + kf * dx, qy0 + kf * dy, qz0 + kf * dz
+
+
+@triton.jit
 def _cell(qx, qy, qz):
     """Lower corner of the voxel cell holding each sample, and the fractional offsets."""
     x0f = tl.floor(qx)
@@ -85,9 +93,10 @@ def _tap(ix, iy, iz, pix, D):
 def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
-    px, py, qx, qy, qz, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
+    px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for _k in range(0, D):
+    for k in range(0, D):
+        qx, qy, qz = _sample(qx0, qy0, qz0, dx, dy, dz, k)
         x0, y0, z0, fx, fy, fz = _cell(qx, qy, qz)
         for corner in tl.static_range(8):
             cx = corner % 2
@@ -97,9 +106,6 @@ def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr)
             w = (fx if cx else 1.0 - fx) * (fy if cy else 1.0 - fy) * (fz if cz else 1.0 - fz)
             v = tl.load(vol_ptr + idx, mask=ok, other=0.0).to(tl.float32)
             acc += w * v
-        qx += dx
-        qy += dy
-        qz += dz
     tl.store(out_ptr + b * D * D + offs, acc, mask=pix)
 
 
@@ -111,7 +117,7 @@ def project_volume_bwd_kernel(
     b = tl.program_id(0)
     tile = tl.program_id(1)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
-    px, py, qx, qy, qz, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
+    px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
     g = tl.load(grad_out_ptr + b * D * D + offs, mask=pix, other=0.0).to(tl.float32)
     # Per-lane accumulators of g * dV/dq_j and g * dV/dq_j * z (x and y are constant on a ray).
     sx = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -122,6 +128,7 @@ def project_volume_bwd_kernel(
     tz = tl.zeros((BLOCK,), dtype=tl.float32)
     c = D // 2
     for k in range(0, D):
+        qx, qy, qz = _sample(qx0, qy0, qz0, dx, dy, dz, k)
         x0, y0, z0, fx, fy, fz = _cell(qx, qy, qz)
         gx = tl.zeros((BLOCK,), dtype=tl.float32)
         gy = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -152,9 +159,6 @@ def project_volume_bwd_kernel(
             tx += g * gx * pz
             ty += g * gy * pz
             tz += g * gz * pz
-        qx += dx
-        qy += dy
-        qz += dz
     if NEED_ROTATION:
         # dL/dR[i, j] = sum g * dV/dq_j * p_i with p = (px, py, pz).
         base = grad_rot_partial_ptr + (b * n_tiles + tile) * 9
