@@ -102,6 +102,34 @@ _MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _ALL)
 _KEY = ["H", "O", "D", "N_LAYERS", "HEAD_MASK", "HAS_C", "GABOR", "RELU", "RESIDUAL", "MIXED"]
 
 
+@triton.jit
+def _filter_block(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n,
+                  D: tl.constexpr, GABOR: tl.constexpr):
+    """Filter values ``g`` of one layer for a (BLOCK_P, BLOCK_N) column block."""
+    s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n, D, GABOR)
+    g = tl.sin(s)
+    if GABOR:
+        g = g * e
+    return g
+
+
+@triton.jit
+def _linear_block(z_ptr, a_ptr, c_ptr, offs_r, offs_n, mask_n, offs_bk, H,
+                  BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, HAS_C: tl.constexpr, MIXED: tl.constexpr, FP32: tl.constexpr):
+    """``z A^T + c`` for one column block: ``z`` a (BLOCK_P, BLOCK_H) scratch tile read in K
+    blocks, ``a_ptr`` / ``c_ptr`` at this layer's (H, H) weight and (H,) bias."""
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, BLOCK_H, BLOCK_K):
+        kk = k0 + offs_bk
+        zk = tl.load(z_ptr + offs_r[:, None] * BLOCK_H + kk[None, :])
+        at = tl.load(a_ptr + offs_n[None, :] * H + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < H), other=0.0)
+        acc += mm(zk, at, MIXED, FP32)
+    if HAS_C:
+        acc += tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    return acc
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit
 def _mfn_stack_fwd_kernel(
@@ -135,23 +163,14 @@ def _mfn_stack_fwd_kernel(
             for n0 in range(0, BLOCK_H, BLOCK_N):
                 offs_n = n0 + offs_bn
                 mask_n = offs_n < H
-                s, q, e = filter_args(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
-                                      mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
-                g = tl.sin(s)
-                if GABOR:
-                    g = g * e
+                g = _filter_block(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
+                                  mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
                 if i == 0:
                     zn = g
                 else:
-                    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-                    for k0 in range(0, BLOCK_H, BLOCK_K):
-                        kk = k0 + offs_bk
-                        zk = tl.load(cur + offs_r[:, None] * BLOCK_H + kk[None, :])
-                        at = tl.load(a_ptr + (i - 1) * H * H + offs_n[None, :] * H + kk[:, None],
-                                     mask=mask_n[None, :] & (kk[:, None] < H), other=0.0)
-                        acc += mm(zk, at, MIXED, TF32X3)
-                    if HAS_C:
-                        acc += tl.load(c_ptr + (i - 1) * H + offs_n, mask=mask_n, other=0.0)[None, :]
+                    acc = _linear_block(cur, a_ptr + (i - 1) * H * H, c_ptr + (i - 1) * H, offs_r, offs_n,
+                                        mask_n, offs_bk, H, BLOCK_P, BLOCK_H, BLOCK_N, BLOCK_K, HAS_C,
+                                        MIXED, TF32X3)
                     zn = acc * g  # padded columns: g = 0, so z stays 0 there
                 if i + 1 < N_LAYERS:
                     tl.store(nxt + offs_r[:, None] * BLOCK_H + offs_n[None, :], zn)
@@ -224,23 +243,14 @@ def _mfn_stack_bwd_kernel(
             for n0 in range(0, BLOCK_H, BLOCK_N):
                 offs_n = n0 + offs_bn
                 mask_n = offs_n < H
-                s, q, e = filter_args(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
-                                      mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
-                g = tl.sin(s)
-                if GABOR:
-                    g = g * e
+                g = _filter_block(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
+                                  mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
                 if i == 0:
                     zn = g
                 else:
-                    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-                    for k0 in range(0, BLOCK_H, BLOCK_K):
-                        kk = k0 + offs_bk
-                        zk = tl.load(cur + offs_r[:, None] * BLOCK_H + kk[None, :])
-                        at = tl.load(a_ptr + (i - 1) * H * H + offs_n[None, :] * H + kk[:, None],
-                                     mask=mask_n[None, :] & (kk[:, None] < H), other=0.0)
-                        acc += mm(zk, at, MIXED, IEEE)
-                    if HAS_C:
-                        acc += tl.load(c_ptr + (i - 1) * H + offs_n, mask=mask_n, other=0.0)[None, :]
+                    acc = _linear_block(cur, a_ptr + (i - 1) * H * H, c_ptr + (i - 1) * H, offs_r, offs_n,
+                                        mask_n, offs_bk, H, BLOCK_P, BLOCK_H, BLOCK_N, BLOCK_K, HAS_C,
+                                        MIXED, IEEE)
                     tl.store(scr + i * tile_elems + offs_r[:, None] * BLOCK_H + offs_n[None, :], acc)
                     zn = acc * g
                 if i + 1 < N_LAYERS:
@@ -309,12 +319,9 @@ def _mfn_stack_bwd_kernel(
                     if HAS_C:
                         accumulate(pc + (i - 1) * H + offs_n, tl.sum(dln, axis=0), mask_n)
                     # z_{i-1} for this column block (its sines recomputed)
-                    s2, q2, e2 = filter_args(x_ptr, w_ptr + (i - 1) * H * D, b_ptr + (i - 1) * H,
-                                             gamma_ptr + (i - 1) * H, mu_ptr + (i - 1) * H * D,
-                                             offs_p, mask_p, offs_n, mask_n, D, GABOR)
-                    zp = tl.sin(s2)
-                    if GABOR:
-                        zp = zp * e2
+                    zp = _filter_block(x_ptr, w_ptr + (i - 1) * H * D, b_ptr + (i - 1) * H,
+                                       gamma_ptr + (i - 1) * H, mu_ptr + (i - 1) * H * D,
+                                       offs_p, mask_p, offs_n, mask_n, D, GABOR)
                     if i >= 2:
                         zp = zp * tl.load(scr + (i - 1) * tile_elems + n_ptrs)
                     tl.store(s_zp + n_ptrs, zp)
