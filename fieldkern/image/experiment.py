@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fieldkern._files import check_writable, write_atomic  # noqa: F401 - check_writable is re-exported
 from fieldkern.coords import grid_coordinates
 from fieldkern.image import metrics
 from fieldkern.image.methods import Method, Preset
@@ -313,39 +312,6 @@ def settings_dict(dataset: str, names: list[str], methods: list[Method], preset:
     }
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and make sure files can be written there.
-
-    Called before any training so a bad ``--out`` fails in seconds, not after an hour.
-    Raises OSError with the path in the message.
-    """
-    p = Path(out_dir)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise OSError(f"output directory {str(p)!r} is not writable: {exc.strerror or exc}") from exc
-    return p
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Write next to the target and rename, so a crash never leaves a truncated results file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(out_dir, summary: dict, results: list[list[FitResult]], methods: list[Method],
                   images: list[np.ndarray], preset: Preset) -> list[Path]:
     """Figures first, then ``results.json`` and ``results.md`` (each written atomically).
@@ -357,8 +323,8 @@ def write_results(out_dir, summary: dict, results: list[list[FitResult]], method
     out = Path(out_dir)
     written = figures.write_figures(out, results, methods, images, preset)
     json_text = json.dumps(summary, indent=2, allow_nan=True, default=_json_default)
-    _write_atomic(out / "results.json", json_text + "\n")
-    _write_atomic(out / "results.md", results_markdown(summary))
+    write_atomic(out / "results.json", json_text + "\n")
+    write_atomic(out / "results.md", results_markdown(summary))
     return [*written, out / "results.json", out / "results.md"]
 
 
