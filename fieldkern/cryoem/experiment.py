@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from fieldkern._files import write_atomic
 from fieldkern.cryoem.alignment import align_volume
 from fieldkern.cryoem.fsc import fourier_shell_correlation, resolution
 from fieldkern.cryoem.io import ParticleDataset, load_particles, read_mrc, write_mrc, write_particles_star
 from fieldkern.cryoem.projection import transform_volume
 from fieldkern.cryoem.reconstruct import Reconstruction, ReconstructionConfig, pose_errors_deg
 from fieldkern.cryoem.rotations import jitter_rotations, matrix_to_relion_euler
+from fieldkern.distributed import DistContext
 from fieldkern.train import Callback
 
 POSE_INITS = ("gt", "perturbed", "coarse")
@@ -112,14 +114,39 @@ class ExperimentData:
 
 
 def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, particles: str | None = None,
-                 reference: str | None = None, progress: bool = True, device=None) -> ExperimentData:
+                 reference: str | None = None, progress: bool = True, device=None,
+                 dist: DistContext | None = None) -> ExperimentData:
     """Simulate a particle set (or read ``particles``) and load it.
 
     ``structure``: ``"4ake"``, ``"1ol5"``, a PDB/mmCIF path, or an ``.mrc`` map to simulate from.
     ``particles``: a RELION STAR file to reconstruct instead; its poses are taken as the
     truth only for reporting pose changes, and ``reference`` (an ``.mrc`` map) serves as the
     ground truth for FSC if given.
+
+    With a data-parallel ``dist``, rank 0 simulates (or reads) as above; the other ranks
+    then open the same STAR file lazily (memory-mapped: :class:`Reconstruction` reads only
+    each rank's block of images) and receive rank 0's true poses, so every rank starts from
+    the same numbers. ``out_dir`` (or ``particles``) must be on a file system every node
+    sees. Only rank 0 holds the ground-truth map.
     """
+    if dist is None or not dist.distributed:
+        return _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device)
+    data = None
+    with dist.agree("preparing the particle data"):
+        if dist.is_main:
+            data = _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device)
+    meta = dist.broadcast_object(None if data is None else {
+        "star": str(data.dataset.star_path), "true_rotations": data.true_rotations, "source": data.source,
+        "simulated": data.simulated, "paths": data.paths,
+    })
+    with dist.agree("reading the particle data"):
+        if not dist.is_main:
+            ds = load_particles(meta["star"], lazy=True)
+            data = ExperimentData(ds, None, meta["true_rotations"], meta["source"], meta["simulated"], meta["paths"])
+    return data
+
+
+def _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device) -> ExperimentData:
     from fieldkern.cryoem.simulate import simulate
 
     if particles is not None:
@@ -169,9 +196,12 @@ class StageMapWriter(Callback):
         self.rec, self.out, self.apix = rec, Path(out), apix
 
     def on_stage_end(self, stage: int, step: int) -> None:
-        with torch.no_grad():
-            volume = self.rec.volume().detach().float().cpu()
-        write_mrc(self.out / f"stage{stage}_scale{stage}.mrc", volume, self.apix)
+        path = self.out / f"stage{stage}_scale{stage}.mrc"
+        with self.rec.dist.agree(f"writing {path}"):  # rank 0 writes; a failure stops every rank
+            if self.rec.dist.is_main:
+                with torch.no_grad():
+                    volume = self.rec.volume().detach().float().cpu()
+                write_mrc(path, volume, self.apix)
 
 
 @dataclass
@@ -256,9 +286,7 @@ def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes,
         "loss_per_epoch": rec.state.losses,
         "settings": settings,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
