@@ -28,6 +28,7 @@ import torch
 
 from fieldkern._files import check_writable, write_atomic  # noqa: F401 - check_writable is re-exported
 from fieldkern.coords import grid_coordinates
+from fieldkern.distributed import DistContext
 from fieldkern.image import metrics
 from fieldkern.image.methods import Method, Preset
 from fieldkern.train import Callback, StageSchedule, run_stages, stage_setter
@@ -205,27 +206,40 @@ def run_experiment(
     seed: int = 0,
     progress: bool = True,
     keep_arrays: int = 2,
-) -> list[list[FitResult]]:
+    dist: DistContext | None = None,
+) -> list[list[FitResult]] | None:
     """Every method on every image; ``results[i][j]`` is image ``i``, method ``j``.
 
     Image ``i`` initialises every method's model with torch seed ``seed + i``. Arrays for
     figures are kept for the first ``keep_arrays`` images only.
+
+    With a data-parallel ``dist`` (:func:`fieldkern.distributed.init_from_env` under
+    ``torchrun``), rank ``r`` fits the block ``dist.shard(len(images))`` of images on its
+    own device, and the results are gathered on rank 0, which returns the whole table;
+    the other ranks return None. Each image is fitted exactly as a single process would.
     """
     from tqdm.auto import tqdm
 
+    ctx = dist if dist is not None else DistContext.single(device)
+    lo, hi = ctx.shard(len(images))
     results = []
-    with tqdm(total=len(images) * len(methods), desc="runs", disable=not progress, dynamic_ncols=True) as bar:
-        for i, (image, name) in enumerate(zip(images, names)):
-            row = []
-            for method in methods:
-                r = fit_image(method, image, preset, device, seed + i, name, progress)
-                if i >= keep_arrays:
-                    r.drop_arrays()
-                row.append(r)
-                bar.set_postfix(method=method.name, psnr=f"{r.psnr:.2f}")
-                bar.update()
-            results.append(row)
-    return results
+    with ctx.agree("fitting the images"):
+        with tqdm(total=(hi - lo) * len(methods), desc="runs" if not ctx.distributed else f"runs (rank {ctx.rank})",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for i in range(lo, hi):
+                row = []
+                for method in methods:
+                    r = fit_image(method, images[i], preset, device, seed + i, names[i], progress)
+                    if i >= keep_arrays:
+                        r.drop_arrays()
+                    row.append(r)
+                    bar.set_postfix(method=method.name, psnr=f"{r.psnr:.2f}")
+                    bar.update()
+                results.append(row)
+    if not ctx.distributed:
+        return results
+    gathered = ctx.gather_object(results)
+    return None if gathered is None else [row for rows in gathered for row in rows]
 
 
 def _mean_std(values: list[float]) -> dict:
