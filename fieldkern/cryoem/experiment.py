@@ -201,7 +201,22 @@ class StageMapWriter(Callback):
             if self.rec.dist.is_main:
                 with torch.no_grad():
                     volume = self.rec.volume().detach().float().cpu()
-                write_mrc(path, volume, self.apix)
+                write_mrc_atomic(path, volume, self.apix)
+
+
+def write_mrc_atomic(path: Path, volume: torch.Tensor, apix: float) -> Path:
+    """:func:`write_mrc` to a temporary file next to ``path``, then renamed over it: a run
+    killed while writing never leaves a truncated map (a resumed run does not rewrite the
+    maps of stages that ended before its checkpoint). OSError names the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write_mrc(tmp, volume, apix)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"could not write {str(path)!r}: {exc.strerror or exc}") from exc
+    return path
 
 
 @dataclass
@@ -262,9 +277,9 @@ def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes,
     maps = ev.aligned_maps or volumes
     paths = {}
     if data.ground_truth is not None:
-        paths["ground_truth"] = write_mrc(out / "ground_truth.mrc", data.ground_truth.float(), apix)
+        paths["ground_truth"] = write_mrc_atomic(out / "ground_truth.mrc", data.ground_truth.float(), apix)
     for k, v in enumerate(maps):
-        paths[f"scale{k}"] = write_mrc(out / f"reconstruction_scale{k}.mrc", v.float(), apix)
+        paths[f"scale{k}"] = write_mrc_atomic(out / f"reconstruction_scale{k}.mrc", v.float(), apix)
     if ev.fsc:
         lines = ["shell,frequency_per_angstrom," + ",".join(f"fsc_scale{k}" for k in range(len(ev.fsc)))]
         for r in range(len(ev.fsc[0])):
