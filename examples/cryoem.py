@@ -96,7 +96,9 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         rec.load(checkpoint)
+    train_start = time.perf_counter()
     rec.fit(checkpoint, progress=progress, callbacks=[experiment.StageMapWriter(rec, out, ds.apix)])
+    train_seconds = time.perf_counter() - train_start
     if not dist.is_main:
         return None
     volumes = rec.volumes()
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
         "device": str(device), "world_size": dist.world_size, "backend": dist.backend,
         "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
     })
-    return experiment.write_outputs(out, data, rec, volumes, ev, preset, settings, seconds)
+    return experiment.write_outputs(out, data, rec, volumes, ev, preset, settings, seconds, train_seconds)
 
 
 def main(argv=None) -> int:

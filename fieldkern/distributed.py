@@ -35,6 +35,30 @@ class DistributedError(RuntimeError):
     """Another rank failed; raised on the ranks that did not fail themselves."""
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather of row blocks of possibly different sizes (padded to the largest: gloo's
+    all_gather needs equal sizes); backward: all-reduce (sum), then this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, local, dctx, sizes):
+        width = max(sizes)
+        dev = dctx._comm_device()
+        buf = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=dev)
+        buf[: local.shape[0]] = local.detach().to(dev)
+        parts = [torch.empty_like(buf) for _ in range(dctx.world_size)]
+        dist.all_gather(parts, buf)
+        lo = sum(sizes[: dctx.rank])
+        ctx.rows = (lo, lo + local.shape[0])
+        ctx.dctx = dctx
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(local.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = ctx.dctx.all_reduce_sum(grad.contiguous())
+        lo, hi = ctx.rows
+        return total[lo:hi], None, None
+
+
 def launched_with_torchrun() -> bool:
     """True when ``torchrun`` (or any launcher setting ``RANK`` and ``WORLD_SIZE``) started us."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -107,6 +131,22 @@ class DistContext:
         with torch.no_grad():
             t.copy_(buf)
         return t
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's block of rows, concatenated along dim 0 in rank order, on every rank.
+
+        Rank ``r`` passes rows ``bounds(n)[r] .. bounds(n)[r + 1] - 1`` of an ``n``-row tensor
+        (its :meth:`shard`); all other dimensions must match. Differentiable: the backward
+        sums the incoming gradients over ranks and returns this rank's rows, so a parameter
+        that produced ``local`` gets the gradient of the sum of every rank's loss.
+        """
+        b = self.bounds(n)
+        sizes = [b[r + 1] - b[r] for r in range(self.world_size)]
+        if local.shape[0] != sizes[self.rank]:
+            raise ValueError(f"rank {self.rank} owns {sizes[self.rank]} of {n} rows, got {local.shape[0]}")
+        if not self.distributed:
+            return local
+        return _GatherRows.apply(local, self, sizes)
 
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` of rank ``src`` on every rank (pickled; keep it small)."""
@@ -181,6 +221,10 @@ def init_from_env(device=None, backend: str | None = None, timeout_s: float = 18
     Args:
         device: ``"cuda"``, ``"cpu"``, a ``torch.device``, or None (CUDA if available).
             A CUDA index is ignored under torchrun: each rank takes its own GPU.
+        backend: the process group's backend; default: the environment variable
+            ``FIELDKERN_DIST_BACKEND``, else NCCL on CUDA and gloo on the CPU. With gloo,
+            several ranks may share a GPU (rank ``LOCAL_RANK`` takes GPU ``LOCAL_RANK % n``):
+            slow, but it tests multi-process code on a one-GPU machine.
         timeout_s: how long a collective may wait for the other ranks.
     """
     want = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,14 +239,19 @@ def init_from_env(device=None, backend: str | None = None, timeout_s: float = 18
         raise RuntimeError(f"torchrun variables are not integers: {exc}") from exc
     if not 0 <= rank < world:
         raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    backend = backend or os.environ.get("FIELDKERN_DIST_BACKEND") or None
     if want.type == "cuda":
         n = torch.cuda.device_count()
-        if local >= n:
+        if backend == "gloo":
+            local_gpu = local % n
+        elif local >= n:
             raise RuntimeError(
                 f"LOCAL_RANK {local} has no GPU of its own ({n} visible): start at most {n} processes per "
                 "node (torchrun --nproc_per_node), NCCL cannot share one GPU between ranks"
             )
-        want = torch.device("cuda", local)
+        else:
+            local_gpu = local
+        want = torch.device("cuda", local_gpu)
         torch.cuda.set_device(want)
         backend = backend or "nccl"
     else:

@@ -267,7 +267,7 @@ def _json_float(x: float):
 
 
 def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes, ev: Evaluation,
-                  preset: Preset, settings: dict, seconds: float) -> dict:
+                  preset: Preset, settings: dict, seconds: float, train_seconds: float | None = None) -> dict:
     """Maps (``.mrc``), ``fsc.csv``/``fsc.png``, ``slices.png``, ``poses.star`` and
     ``results.json`` in ``out``; returns the results dictionary."""
     from fieldkern.cryoem import figures
@@ -297,6 +297,7 @@ def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes,
         "box": D,
         "apix": apix,
         "seconds": seconds,
+        "train_seconds": train_seconds,
         "alignment": ev.alignment,
         "loss_per_epoch": rec.state.losses,
         "settings": settings,

@@ -217,10 +217,14 @@ class Reconstruction:
     draws the same global batch order as a single process; each rank takes the particles it
     owns out of each global batch, so the batches (and the alternation of volume and pose
     steps) are the single-process ones. The field is wrapped in
-    ``DistributedDataParallel``; each rank's loss is ``W / B`` times the sum of its images'
-    losses for a global batch of ``B``, so DDP's average over ranks is the single-process
-    batch mean's gradient whatever the shard sizes. Pose steps need no communication (each
-    image's pose depends on its own loss, and the fixed volume is the same on every rank).
+    ``DistributedDataParallel`` and its evaluation on the voxel grid is split too: each rank
+    evaluates a block of z-planes and the blocks are all-gathered (differentiably) into the
+    volume every rank projects. Each rank's loss is ``W / B`` times the sum of its images'
+    losses for a global batch of ``B``; the gather's backward sums the volume gradients of
+    all ranks, and DDP averages the parameter gradients over ranks, which together give the
+    single-process batch mean's gradient whatever the shard sizes. Pose steps need no
+    communication beyond that gather (each image's pose depends on its own loss, and the
+    fixed volume is the same on every rank).
     After every epoch the owned poses are summed into ``rotations`` on every rank, so
     ``rotations``, checkpoints and results always hold all particles. Only rank 0 writes.
     Every method that communicates (the constructor, :meth:`train_epoch`, :meth:`fit`,
@@ -280,6 +284,22 @@ class Reconstruction:
         ys = (self.model if module is None else module)(self.coords)
         vols = [y[..., 0] / self.D for y in ys]
         return vols if all_scales else vols[-1]
+
+    def _training_volume(self, module=None) -> torch.Tensor:
+        """The field at the active scale on the voxel grid, as volume and pose steps use it.
+
+        On one process, :meth:`volume`. Data parallel, each rank evaluates only its block of
+        z-planes (the field is pointwise in its coordinates) and the blocks are gathered, so
+        the cost and activation memory of the field are split across ranks; the gather's
+        backward sums every rank's volume gradient, so each rank's parameters get the
+        gradient of all losses through its own planes, and DDP's average over ranks then
+        equals the single-process gradient (see :meth:`_volume_steps`). Every rank must call it.
+        """
+        if not self.dist.distributed:
+            return self.volume(module=module)
+        z0, z1 = self.dist.shard(self.D)
+        slab = (self.model if module is None else module)(self.coords[z0:z1])[-1][..., 0] / self.D
+        return self.dist.gather_rows(slab, self.D)
 
     def _field(self):
         """The module volume steps differentiate: the model, or its DDP wrapper.
@@ -348,11 +368,13 @@ class Reconstruction:
                 self.optimizer.step()
             return float(loss.detach())
         field_module = self._field()
-        weight = self.dist.world_size / batch_size  # DDP divides the summed gradients by W
+        # The gather's backward sums dL_r/dV over ranks (W x the mean-loss gradient on each
+        # rank's planes); DDP then divides the parameter gradients summed over ranks by W.
+        weight = self.dist.world_size / batch_size
         total = torch.zeros((), dtype=torch.float64)
         for _ in range(self.config.volume_steps):
             self.optimizer.zero_grad(set_to_none=True)
-            vol = self.volume(module=field_module)
+            vol = self._training_volume(field_module)
             if idx.numel() == 0:
                 # Nothing of this batch lives here; still join DDP's gradient reduction.
                 loss = 0.0 * vol.sum()
@@ -370,10 +392,10 @@ class Reconstruction:
         (all of them by default); ``target`` and ``ctf`` are those particles' rows."""
         cfg = self.config
         sel = idx if mine is None else idx[mine]
+        with torch.no_grad():
+            fixed = self._prepare(self._training_volume())  # collective: before any early return
         if sel.numel() == 0:
             return
-        with torch.no_grad():
-            fixed = self._prepare(self.volume())
         # The starting perturbation is drawn for the whole global batch, so a particle
         # starts from the same one whichever rank refines it.
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.state.epoch * 104729 + int(idx[0]))
