@@ -492,8 +492,7 @@ class Reconstruction:
             )
         except FloatingPointError as exc:
             if checkpoint is not None and self._checkpoint_epoch is not None:
-                kept = (f"the last good checkpoint, {str(checkpoint)!r} (after epoch {self._checkpoint_epoch}), "
-                        "was kept: resume from it with other settings (e.g. a lower learning rate)")
+                kept = f"the last good checkpoint, {str(checkpoint)!r} (after epoch {self._checkpoint_epoch}), was kept"
             elif checkpoint is not None:
                 kept = "no checkpoint had been written yet"
             else:
@@ -523,6 +522,9 @@ class Reconstruction:
                     },
                     path,
                 )
+                # Temporary files of writes that were killed (torch_save_atomic's naming).
+                for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
         self._checkpoint_epoch = self.state.epoch
 
     def load(self, path) -> None:

@@ -254,7 +254,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_disk_full_while_checkpointing_is_reported_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     rec = reconstruction(epochs=2, batch_size=40)
+    (tmp_path / ".ckpt.pt.killed.tmp").write_bytes(b"left by a killed write")
     rec.save(path)
+    assert list(tmp_path.iterdir()) == [path]  # and stale temporary files are cleaned up
     before = path.read_bytes()
 
     def full(obj, f, *a, **kw):
