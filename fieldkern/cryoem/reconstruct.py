@@ -253,8 +253,11 @@ class Reconstruction:
         # Global mean and standard deviation over all ranks' images (two passes, float64),
         # the same numbers whatever the number of processes.
         n = N * D * D
-        mean = self.dist.all_reduce_sum(local.sum(dtype=torch.float64).reshape(1))[0] / n
-        ss = self.dist.all_reduce_sum((local.to(torch.float64) - mean).square().sum().reshape(1))[0]
+        chunks = local.split(1024)  # float64 copies of at most 1024 images at a time
+        mean = self.dist.all_reduce_sum(sum((c.sum(dtype=torch.float64) for c in chunks),
+                                            torch.zeros((), dtype=torch.float64)).reshape(1))[0] / n
+        ss = self.dist.all_reduce_sum(sum(((c.to(torch.float64) - mean).square().sum() for c in chunks),
+                                          torch.zeros((), dtype=torch.float64)).reshape(1))[0]
         std = float((ss / max(n - 1, 1)).sqrt())
         if not std > 0:
             raise ValueError("images are constant: nothing to reconstruct")
@@ -357,7 +360,9 @@ class Reconstruction:
 
     def _volume_steps(self, idx, target, ctf, batch_size: int | None = None) -> float:
         """Adam steps on the field for this rank's particles ``idx`` of a global batch of
-        ``batch_size``; returns the global batch's mean loss (before the last step)."""
+        ``batch_size`` (default ``len(idx)``); returns the global batch's mean loss (before the
+        last step)."""
+        batch_size = len(idx) if batch_size is None else batch_size
         R = self.rotations[idx]
         if not self.dist.distributed:
             loss = torch.zeros(())
