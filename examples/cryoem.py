@@ -7,6 +7,9 @@ Examples:
     python examples/cryoem.py --particles my.star --reference map.mrc --pose-init gt
     python examples/cryoem.py --preset paper --device cuda      # 50,000 particles (GPU)
 
+Several GPUs or nodes (data parallel; see README "Several GPUs and clusters"):
+    torchrun --nproc_per_node 4 examples/cryoem.py --preset paper --out runs/paper
+
 Writes to ``--out``: ``ground_truth.mrc``, ``reconstruction_scale{k}.mrc`` (every scale at the
 end, aligned to the ground truth), ``stage{k}_scale{k}.mrc`` (scale k as its stage ended), ``fsc.csv``,
 ``fsc.png``, ``slices.png``, ``poses.star``, ``results.json`` and ``checkpoint.pt`` (every
@@ -57,15 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    import torch
+def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
+    """The experiment on this rank; returns the results on rank 0 (None on the others)."""
 
+    from fieldkern._files import check_writable
     from fieldkern.cryoem import experiment
     from fieldkern.cryoem.reconstruct import Reconstruction
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = dist.device
     structure_key = str(args.structure).lower()
     overrides = {"box": args.box, "apix": args.apix, "n_particles": args.n_particles, "snr": args.snr,
                  "projector": args.projector, "seed": args.seed}
@@ -73,49 +75,66 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.epochs is not None:
         preset = experiment.scale_epochs(preset, args.epochs)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
+    with dist.agree(f"checking --out {out}"):
+        if dist.is_main:
+            check_writable(out)  # fail now, not after hours of training
+    progress = not args.no_progress and dist.is_main
 
     start = time.perf_counter()
     data = experiment.prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
-                                   progress=progress, device=device)
+                                   progress=progress, device=device, dist=dist)
     ds = data.dataset
     if data.true_rotations is None:
         raise ValueError(f"{data.source}: the particles have no poses to start from")
     init = experiment.initial_poses(data.true_rotations, args.pose_init, preset, args.seed)
     # Known poses stay fixed; otherwise they are refined.
     recon_cfg = replace(preset.recon, refine_poses=args.pose_init != "gt")
-    images = ds.images if isinstance(ds.images, torch.Tensor) else ds.images[:]
-    rec = Reconstruction(images, lambda idx: ds.ctf(idx.cpu()),
-                         init, recon_cfg, device=device)
+    # Each rank reads only its own block of a lazily loaded stack.
+    rec = Reconstruction(ds.images, lambda idx: ds.ctf(idx.cpu()), init, recon_cfg, device=device, dist=dist)
     checkpoint = out / "checkpoint.pt"
     if args.resume:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
         rec.load(checkpoint)
+    train_start = time.perf_counter()
     rec.fit(checkpoint, progress=progress, callbacks=[experiment.StageMapWriter(rec, out, ds.apix)])
+    train_seconds = time.perf_counter() - train_start
+    if not dist.is_main:
+        return None
     volumes = rec.volumes()
     ev = experiment.evaluate(volumes, data.ground_truth, ds.apix, init, rec.rotations.cpu(), data.true_rotations)
     seconds = time.perf_counter() - start
+    launcher = ["python"] if not dist.distributed else ["torchrun", f"--nproc_per_node {dist.world_size}"]
     settings = experiment.settings_dict(preset, {
         "structure": args.structure, "particles": args.particles, "pose_init": args.pose_init,
-        "device": str(device), "command": " ".join(["python", "examples/cryoem.py", *argv]),
+        "device": str(device), "world_size": dist.world_size, "backend": dist.backend,
+        "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
     })
-    return experiment.write_outputs(out, data, rec, volumes, ev, preset, settings, seconds)
+    return experiment.write_outputs(out, data, rec, volumes, ev, preset, settings, seconds, train_seconds)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        results = run(args, argv)
-    except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
-        print(f"cryoem: error: {exc}", file=sys.stderr)
-        return 1
-    from fieldkern.cryoem.experiment import summary_lines
+    from fieldkern.distributed import init_from_env, shutdown
 
-    print("\n".join(summary_lines(results)))
-    print(f"outputs in {args.out}")
+    dist = None
+    try:
+        # Under torchrun: one process per GPU (NCCL) or CPU process (gloo); else unchanged.
+        dist = init_from_env(args.device)
+        results = run(args, argv, dist)
+    except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
+        rank = "" if dist is None or not dist.distributed else f" (rank {dist.rank})"
+        print(f"cryoem: error{rank}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if dist is not None:
+            shutdown(dist)
+    if results is not None:
+        from fieldkern.cryoem.experiment import summary_lines
+
+        print("\n".join(summary_lines(results)))
+        print(f"outputs in {args.out}")
     return 0
 
 

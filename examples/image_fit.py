@@ -5,6 +5,7 @@ Examples:
     python examples/image_fit.py --dataset text --preset quick --out runs/text-quick
     python examples/image_fit.py --image my_photo.jpg --methods staged_bacon_fair staged_res_new_init
     python examples/image_fit.py --dataset text --preset paper --n-images 32 --device cuda
+    torchrun --nproc_per_node 4 examples/image_fit.py --dataset text --preset paper --n-images 32
 
 Writes ``results.json``, ``results.md`` and PNG figures to ``--out``; results are written
 only after every run has finished. Exit status 0 on success, 1 on bad input or failure,
@@ -47,15 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> None:
-    import torch
-
+def run(args: argparse.Namespace, argv: list[str], dist) -> None:
     preset = fimage.get_preset(args.preset)
     methods = [fimage.get_method(m) for m in dict.fromkeys(args.methods)]  # dedupe, keep order
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    out = fimage.check_writable(args.out)
+    device = dist.device
+    out = None
+    with dist.agree(f"checking --out {args.out}"):
+        if dist.is_main:
+            out = fimage.check_writable(args.out)
     if args.image:
         images, names = fimage.load_images(args.image, size=preset.eval_size)
         dataset = args.image
@@ -69,12 +69,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         dataset = args.dataset
 
     start = time.perf_counter()
-    results = fimage.run_experiment(images, names, methods, preset, device, args.seed, not args.no_progress)
+    # Under torchrun each rank fits its own block of images; rank 0 gets the whole table.
+    results = fimage.run_experiment(images, names, methods, preset, device, args.seed, not args.no_progress,
+                                    dist=dist)
     wall = time.perf_counter() - start
+    if not dist.is_main:
+        return
     fimage.experiment.finite_or_raise(results)
     settings = fimage.settings_dict(dataset, names, methods, preset, device, args.seed)
     settings["wall_seconds"] = wall
-    settings["command"] = " ".join(["python", "examples/image_fit.py", *argv])
+    settings["world_size"] = dist.world_size
+    launcher = ["python"] if not dist.distributed else ["torchrun", f"--nproc_per_node {dist.world_size}"]
+    settings["command"] = " ".join([*launcher, "examples/image_fit.py", *argv])
     summary = fimage.summarise(results, methods, settings)
     written = fimage.write_results(out, summary, results, methods, images, preset)
     print(fimage.results_markdown(summary))
@@ -84,12 +90,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    from fieldkern.distributed import init_from_env, shutdown
+
+    dist = None
     try:
-        run(args, argv)
+        dist = init_from_env(args.device)  # torchrun: one process per GPU (NCCL) or CPU (gloo)
+        run(args, argv, dist)
     except (fimage.ImageLoadError, OSError, ValueError, RuntimeError, FloatingPointError) as exc:
-        print(f"image_fit: error: {exc}", file=sys.stderr)
+        rank = "" if dist is None or not dist.distributed else f" (rank {dist.rank})"
+        print(f"image_fit: error{rank}: {exc}", file=sys.stderr)
         print("image_fit: no results were written", file=sys.stderr)
         return 1
+    finally:
+        if dist is not None:
+            shutdown(dist)
     return 0
 
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from fieldkern._files import write_atomic
 from fieldkern.cryoem.alignment import align_volume
 from fieldkern.cryoem.fsc import fourier_shell_correlation, resolution
 from fieldkern.cryoem.io import ParticleDataset, load_particles, read_mrc, write_mrc, write_particles_star
 from fieldkern.cryoem.projection import transform_volume
 from fieldkern.cryoem.reconstruct import Reconstruction, ReconstructionConfig, pose_errors_deg
 from fieldkern.cryoem.rotations import jitter_rotations, matrix_to_relion_euler
+from fieldkern.distributed import DistContext
 from fieldkern.train import Callback
 
 POSE_INITS = ("gt", "perturbed", "coarse")
@@ -120,14 +122,39 @@ class ExperimentData:
 
 
 def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, particles: str | None = None,
-                 reference: str | None = None, progress: bool = True, device=None) -> ExperimentData:
+                 reference: str | None = None, progress: bool = True, device=None,
+                 dist: DistContext | None = None) -> ExperimentData:
     """Simulate a particle set (or read ``particles``) and load it.
 
     ``structure``: ``"4ake"``, ``"1ol5"``, a PDB/mmCIF path, or an ``.mrc`` map to simulate from.
     ``particles``: a RELION STAR file to reconstruct instead; its poses are taken as the
     truth only for reporting pose changes, and ``reference`` (an ``.mrc`` map) serves as the
     ground truth for FSC if given.
+
+    With a data-parallel ``dist``, rank 0 simulates (or reads) as above; the other ranks
+    then open the same STAR file lazily (memory-mapped: :class:`Reconstruction` reads only
+    each rank's block of images) and receive rank 0's true poses, so every rank starts from
+    the same numbers. ``out_dir`` (or ``particles``) must be on a file system every node
+    sees. Only rank 0 holds the ground-truth map.
     """
+    if dist is None or not dist.distributed:
+        return _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device)
+    data = None
+    with dist.agree("preparing the particle data"):
+        if dist.is_main:
+            data = _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device)
+    meta = dist.broadcast_object(None if data is None else {
+        "star": str(data.dataset.star_path), "true_rotations": data.true_rotations, "source": data.source,
+        "simulated": data.simulated, "paths": data.paths,
+    })
+    with dist.agree("reading the particle data"):
+        if not dist.is_main:
+            ds = load_particles(meta["star"], lazy=True)
+            data = ExperimentData(ds, None, meta["true_rotations"], meta["source"], meta["simulated"], meta["paths"])
+    return data
+
+
+def _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device) -> ExperimentData:
     from fieldkern.cryoem.simulate import simulate
 
     if particles is not None:
@@ -177,9 +204,27 @@ class StageMapWriter(Callback):
         self.rec, self.out, self.apix = rec, Path(out), apix
 
     def on_stage_end(self, stage: int, step: int) -> None:
-        with torch.no_grad():
-            volume = self.rec.volume().detach().float().cpu()
-        write_mrc(self.out / f"stage{stage}_scale{stage}.mrc", volume, self.apix)
+        path = self.out / f"stage{stage}_scale{stage}.mrc"
+        with self.rec.dist.agree(f"writing {path}"):  # rank 0 writes; a failure stops every rank
+            if self.rec.dist.is_main:
+                with torch.no_grad():
+                    volume = self.rec.volume().detach().float().cpu()
+                write_mrc_atomic(path, volume, self.apix)
+
+
+def write_mrc_atomic(path: Path, volume: torch.Tensor, apix: float) -> Path:
+    """:func:`write_mrc` to a temporary file next to ``path``, then renamed over it: a run
+    killed while writing never leaves a truncated map (a resumed run does not rewrite the
+    maps of stages that ended before its checkpoint). OSError names the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write_mrc(tmp, volume, apix)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"could not write {str(path)!r}: {exc.strerror or exc}") from exc
+    return path
 
 
 @dataclass
@@ -230,7 +275,7 @@ def _json_float(x: float):
 
 
 def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes, ev: Evaluation,
-                  preset: Preset, settings: dict, seconds: float) -> dict:
+                  preset: Preset, settings: dict, seconds: float, train_seconds: float | None = None) -> dict:
     """Maps (``.mrc``), ``fsc.csv``/``fsc.png``, ``slices.png``, ``poses.star`` and
     ``results.json`` in ``out``; returns the results dictionary."""
     from fieldkern.cryoem import figures
@@ -240,9 +285,9 @@ def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes,
     maps = ev.aligned_maps or volumes
     paths = {}
     if data.ground_truth is not None:
-        paths["ground_truth"] = write_mrc(out / "ground_truth.mrc", data.ground_truth.float(), apix)
+        paths["ground_truth"] = write_mrc_atomic(out / "ground_truth.mrc", data.ground_truth.float(), apix)
     for k, v in enumerate(maps):
-        paths[f"scale{k}"] = write_mrc(out / f"reconstruction_scale{k}.mrc", v.float(), apix)
+        paths[f"scale{k}"] = write_mrc_atomic(out / f"reconstruction_scale{k}.mrc", v.float(), apix)
     if ev.fsc:
         lines = ["shell,frequency_per_angstrom," + ",".join(f"fsc_scale{k}" for k in range(len(ev.fsc)))]
         for r in range(len(ev.fsc[0])):
@@ -260,13 +305,12 @@ def write_outputs(out: Path, data: ExperimentData, rec: Reconstruction, volumes,
         "box": D,
         "apix": apix,
         "seconds": seconds,
+        "train_seconds": train_seconds,
         "alignment": ev.alignment,
         "loss_per_epoch": rec.state.losses,
         "settings": settings,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -38,12 +38,16 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import copy
+import inspect
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from fieldkern._files import torch_save_atomic
 from fieldkern.cryoem.fourier import fft2_centered
 from fieldkern.cryoem.fourier_slice import central_slices, volume_spectrum
 from fieldkern.cryoem.projection import field_coordinates, project_volume
@@ -53,6 +57,7 @@ from fieldkern.cryoem.rotations import (
     perturb_rotations,
     quaternion_to_matrix,
 )
+from fieldkern.distributed import DistContext
 from fieldkern.nn import ResidualMFN
 from fieldkern.train import Callback, StageSchedule, run_stages
 
@@ -131,7 +136,8 @@ def orthonormalize(R: torch.Tensor) -> torch.Tensor:
 
 
 def refine_poses(image_losses, rotations: torch.Tensor, steps: int, lr: float,
-                 betas=(0.9, 0.9), generator: torch.Generator | None = None) -> torch.Tensor:
+                 betas=(0.9, 0.9), generator: torch.Generator | None = None,
+                 initial: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The paper's pose steps for one batch; returns the refined rotations ``(B, 3, 3)``.
 
     Optimises a perturbation ``(theta, u)`` per image of ``R <- rodrigues(theta, u) R`` with
@@ -143,11 +149,16 @@ def refine_poses(image_losses, rotations: torch.Tensor, steps: int, lr: float,
     Args:
         image_losses: ``(B, 3, 3) -> (B,)`` each image's loss against the fixed volume.
         rotations: ``(B, 3, 3)`` current estimates (float64 keeps repeated updates on SO(3)).
+        generator: draws the starting perturbation (``theta`` first, then ``u``).
+        initial: the starting ``(theta (B,), u (B, 3))`` instead (a data-parallel rank passes
+            its images' rows of the draws for the whole batch).
     """
     B = rotations.shape[0]
     dev = rotations.device
-    theta = (1e-6 * torch.rand(B, generator=generator, dtype=torch.float64)).to(dev).requires_grad_()
-    axis = (1e-6 * torch.randn(B, 3, generator=generator, dtype=torch.float64)).to(dev).requires_grad_()
+    if initial is None:
+        initial = initial_perturbation(B, generator)
+    theta = initial[0].to(dev, torch.float64).clone().requires_grad_()
+    axis = initial[1].to(dev, torch.float64).clone().requires_grad_()
     opt = torch.optim.Adam([theta, axis], lr=lr, betas=tuple(betas))
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -159,6 +170,23 @@ def refine_poses(image_losses, rotations: torch.Tensor, steps: int, lr: float,
             axis.copy_(u)
     with torch.no_grad():
         return orthonormalize(perturb_rotations(rotations, theta, axis))
+
+
+def initial_perturbation(n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' starting pose perturbation ``theta ~ U(0, 1e-6)``, ``u ~ N(0, 1e-6)``, float64."""
+    theta = 1e-6 * torch.rand(n, generator=generator, dtype=torch.float64)
+    axis = 1e-6 * torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    return theta, axis
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, from other settings or data,
+    or holding non-finite values. Nothing of it has been loaded."""
+
+
+_UNSET = object()
+CHECKPOINT_FORMAT = "fieldkern.cryoem.Reconstruction/2"
+_CHECKPOINT_KEYS = ("config", "model", "stage", "optimizer", "rotations", "state", "rng")
 
 
 @dataclass
@@ -173,32 +201,72 @@ class Reconstruction:
     """Staged residual-MFN reconstruction of one particle data set.
 
     Args:
-        images: ``(N, D, D)`` particle images (any scale; normalised internally).
+        images: ``(N, D, D)`` particle images (any scale; normalised internally): a tensor, or
+            anything that slices into one, such as a lazy :class:`fieldkern.cryoem.ImageStack`
+            (each rank of a data-parallel run then reads only its own block).
         ctfs: ``(N, D, D)`` centred CTFs, or a callable ``indices -> (n, D, D)`` computing
             them per batch.
         rotations: ``(N, 3, 3)`` initial pose estimates (``I ~ ctf * project(V, R)``).
         config: :class:`ReconstructionConfig`.
         device: where to train.
+        dist: a :class:`fieldkern.distributed.DistContext` for data-parallel training (from
+            :func:`fieldkern.distributed.init_from_env` under ``torchrun``); None: one process.
+
+    Data parallelism (``dist.world_size = W > 1``): rank ``r`` owns the contiguous block
+    ``dist.shard(N)`` of particles: their images, spectra and pose updates. Every epoch
+    draws the same global batch order as a single process; each rank takes the particles it
+    owns out of each global batch, so the batches (and the alternation of volume and pose
+    steps) are the single-process ones. The field is wrapped in
+    ``DistributedDataParallel`` and its evaluation on the voxel grid is split too: each rank
+    evaluates a block of z-planes and the blocks are all-gathered (differentiably) into the
+    volume every rank projects. Each rank's loss is ``W / B`` times the sum of its images'
+    losses for a global batch of ``B``; the gather's backward sums the volume gradients of
+    all ranks, and DDP averages the parameter gradients over ranks, which together give the
+    single-process batch mean's gradient whatever the shard sizes. Pose steps need no
+    communication beyond that gather (each image's pose depends on its own loss, and the
+    fixed volume is the same on every rank).
+    After every epoch the owned poses are summed into ``rotations`` on every rank, so
+    ``rotations``, checkpoints and results always hold all particles. Only rank 0 writes.
+    Every method that communicates (the constructor, :meth:`train_epoch`, :meth:`fit`,
+    :meth:`save`, :meth:`load`) must be called on every rank.
     """
 
-    def __init__(self, images, ctfs, rotations, config: ReconstructionConfig, device="cpu"):
-        if images.dim() != 3 or images.shape[1] != images.shape[2]:
-            raise ValueError(f"images must have shape (N, D, D), got {tuple(images.shape)}")
-        N, D = images.shape[0], images.shape[-1]
-        if rotations.shape != (N, 3, 3):
+    def __init__(self, images, ctfs, rotations, config: ReconstructionConfig, device="cpu",
+                 dist: DistContext | None = None):
+        shape = tuple(images.shape)
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise ValueError(f"images must have shape (N, D, D), got {shape}")
+        N, D = shape[0], shape[-1]
+        if tuple(rotations.shape) != (N, 3, 3):
             raise ValueError(f"rotations must have shape ({N}, 3, 3), got {tuple(rotations.shape)}")
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf values")
+        self.dist = dist if dist is not None else DistContext.single(device)
         self.config = config
         self.device = torch.device(device)
         self.D = D
-        scale = images.float().std()
-        if not scale > 0:
+        self.n_particles = N
+        self._lo, self._hi = self.dist.shard(N)
+        with self.dist.agree("reading the particle images"):
+            local = images[self._lo:self._hi]
+            local = torch.as_tensor(local).to(torch.float32)
+            if not torch.isfinite(local).all():
+                raise ValueError("images contain NaN or inf values")
+        # Global mean and standard deviation over all ranks' images (two passes, float64),
+        # the same numbers whatever the number of processes.
+        n = N * D * D
+        chunks = local.split(1024)  # float64 copies of at most 1024 images at a time
+        mean = self.dist.all_reduce_sum(sum((c.sum(dtype=torch.float64) for c in chunks),
+                                            torch.zeros((), dtype=torch.float64)).reshape(1))[0] / n
+        ss = self.dist.all_reduce_sum(sum(((c.to(torch.float64) - mean).square().sum() for c in chunks),
+                                          torch.zeros((), dtype=torch.float64)).reshape(1))[0]
+        std = float((ss / max(n - 1, 1)).sqrt())
+        if not std > 0:
             raise ValueError("images are constant: nothing to reconstruct")
+        self._data_signature = {"n_particles": N, "box": D, "mean": float(mean), "std": std}
         # Particle spectra, once: every loss is computed in Fourier space.
-        self.spectra = fft2_centered((images.float() / scale).to(self.device))
+        self.spectra = fft2_centered((local / torch.tensor(std, dtype=torch.float32)).to(self.device))
         self._ctfs = ctfs
         self.rotations = rotations.to(self.device, torch.float64).clone()
+        self.dist.broadcast_(self.rotations)  # every rank starts from rank 0's poses
         torch.manual_seed(config.seed)
         self.model = ResidualMFN(
             3, config.hidden_features, 1, config.n_scales, D, lambda1=config.lambda1,
@@ -208,16 +276,59 @@ class Reconstruction:
         self.coords = field_coordinates(D, device=self.device)
         self.schedule = StageSchedule(config.stage_epochs or None) if config.n_scales > 1 else StageSchedule(None)
         self.state = TrainingState()
+        self._ddp = None
+        self._ddp_stage = _UNSET
+        self._checkpoint_epoch: int | None = None  # epoch of the last checkpoint written or loaded
 
     # -- forward model --------------------------------------------------------------------
 
-    def volume(self, all_scales: bool = False):
+    def volume(self, all_scales: bool = False, module=None):
         """The field on the voxel grid, ``(D, D, D)`` at the active scale (or all scales)."""
-        ys = self.model(self.coords)
+        ys = (self.model if module is None else module)(self.coords)
         vols = [y[..., 0] / self.D for y in ys]
         return vols if all_scales else vols[-1]
 
+    def _training_volume(self, module=None) -> torch.Tensor:
+        """The field at the active scale on the voxel grid, as volume and pose steps use it.
+
+        On one process, :meth:`volume`. Data parallel, each rank evaluates only its block of
+        z-planes (the field is pointwise in its coordinates) and the blocks are gathered, so
+        the cost and activation memory of the field are split across ranks; the gather's
+        backward sums every rank's volume gradient, so each rank's parameters get the
+        gradient of all losses through its own planes, and DDP's average over ranks then
+        equals the single-process gradient (see :meth:`_volume_steps`). Every rank must call it.
+        """
+        if not self.dist.distributed:
+            return self.volume(module=module)
+        z0, z1 = self.dist.shard(self.D)
+        slab = (self.model if module is None else module)(self.coords[z0:z1])[-1][..., 0] / self.D
+        return self.dist.gather_rows(slab, self.D)
+
+    def _field(self):
+        """The module volume steps differentiate: the model, or its DDP wrapper.
+
+        DDP reduces the gradients of the parameters that required them when it was built,
+        and ``set_stage`` freezes and unfreezes parameters, so the wrapper is rebuilt (one
+        parameter broadcast) whenever the stage has changed.
+        """
+        if not self.dist.distributed:
+            return self.model
+        if self._ddp is None or self._ddp_stage != self.model.stage:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = None  # drop the old wrapper's gradient hooks first
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # The buffers (frozen frequencies) are equal on every rank: no per-step broadcast.
+            # torch >= 2.13 renames broadcast_buffers to forward_sync_buffers.
+            sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                    else "broadcast_buffers")
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids, **{sync: False})
+            self._ddp_stage = self.model.stage
+        return self._ddp
+
     def ctf(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.numel() == 0:
+            return torch.zeros(0, self.D, self.D, device=self.device)
         c = self._ctfs(idx) if callable(self._ctfs) else self._ctfs[idx]
         if c.shape[-2:] != (self.D, self.D):
             raise ValueError(f"CTFs must be ({self.D}, {self.D}) per image, got {tuple(c.shape[-2:])}")
@@ -247,24 +358,59 @@ class Reconstruction:
 
     # -- one epoch --------------------------------------------------------------------------
 
-    def _volume_steps(self, idx, target, ctf) -> float:
+    def _volume_steps(self, idx, target, ctf, batch_size: int | None = None) -> float:
+        """Adam steps on the field for this rank's particles ``idx`` of a global batch of
+        ``batch_size`` (default ``len(idx)``); returns the global batch's mean loss (before the
+        last step)."""
+        batch_size = len(idx) if batch_size is None else batch_size
         R = self.rotations[idx]
-        loss = torch.zeros(())
+        if not self.dist.distributed:
+            loss = torch.zeros(())
+            for _ in range(self.config.volume_steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._per_image_loss(self._predict(self._prepare(self.volume()), R, ctf), target).mean()
+                loss.backward()
+                self.optimizer.step()
+            return float(loss.detach())
+        field_module = self._field()
+        # The gather's backward sums dL_r/dV over ranks (W x the mean-loss gradient on each
+        # rank's planes); DDP then divides the parameter gradients summed over ranks by W.
+        weight = self.dist.world_size / batch_size
+        total = torch.zeros((), dtype=torch.float64)
         for _ in range(self.config.volume_steps):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._per_image_loss(self._predict(self._prepare(self.volume()), R, ctf), target).mean()
+            vol = self._training_volume(field_module)
+            if idx.numel() == 0:
+                # Nothing of this batch lives here; still join DDP's gradient reduction.
+                loss = 0.0 * vol.sum()
+                total = torch.zeros((), dtype=torch.float64)
+            else:
+                per_image = self._per_image_loss(self._predict(self._prepare(vol), R, ctf), target)
+                loss = weight * per_image.sum()
+                total = per_image.detach().sum().to("cpu", torch.float64)
             loss.backward()
             self.optimizer.step()
-        return float(loss.detach())
+        return float(self.dist.all_reduce_sum(total.reshape(1))[0]) / batch_size
 
-    def _pose_steps(self, idx, target, ctf, lr: float) -> None:
+    def _pose_steps(self, idx, target, ctf, lr: float, mine: torch.Tensor | None = None) -> None:
+        """Pose steps for the particles of global batch ``idx`` selected by the mask ``mine``
+        (all of them by default); ``target`` and ``ctf`` are those particles' rows."""
         cfg = self.config
+        sel = idx if mine is None else idx[mine]
         with torch.no_grad():
-            fixed = self._prepare(self.volume())
+            fixed = self._prepare(self._training_volume())  # collective: before any early return
+        if sel.numel() == 0:
+            return
+        # The starting perturbation is drawn for the whole global batch, so a particle
+        # starts from the same one whichever rank refines it.
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.state.epoch * 104729 + int(idx[0]))
-        self.rotations[idx] = refine_poses(
-            lambda R: self._per_image_loss(self._predict(fixed, R, ctf), target), self.rotations[idx],
-            cfg.pose_steps, lr, cfg.pose_betas, gen,
+        theta, axis = initial_perturbation(len(idx), gen)
+        if mine is not None:
+            m = mine.cpu()
+            theta, axis = theta[m], axis[m]
+        self.rotations[sel] = refine_poses(
+            lambda R: self._per_image_loss(self._predict(fixed, R, ctf), target), self.rotations[sel],
+            cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
 
     def _first_pose_epoch(self) -> int:
@@ -273,88 +419,199 @@ class Reconstruction:
         return 0 if s <= 0 or not switches else switches[min(s, len(switches)) - 1]
 
     def train_epoch(self, epoch: int, stage: int | None) -> float:
+        """One pass over the particles; returns the mean over batches of the batch loss.
+
+        Raises FloatingPointError as soon as a batch's loss is NaN or inf.
+        """
         cfg = self.config
-        N = self.spectra.shape[0]
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(N, generator=gen).to(self.device)
+        order = torch.randperm(self.n_particles, generator=gen).to(self.device)
         lowpass = self.lowpass(stage)
         pose_on = (cfg.refine_poses and cfg.pose_steps > 0
                    and (stage is None or stage >= cfg.pose_start_stage))
         pose_lr = cfg.pose_lr * cfg.pose_lr_decay ** max(0, epoch - self._first_pose_epoch())
         losses = []
-        for idx in order.split(cfg.batch_size):
-            target, ctf = self.spectra[idx] * lowpass, self.ctf(idx)
-            losses.append(self._volume_steps(idx, target, ctf))
+        for b, idx in enumerate(order.split(cfg.batch_size)):
+            if self.dist.distributed:
+                mine = (idx >= self._lo) & (idx < self._hi)
+                sel = idx[mine]
+            else:
+                mine, sel = None, idx
+            target, ctf = self.spectra[sel - self._lo] * lowpass, self.ctf(sel)
+            loss = self._volume_steps(sel, target, ctf, len(idx))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} in epoch {epoch}, batch {b} (stage {stage})")
+            losses.append(loss)
             if pose_on:
-                self._pose_steps(idx, target, ctf, pose_lr)
+                self._pose_steps(idx, target, ctf, pose_lr, mine)
+        self._gather_rotations()
         self.state.epoch = epoch + 1
         return sum(losses) / len(losses)
 
+    def _gather_rotations(self) -> None:
+        """Every rank's refined poses into ``rotations`` on every rank (exact: a sum with zeros)."""
+        if not self.dist.distributed:
+            return
+        owned = torch.zeros_like(self.rotations)
+        owned[self._lo:self._hi] = self.rotations[self._lo:self._hi]
+        self.rotations = self.dist.all_reduce_sum(owned)
+
+    def _check_finite(self) -> None:
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if not torch.isfinite(self.rotations).all():
+            bad.append("poses")
+        if bad:
+            raise FloatingPointError(
+                f"non-finite values after epoch {self.state.epoch} in {', '.join(bad[:5])}"
+                + (" ..." if len(bad) > 5 else "")
+            )
+
     def fit(self, checkpoint: str | os.PathLike | None = None, progress: bool = True, callbacks=()) -> list[float]:
         """Train from ``self.state.epoch`` to ``config.epochs``, saving ``checkpoint`` after
-        every epoch (atomically: temporary file, then rename)."""
+        every epoch (atomically: temporary file, then rename).
+
+        A NaN or inf loss (or model parameter, or pose) stops training with a
+        FloatingPointError that says so; the checkpoint is only ever written from finite
+        states, so the last good one is kept. An OSError writing the checkpoint (disk full,
+        permissions) stops training and names the path.
+        """
 
         reconstruction = self
+        progress = progress and self.dist.is_main
 
         class _Saver(Callback):
             def on_step_end(self, step, stage, loss):
                 reconstruction.state.losses.append(loss)
+                reconstruction._check_finite()
                 if checkpoint is not None:
                     reconstruction.save(checkpoint)
 
         start = self.state.epoch
         if start >= self.config.epochs:
             return []
-        return run_stages(
-            self.train_epoch, self.config.epochs, self.schedule, self.model.set_stage,
-            callbacks=[_Saver(), *callbacks], progress=progress, desc="epochs",
-            postfix_every=1, start_step=start,
-        )
+        try:
+            return run_stages(
+                self.train_epoch, self.config.epochs, self.schedule, self.model.set_stage,
+                callbacks=[_Saver(), *callbacks], progress=progress, desc="epochs",
+                postfix_every=1, start_step=start,
+            )
+        except FloatingPointError as exc:
+            if checkpoint is not None and self._checkpoint_epoch is not None:
+                kept = f"the last good checkpoint, {str(checkpoint)!r} (after epoch {self._checkpoint_epoch}), was kept"
+            elif checkpoint is not None:
+                kept = "no checkpoint had been written yet"
+            else:
+                kept = "no checkpoint was being written"
+            raise FloatingPointError(f"training stopped: {exc}; {kept}") from exc
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def save(self, path) -> None:
+        """Write a checkpoint (rank 0 only; call it on every rank). Atomic: a temporary file
+        next to ``path``, flushed, then renamed over it. OSError names the path."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "config": asdict(self.config),
-                "model": self.model.state_dict(),
-                "stage": self.model.stage,
-                "optimizer": self.optimizer.state_dict(),
-                "rotations": self.rotations.cpu(),
-                "state": asdict(self.state),
-                "rng": torch.get_rng_state(),
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        with self.dist.agree(f"writing checkpoint {path}"):
+            if self.dist.is_main:
+                torch_save_atomic(
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "config": asdict(self.config),
+                        "data": dict(self._data_signature),
+                        "world_size": self.dist.world_size,
+                        "model": self.model.state_dict(),
+                        "stage": self.model.stage,
+                        "optimizer": self.optimizer.state_dict(),
+                        "rotations": self.rotations.cpu(),
+                        "state": asdict(self.state),
+                        "rng": torch.get_rng_state(),
+                    },
+                    path,
+                )
+                # Temporary files of writes that were killed (torch_save_atomic's naming).
+                for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+        self._checkpoint_epoch = self.state.epoch
 
     def load(self, path) -> None:
-        """Restore a checkpoint written by :meth:`save` for the same data and settings."""
+        """Restore a checkpoint written by :meth:`save` for the same data and settings.
+
+        Any number of processes may resume a checkpoint (it holds every particle's pose; the
+        model and optimiser are the same on every rank); with another number than wrote it,
+        the result matches an uninterrupted run to float rounding rather than bit for bit.
+
+        Raises:
+            CheckpointError: (a ValueError) the file is unreadable or truncated, is not a
+                reconstruction checkpoint, was made with other settings or another data set,
+                does not fit the model, or holds NaN/inf. Nothing is loaded then.
+        """
         path = Path(path)
+        with self.dist.agree(f"loading checkpoint {path}"):
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
         try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            ckpt = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
-            raise ValueError(f"checkpoint {str(path)!r} could not be read ({e})") from e
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
-            raise ValueError(f"{path} is not a fieldkern reconstruction checkpoint")
-        ours = asdict(self.config)
-        theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["config"].items()}
-        ours = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ours.items()}
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: {e}); "
+                "it may be truncated or not a checkpoint"
+            ) from e
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+            missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+            raise CheckpointError(f"{path} is not a fieldkern reconstruction checkpoint (missing {', '.join(missing)})")
+        if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {path} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+        ours = {k: (tuple(v) if isinstance(v, list) else v) for k, v in asdict(self.config).items()}
+        theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(ckpt["config"]).items()}
         if ours != theirs:
-            diff = sorted(k for k in ours if ours.get(k) != theirs.get(k))
-            raise ValueError(f"checkpoint {path} was made with other settings ({', '.join(diff)})")
-        if ckpt["rotations"].shape != self.rotations.shape:
-            raise ValueError(
-                f"checkpoint {path} holds {ckpt['rotations'].shape[0]} poses, the data set has {self.rotations.shape[0]}"
-            )
-        self.model.set_stage(ckpt["stage"])
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.rotations = ckpt["rotations"].to(self.device, torch.float64)
-        self.state = TrainingState(**ckpt["state"])
-        torch.set_rng_state(ckpt["rng"])
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise CheckpointError(f"checkpoint {path} was made with other settings ({', '.join(diff)})")
+        rot = ckpt["rotations"]
+        if not isinstance(rot, torch.Tensor) or tuple(rot.shape) != tuple(self.rotations.shape):
+            n = rot.shape[0] if isinstance(rot, torch.Tensor) and rot.dim() else "?"
+            raise CheckpointError(f"checkpoint {path} holds {n} poses, the data set has {self.n_particles}")
+        data = ckpt.get("data")
+        if data is not None:
+            ours_d = self._data_signature
+            same = (data.get("n_particles") == ours_d["n_particles"] and data.get("box") == ours_d["box"]
+                    and all(abs(float(data.get(k, math.nan)) - ours_d[k]) <= 1e-6 * abs(ours_d[k]) + 1e-12
+                            for k in ("mean", "std")))
+            if not same:
+                raise CheckpointError(
+                    f"checkpoint {path} was made for another data set (images: {data}; these: {ours_d})"
+                )
+        bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+               and not torch.isfinite(v).all()]
+        if not torch.isfinite(rot).all():
+            bad.append("poses")
+        if bad:
+            raise CheckpointError(f"checkpoint {path} holds NaN/inf values ({', '.join(bad[:5])})")
+        try:
+            state = TrainingState(**ckpt["state"])
+            if not 0 <= int(state.epoch) <= self.config.epochs:
+                raise ValueError(f"epoch {state.epoch} outside 0..{self.config.epochs}")
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} has an invalid training state ({e})") from e
+        # Load model and optimiser; on any mismatch put everything back as it was.
+        old_stage = self.model.stage
+        old_model = {k: v.clone() for k, v in self.model.state_dict().items()}
+        old_opt = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            self.model.set_stage(ckpt["stage"])
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            rng = ckpt["rng"]
+            if not (torch.is_tensor(rng) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+                raise ValueError("the random number generator state is not torch's")
+        except Exception as e:
+            self.model.set_stage(old_stage)
+            self.model.load_state_dict(old_model)
+            self.optimizer.load_state_dict(old_opt)
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({type(e).__name__}: {e})") from e
+        self.rotations = rot.to(self.device, torch.float64)
+        self.state = state
+        torch.set_rng_state(rng)
+        self._checkpoint_epoch = state.epoch
 
     # -- results ----------------------------------------------------------------------------
 
@@ -381,10 +638,13 @@ def summarize_errors(errors: torch.Tensor) -> dict[str, float]:
 
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "PROJECTORS",
+    "CheckpointError",
     "Reconstruction",
     "ReconstructionConfig",
     "gaussian_filter",
+    "initial_perturbation",
     "lowpass_sigma",
     "orthonormalize",
     "pose_errors_deg",

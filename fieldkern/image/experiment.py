@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fieldkern._files import check_writable, write_atomic  # noqa: F401 - check_writable is re-exported
 from fieldkern.coords import grid_coordinates
+from fieldkern.distributed import DistContext
 from fieldkern.image import metrics
 from fieldkern.image.methods import Method, Preset
 from fieldkern.train import Callback, StageSchedule, run_stages, stage_setter
@@ -206,27 +206,40 @@ def run_experiment(
     seed: int = 0,
     progress: bool = True,
     keep_arrays: int = 2,
-) -> list[list[FitResult]]:
+    dist: DistContext | None = None,
+) -> list[list[FitResult]] | None:
     """Every method on every image; ``results[i][j]`` is image ``i``, method ``j``.
 
     Image ``i`` initialises every method's model with torch seed ``seed + i``. Arrays for
     figures are kept for the first ``keep_arrays`` images only.
+
+    With a data-parallel ``dist`` (:func:`fieldkern.distributed.init_from_env` under
+    ``torchrun``), rank ``r`` fits the block ``dist.shard(len(images))`` of images on its
+    own device, and the results are gathered on rank 0, which returns the whole table;
+    the other ranks return None. Each image is fitted exactly as a single process would.
     """
     from tqdm.auto import tqdm
 
+    ctx = dist if dist is not None else DistContext.single(device)
+    lo, hi = ctx.shard(len(images))
     results = []
-    with tqdm(total=len(images) * len(methods), desc="runs", disable=not progress, dynamic_ncols=True) as bar:
-        for i, (image, name) in enumerate(zip(images, names)):
-            row = []
-            for method in methods:
-                r = fit_image(method, image, preset, device, seed + i, name, progress)
-                if i >= keep_arrays:
-                    r.drop_arrays()
-                row.append(r)
-                bar.set_postfix(method=method.name, psnr=f"{r.psnr:.2f}")
-                bar.update()
-            results.append(row)
-    return results
+    with ctx.agree("fitting the images"):
+        with tqdm(total=(hi - lo) * len(methods), desc="runs" if not ctx.distributed else f"runs (rank {ctx.rank})",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for i in range(lo, hi):
+                row = []
+                for method in methods:
+                    r = fit_image(method, images[i], preset, device, seed + i, names[i], progress)
+                    if i >= keep_arrays:
+                        r.drop_arrays()
+                    row.append(r)
+                    bar.set_postfix(method=method.name, psnr=f"{r.psnr:.2f}")
+                    bar.update()
+                results.append(row)
+    if not ctx.distributed:
+        return results
+    gathered = ctx.gather_object(results)
+    return None if gathered is None else [row for rows in gathered for row in rows]
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -313,39 +326,6 @@ def settings_dict(dataset: str, names: list[str], methods: list[Method], preset:
     }
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and make sure files can be written there.
-
-    Called before any training so a bad ``--out`` fails in seconds, not after an hour.
-    Raises OSError with the path in the message.
-    """
-    p = Path(out_dir)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise OSError(f"output directory {str(p)!r} is not writable: {exc.strerror or exc}") from exc
-    return p
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Write next to the target and rename, so a crash never leaves a truncated results file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(out_dir, summary: dict, results: list[list[FitResult]], methods: list[Method],
                   images: list[np.ndarray], preset: Preset) -> list[Path]:
     """Figures first, then ``results.json`` and ``results.md`` (each written atomically).
@@ -357,8 +337,8 @@ def write_results(out_dir, summary: dict, results: list[list[FitResult]], method
     out = Path(out_dir)
     written = figures.write_figures(out, results, methods, images, preset)
     json_text = json.dumps(summary, indent=2, allow_nan=True, default=_json_default)
-    _write_atomic(out / "results.json", json_text + "\n")
-    _write_atomic(out / "results.md", results_markdown(summary))
+    write_atomic(out / "results.json", json_text + "\n")
+    write_atomic(out / "results.md", results_markdown(summary))
     return [*written, out / "results.json", out / "results.md"]
 
 
