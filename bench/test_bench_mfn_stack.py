@@ -69,16 +69,19 @@ def test_bench_mfn_stack(benchmark, problem, impl, mode, device):
         peak_memory_note=None if CUDA else "not measured on CPU",
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         precision=precision,
-        configs=_chosen_configs() if impl.startswith("triton") else None,
+        configs=_chosen_configs(mode) if impl.startswith("triton") else None,
     )
 
 
-def _chosen_configs():
-    """The configs autotuning picked (or the only candidate), as strings."""
+def _chosen_configs(mode):
+    """The configs autotuning picked (or the only candidate) for the kernels this mode ran."""
     from fieldkern.kernels import mfn_stack as M
 
     out = {}
-    for name, kernel in (("forward", M._mfn_stack_fwd_kernel), ("backward", M._mfn_stack_bwd_kernel)):
+    kernels = [("forward", M._mfn_stack_fwd_kernel)]
+    if mode == "forward_backward":
+        kernels.append(("backward", M._mfn_stack_bwd_kernel))
+    for name, kernel in kernels:
         best = getattr(kernel, "best_config", None) or (kernel.configs[0] if len(kernel.configs) == 1 else None)
         out[name] = str(best) if best is not None else None
     return out

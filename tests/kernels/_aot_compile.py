@@ -35,7 +35,6 @@ def build(kernel, consts, num_warps=4):
 
 def main():
     for mixed, gabor in ((False, True), (True, False)):  # small blocks: compile time
-        prec = "mixed" if mixed else "float32"
         bh = 32 if mixed else 128  # float32 at 128: four column blocks and K blocks
         flags = dict(D=3, N_LAYERS=2, HEAD_MASK=3, HAS_C=True, GABOR=gabor, RELU=True, RESIDUAL=True,
                      MIXED=mixed, BLOCK_H=bh, BLOCK_O=16, BLOCK_P=16)
