@@ -101,6 +101,17 @@ def filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h, 
 
 
 @triton.jit
+def filter_values(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h, mask_h,
+                  D: tl.constexpr, GABOR: tl.constexpr):
+    """Filter values ``g = sin(x W^T + b)`` (times the Gabor envelope), (BLOCK_P, BLOCK_H)."""
+    s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h, mask_h, D, GABOR)
+    g = tl.sin(s)
+    if GABOR:
+        g = g * e
+    return g
+
+
+@triton.jit
 def filter_backward(dg, sn, cs, q, e, x_ptr, w_ptr, gamma_ptr, mu_ptr,
                     dw_ptr, db_ptr, dgamma_ptr, dmu_ptr, dx,
                     offs_p, mask_p, offs_h, mask_h, offs_d,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import block, configs, filter_args, filter_backward, max_programs
+from fieldkern.kernels._common import block, configs, filter_args, filter_backward, filter_values, max_programs
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_P": bp, "BLOCK_H": bh}, num_warps=w)
@@ -39,11 +39,8 @@ def _filter_fwd_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, out_ptr, P, H,
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_p = offs_p < P
     mask_h = offs_h < H
-    s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h, mask_h,
-                          D, GABOR)
-    g = tl.sin(s)
-    if GABOR:
-        g = g * e
+    g = filter_values(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h, mask_h,
+                      D, GABOR)
     tl.store(out_ptr + offs_p[:, None] * H + offs_h[None, :], g,
              mask=mask_p[:, None] & mask_h[None, :])
 

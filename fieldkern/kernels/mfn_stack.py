@@ -64,6 +64,7 @@ from fieldkern.kernels._common import (
     IEEE,
     TF32X3,
     filter_backward,
+    filter_values,
     interpreting,
     max_programs,
     mm,
@@ -100,17 +101,6 @@ _MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _ALL)
 
 # Point counts stay out of the keys: one tuning per network shape, not per batch size.
 _KEY = ["H", "O", "D", "N_LAYERS", "HEAD_MASK", "HAS_C", "GABOR", "RELU", "RESIDUAL", "MIXED"]
-
-
-@triton.jit
-def _filter_block(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n,
-                  D: tl.constexpr, GABOR: tl.constexpr):
-    """Filter values ``g`` of one layer for a (BLOCK_P, BLOCK_N) column block."""
-    s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n, D, GABOR)
-    g = tl.sin(s)
-    if GABOR:
-        g = g * e
-    return g
 
 
 @triton.jit
@@ -163,7 +153,7 @@ def _mfn_stack_fwd_kernel(
             for n0 in range(0, BLOCK_H, BLOCK_N):
                 offs_n = n0 + offs_bn
                 mask_n = offs_n < H
-                g = _filter_block(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
+                g = filter_values(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
                                   mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
                 if i == 0:
                     zn = g
@@ -243,7 +233,7 @@ def _mfn_stack_bwd_kernel(
             for n0 in range(0, BLOCK_H, BLOCK_N):
                 offs_n = n0 + offs_bn
                 mask_n = offs_n < H
-                g = _filter_block(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
+                g = filter_values(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
                                   mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
                 if i == 0:
                     zn = g
@@ -319,7 +309,7 @@ def _mfn_stack_bwd_kernel(
                     if HAS_C:
                         accumulate(pc + (i - 1) * H + offs_n, tl.sum(dln, axis=0), mask_n)
                     # z_{i-1} for this column block (its sines recomputed)
-                    zp = _filter_block(x_ptr, w_ptr + (i - 1) * H * D, b_ptr + (i - 1) * H,
+                    zp = filter_values(x_ptr, w_ptr + (i - 1) * H * D, b_ptr + (i - 1) * H,
                                        gamma_ptr + (i - 1) * H, mu_ptr + (i - 1) * H * D,
                                        offs_p, mask_p, offs_n, mask_n, D, GABOR)
                     if i >= 2:

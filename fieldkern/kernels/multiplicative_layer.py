@@ -19,7 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import TF32X3, block, configs, filter_args, filter_backward, max_programs, mm
+from fieldkern.kernels._common import (
+    TF32X3,
+    block,
+    configs,
+    filter_args,
+    filter_backward,
+    filter_values,
+    max_programs,
+    mm,
+)
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -63,11 +72,8 @@ def _multiplicative_layer_fwd_kernel(
     mask_n = offs_n < H
     lin = _lin_tile(z_ptr, a_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
                     HAS_C, MIXED, BLOCK_P, BLOCK_N, BLOCK_K)
-    s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n,
-                          D, GABOR)
-    g = tl.sin(s)
-    if GABOR:
-        g = g * e
+    g = filter_values(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n,
+                      D, GABOR)
     tl.store(out_ptr + offs_p[:, None] * H + offs_n[None, :], lin * g,
              mask=mask_p[:, None] & mask_n[None, :])
 
