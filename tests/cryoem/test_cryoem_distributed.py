@@ -14,10 +14,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cryoem_helpers import random_blobs
 
-from fieldkern.cryoem import apply_ctf, ctf, jitter_rotations, project_volume, random_rotations
-from fieldkern.cryoem.reconstruct import CheckpointError, Reconstruction, ReconstructionConfig
-from fieldkern.distributed import DistContext, DistributedError, init_from_env, shutdown, spawn_local
+from fieldkern.cryoem import (
+    apply_ctf,
+    ctf,
+    jitter_rotations,
+    project_volume,
+    random_rotations,
+)
+from fieldkern.cryoem.reconstruct import (
+    CheckpointError,
+    Reconstruction,
+    ReconstructionConfig,
+)
+from fieldkern.distributed import (
+    DistContext,
+    DistributedError,
+    init_from_env,
+    shutdown,
+    spawn_local,
+)
 from fieldkern.train import Callback
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,12 +60,7 @@ TOL = 1e-5
 def data(seed=5, n=N):
     """Noise-free particles of a blob volume with per-image CTFs, and poses 0-10 degrees off."""
     g = torch.Generator().manual_seed(seed)
-    c = torch.arange(D, dtype=torch.float32) - D // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    vol = torch.zeros(D, D, D)
-    for _ in range(4):
-        m = (torch.rand(3, generator=g) - 0.5) * D * 0.4
-        vol += torch.exp(-((x - m[0]) ** 2 + (y - m[1]) ** 2 + (z - m[2]) ** 2) / 4.0)
+    vol = random_blobs(D, g)
     R = random_rotations(n, generator=g)
     dfu = 15000 + 5000 * torch.rand(n, generator=g, dtype=torch.float64)
     ctfs = ctf(D, 4.0, dfu, dfu - 200, torch.zeros(n, dtype=torch.float64))

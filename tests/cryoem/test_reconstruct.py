@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cryoem_helpers import random_blobs
 
 from fieldkern.cryoem import (
     apply_ctf,
@@ -31,14 +32,7 @@ D = 16
 
 
 def blobs(D, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = torch.arange(D, dtype=torch.float32) - D // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    vol = torch.zeros(D, D, D)
-    for _ in range(4):
-        m = (torch.rand(3, generator=g) - 0.5) * D * 0.4
-        vol += torch.exp(-((x - m[0]) ** 2 + (y - m[1]) ** 2 + (z - m[2]) ** 2) / 4.0)
-    return vol
+    return random_blobs(D, torch.Generator().manual_seed(seed))
 
 
 def particles(n, seed=0, apix=4.0):
