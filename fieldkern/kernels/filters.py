@@ -16,7 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import block, configs, filter_args, filter_backward, filter_values, max_programs
+from fieldkern.kernels._common import (
+    block,
+    configs,
+    filter_args,
+    filter_backward,
+    filter_values,
+    max_programs,
+)
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_P": bp, "BLOCK_H": bh}, num_warps=w)

@@ -57,12 +57,12 @@ import triton
 import triton.language as tl
 
 from fieldkern.kernels._common import (
+    IEEE,
+    TF32X3,
     accumulate,
     block,
     configs,
     filter_args,
-    IEEE,
-    TF32X3,
     filter_backward,
     filter_values,
     interpreting,
@@ -75,8 +75,8 @@ def _config(bp, warps, bn, bk):
     return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=2)
 
 
-# (BLOCK_P, warps, BLOCK_N, BLOCK_K). Both precisions run on tensor cores (tf32x3 / bf16);
-# the register tiles are BLOCK_P x BLOCK_N, so N and K stay at 32-64: ptxas (sm_90, triton
+# (BLOCK_P, warps, BLOCK_N, BLOCK_K). The forward's products run on tensor cores in both
+# precisions (tf32x3 / bf16), the backward's in mixed precision only; the register tiles are BLOCK_P x BLOCK_N, so N and K stay at 32-64: ptxas (sm_90, triton
 # 3.9) reports 255 registers for every variant with BLOCK_P >= 64, and spills of 32-700
 # bytes per thread that grow with BLOCK_N and BLOCK_K (bench/RESULTS.md). The first
 # config is the one ``FIELDKERN_AUTOTUNE=0`` keeps: the least spilling at BLOCK_P = 64.
@@ -93,11 +93,12 @@ _BWD_CONFIGS = configs(BWD_CANDIDATES, _INTERP_CONFIG)
 # Buffers are sized for every candidate, whichever subset autotuning may use (tests force
 # single candidates): scratch for the largest BLOCK_P, hidden width padded to at least the
 # largest column block, persistent grid for the smallest BLOCK_P.
-_ALL = [_INTERP_CONFIG] if interpreting() else FWD_CANDIDATES + BWD_CANDIDATES
-_MAX_BLOCK_P_FWD = max(c.kwargs["BLOCK_P"] for c in _ALL)
-_MAX_BLOCK_P_BWD = max(c.kwargs["BLOCK_P"] for c in _ALL)
-_MIN_BLOCK_P = min(c.kwargs["BLOCK_P"] for c in _ALL)
-_MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _ALL)
+_FWD_ALL = [_INTERP_CONFIG] if interpreting() else FWD_CANDIDATES
+_BWD_ALL = [_INTERP_CONFIG] if interpreting() else BWD_CANDIDATES
+_MAX_BLOCK_P_FWD = max(c.kwargs["BLOCK_P"] for c in _FWD_ALL)
+_MAX_BLOCK_P_BWD = max(c.kwargs["BLOCK_P"] for c in _BWD_ALL)
+_MIN_BLOCK_P = min(c.kwargs["BLOCK_P"] for c in _FWD_ALL + _BWD_ALL)
+_MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _FWD_ALL + _BWD_ALL)
 
 # Point counts stay out of the keys: one tuning per network shape, not per batch size.
 _KEY = ["H", "O", "D", "N_LAYERS", "HEAD_MASK", "HAS_C", "GABOR", "RELU", "RESIDUAL", "MIXED"]
