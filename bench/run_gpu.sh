@@ -5,7 +5,8 @@
 # Usage: OUT=/some/dir bash bench/run_gpu.sh [steps...]
 #   steps (default all): candidates (every mfn_stack autotune candidate vs the reference,
 #   ~3 min), tests (the device test module, first configs), sanity (two of those), mfn,
-#   compile, project
+#   sine (the 3D mfn_stack cases again with libdevice sines, FIELDKERN_FAST_SINE=0), compile,
+#   project
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/bench"
@@ -23,10 +24,12 @@ has() { [[ " $steps " == *" $1 "* ]]; }
 #    Triton's disk cache; autotuning would compile them one after the other) while the
 #    device tests run
 stamp "warm-up + device tests"
-for p in 2d_h256_s4 3d_h128_s3; do for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
-  echo "$p $prec $i"; done; done; done |
-  timeout 150 xargs -P 12 -n 3 python bench/warm_kernels.py > "$LOGS/warm.log" 2>&1 &
-t() { FIELDKERN_AUTOTUNE=0 timeout 200 python -m pytest -q -p no:cacheprovider -rf \
+{ for p in 2d_h256_s4 3d_h128_s3; do for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
+    echo "1 $p $prec $i"; done; done; done
+  if has sine; then for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
+    echo "0 3d_h128_s3 $prec $i"; done; done; fi; } |
+  timeout 150 xargs -P 14 -n 4 sh -c 'FIELDKERN_FAST_SINE=$0 python bench/warm_kernels.py "$@"' > "$LOGS/warm.log" 2>&1 &
+t() { FIELDKERN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -rf \
       tests/kernels/test_kernels_gpu.py -k "$1" > "$LOGS/tests_$2.log" 2>&1; }
 if has candidates; then
   t "every and (fwd0 or fwd1 or fwd2)" 1 & t "every and (fwd3 or fwd4 or fwd5)" 2 &
@@ -39,7 +42,7 @@ if has tests; then
   t "not every and (mfn_stack and (case0 or case1))" 5 & t "not every and not (mfn_stack and (case0 or case1))" 6 &
 fi
 wait
-stamp "warm-ups done: $(grep -c '^warm' "$LOGS/warm.log") of 24"
+stamp "warm-ups done: $(grep -c '^warm' "$LOGS/warm.log")"
 grep -v "^warm" "$LOGS/warm.log" | grep -E "Error|error" | sort | uniq -c | head -5
 for f in "$LOGS"/tests_*.log; do [ -e "$f" ] && { echo "== $f"; grep -E "^(FAILED|ERROR)|passed|failed" "$f" | cut -c1-300; }; done
 
@@ -56,6 +59,7 @@ if has mfn; then
   bench mfn 110 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and not compile" ||
     FIELDKERN_AUTOTUNE=0 bench mfn_first_config 100 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and triton"
 fi
+has sine && FIELDKERN_FAST_SINE=0 bench mfn_libdevice_sine 90 bench/test_bench_mfn_stack.py -k "64x64x64 and triton"
 has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"
 has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference"
 stamp "done"

@@ -74,7 +74,8 @@ def test_bench_mfn_stack(benchmark, problem, impl, mode, device):
 
 
 def _chosen_configs(mode):
-    """The configs autotuning picked (or the only candidate) for the kernels this mode ran."""
+    """The configs autotuning picked (or the only candidate) for the kernels this mode ran:
+    one per key, and the backward kernel has one key per kind of layer (top, middle, first)."""
     from fieldkern.kernels import mfn_stack as M
 
     out = {}
@@ -82,6 +83,8 @@ def _chosen_configs(mode):
     if mode == "forward_backward":
         kernels.append(("backward", M._mfn_stack_bwd_kernel))
     for name, kernel in kernels:
-        best = getattr(kernel, "best_config", None) or (kernel.configs[0] if len(kernel.configs) == 1 else None)
-        out[name] = str(best) if best is not None else None
+        if len(kernel.configs) == 1:
+            out[name] = [str(kernel.configs[0])]
+        else:
+            out[name] = sorted({str(c) for c in getattr(kernel, "cache", {}).values()})
     return out

@@ -50,6 +50,47 @@ TF32X3 = tl.constexpr("tf32x3")
 IEEE = tl.constexpr("ieee")
 
 
+# Sines on the GPU: reduce the argument to [-pi, pi] (2 pi split in two, the head with 8
+# significant bits so k * head is exact for |k| < 2^16, i.e. |s| < 4e5 rad) and take the
+# SFU's ``sin.approx.f32`` / ``cos.approx.f32`` (absolute error <= 2^-20.9 on [-pi, pi]).
+# libdevice's sinf, which ``tl.sin`` calls, carries a Payne-Hanek slow path with a local
+# array per call: hundreds of bytes of stack per thread in the fused kernels. The
+# interpreter cannot run PTX and keeps tl.sin / tl.cos. FIELDKERN_FAST_SINE=0 restores
+# libdevice (kept for the A/B timing of bench/RESULTS.md).
+_FAST_SINE = tl.constexpr(not interpreting() and os.environ.get("FIELDKERN_FAST_SINE", "1") == "1")
+_TWO_PI_HEAD = tl.constexpr(6.28125)
+_TWO_PI_TAIL = tl.constexpr(0.0019353071795864769)
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
+
+
+@triton.jit
+def _reduce(s):
+    k = tl.floor(s * _INV_TWO_PI + 0.5)
+    return (s - k * _TWO_PI_HEAD) - k * _TWO_PI_TAIL
+
+
+@triton.jit
+def sine(s):
+    """``sin(s)`` of fp32 radians (see above for the GPU's accuracy)."""
+    if _FAST_SINE:
+        r = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [_reduce(s)],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = tl.sin(s)
+    return r
+
+
+@triton.jit
+def cosine(s):
+    """``cos(s)`` of fp32 radians."""
+    if _FAST_SINE:
+        r = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [_reduce(s)],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = tl.cos(s)
+    return r
+
+
 @triton.jit
 def mm(a, b, MIXED: tl.constexpr, FP32: tl.constexpr):
     """``a @ b`` with fp32 accumulation: bf16 operands (``MIXED``), else fp32 products
@@ -105,7 +146,7 @@ def filter_values(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h
                   D: tl.constexpr, GABOR: tl.constexpr):
     """Filter values ``g = sin(x W^T + b)`` (times the Gabor envelope), (BLOCK_P, BLOCK_H)."""
     s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_h, mask_h, D, GABOR)
-    g = tl.sin(s)
+    g = sine(s)
     if GABOR:
         g = g * e
     return g

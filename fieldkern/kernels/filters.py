@@ -19,6 +19,8 @@ import triton.language as tl
 from fieldkern.kernels._common import (
     block,
     configs,
+    cosine,
+    sine,
     filter_args,
     filter_backward,
     filter_values,
@@ -74,7 +76,7 @@ def _filter_bwd_kernel(gout_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr,
                                   offs_h, mask_h, D, GABOR)
             dg = tl.load(gout_ptr + offs_p[:, None] * H + offs_h[None, :],
                          mask=mask_p[:, None] & mask_h[None, :], other=0.0)
-            dx = filter_backward(dg, tl.sin(s), tl.cos(s), q, e, x_ptr, w_ptr, gamma_ptr, mu_ptr,
+            dx = filter_backward(dg, sine(s), cosine(s), q, e, x_ptr, w_ptr, gamma_ptr, mu_ptr,
                                  pw_ptr + pid * H * D, pb_ptr + pid * H, pg_ptr + pid * H,
                                  pm_ptr + pid * H * D, dx, offs_p, mask_p, offs_h, mask_h, offs_d,
                                  D, GABOR, NEED_DW)

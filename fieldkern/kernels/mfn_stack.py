@@ -62,43 +62,49 @@ from fieldkern.kernels._common import (
     accumulate,
     block,
     configs,
+    cosine,
     filter_args,
     filter_backward,
     filter_values,
     interpreting,
     max_programs,
     mm,
+    sine,
 )
 
 
-def _config(bp, warps, bn, bk):
-    return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=2)
+def _config(bp, warps, bn, bk=None):
+    meta = {"BLOCK_P": bp, "BLOCK_N": bn} if bk is None else {"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}
+    return triton.Config(meta, num_warps=warps, num_stages=2)
 
 
 # (BLOCK_P, warps, BLOCK_N, BLOCK_K). The forward's products run on tensor cores in both
-# precisions (tf32x3 / bf16), the backward's in mixed precision only; the register tiles are BLOCK_P x BLOCK_N, so N and K stay at 32-64: ptxas (sm_90, triton
-# 3.9) reports 255 registers for every variant with BLOCK_P >= 64, and spills of 32-700
-# bytes per thread that grow with BLOCK_N and BLOCK_K (bench/RESULTS.md). The first
-# config is the one ``FIELDKERN_AUTOTUNE=0`` keeps: the least spilling at BLOCK_P = 64.
+# precisions (tf32x3 / bf16); the register tiles are BLOCK_P x BLOCK_N, so N and K stay at
+# 32-64: ptxas (sm_90, triton 3.9) reports 255 registers for every variant with
+# BLOCK_P >= 64, and spills of 32-700 bytes per thread that grow with BLOCK_N and BLOCK_K
+# (bench/RESULTS.md). The first config is the one ``FIELDKERN_AUTOTUNE=0`` keeps: the
+# least spilling at BLOCK_P = 64.
 FWD_CANDIDATES = [_config(*c) for c in ((64, 4, 32, 32), (128, 8, 64, 32), (64, 4, 64, 32),
                                          (128, 4, 32, 32), (32, 4, 32, 32), (64, 8, 64, 64))]
-# (64, 8, 32, 32) and (64, 8, 64, 32) were candidates too: on an H200 with triton 3.6 the
-# first made an illegal memory access and the second gave dx 0.2% off (compiler issue with
-# 8 warps at BLOCK_P = 64, not understood); tests/kernels/test_kernels_gpu.py checks every
-# candidate against the reference.
-BWD_CANDIDATES = [_config(*c) for c in ((32, 4, 32, 32), (64, 4, 32, 32), (128, 8, 32, 32))]
-_INTERP_CONFIG = _config(32, 4, 32, 32)
-_FWD_CONFIGS = configs(FWD_CANDIDATES, _INTERP_CONFIG)
-_BWD_CONFIGS = configs(BWD_CANDIDATES, _INTERP_CONFIG)
+# (BLOCK_P, warps, BLOCK_N) of the per-layer backward: elementwise work and the head's
+# K = BLOCK_O product only (the sums over points are separate GEMMs). ptxas (sm_90, H = 256):
+# 255 / 248 / 179 / 186 registers, no spills; (128, 4, 32) and (32, 4, 64) spilled.
+BWD_CANDIDATES = [_config(*c) for c in ((64, 4, 32), (128, 8, 32), (64, 8, 32), (32, 4, 32))]
+_INTERP_FWD = _config(32, 4, 32, 32)
+_INTERP_BWD = _config(32, 4, 32)
+_FWD_CONFIGS = configs(FWD_CANDIDATES, _INTERP_FWD)
+_BWD_CONFIGS = configs(BWD_CANDIDATES, _INTERP_BWD)
 # Buffers are sized for every candidate, whichever subset autotuning may use (tests force
 # single candidates): scratch for the largest BLOCK_P, hidden width padded to at least the
 # largest column block, persistent grid for the smallest BLOCK_P.
-_FWD_ALL = [_INTERP_CONFIG] if interpreting() else FWD_CANDIDATES
-_BWD_ALL = [_INTERP_CONFIG] if interpreting() else BWD_CANDIDATES
+_FWD_ALL = [_INTERP_FWD] if interpreting() else FWD_CANDIDATES
+_BWD_ALL = [_INTERP_BWD] if interpreting() else BWD_CANDIDATES
 _MAX_BLOCK_P_FWD = max(c.kwargs["BLOCK_P"] for c in _FWD_ALL)
-_MAX_BLOCK_P_BWD = max(c.kwargs["BLOCK_P"] for c in _BWD_ALL)
 _MIN_BLOCK_P = min(c.kwargs["BLOCK_P"] for c in _FWD_ALL + _BWD_ALL)
-_MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _FWD_ALL + _BWD_ALL)
+_MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_K", 0)) for c in _FWD_ALL + _BWD_ALL)
+#: Bytes of (points x H) work buffers the backward may hold at once (dz, dlin, z_{i-1} and
+#: the next dz); it walks the points in chunks that fit. Tests lower it to force chunks.
+BWD_WORKSPACE_BYTES = 256 << 20
 
 # Point counts stay out of the keys: one tuning per network shape, not per batch size.
 _KEY = ["H", "O", "D", "N_LAYERS", "HEAD_MASK", "HAS_C", "GABOR", "RELU", "RESIDUAL", "MIXED"]
@@ -125,9 +131,11 @@ def _linear_block(z_ptr, a_ptr, c_ptr, offs_r, offs_n, mask_n, offs_bk, H,
 @triton.jit
 def _mfn_stack_fwd_kernel(
     x_ptr, w_ptr, b_ptr, a_ptr, c_ptr, u_ptr, d_ptr, gamma_ptr, mu_ptr, out_ptr, scratch_ptr,
+    lin_ptr, hpre_ptr,
     P, H, O,
     D: tl.constexpr, N_LAYERS: tl.constexpr, HEAD_MASK: tl.constexpr, HAS_C: tl.constexpr,
     GABOR: tl.constexpr, RELU: tl.constexpr, RESIDUAL: tl.constexpr, MIXED: tl.constexpr,
+    SAVE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -162,6 +170,9 @@ def _mfn_stack_fwd_kernel(
                     acc = _linear_block(cur, a_ptr + (i - 1) * H * H, c_ptr + (i - 1) * H, offs_r, offs_n,
                                         mask_n, offs_bk, H, BLOCK_P, BLOCK_H, BLOCK_N, BLOCK_K, HAS_C,
                                         MIXED, TF32X3)
+                    if SAVE:  # lin_i for the backward, (L-1, P, H)
+                        tl.store(lin_ptr + (i - 1) * P * H + offs_p[:, None] * H + offs_n[None, :], acc,
+                                 mask=mask_p[:, None] & mask_n[None, :])
                     zn = acc * g  # padded columns: g = 0, so z stays 0 there
                 if i + 1 < N_LAYERS:
                     tl.store(nxt + offs_r[:, None] * BLOCK_H + offs_n[None, :], zn)
@@ -172,6 +183,9 @@ def _mfn_stack_fwd_kernel(
             if (HEAD_MASK >> i) & 1:
                 y += tl.load(d_ptr + i * O + offs_o, mask=mask_o, other=0.0)[None, :]
                 if RELU:
+                    if SAVE:  # pre-activations: the backward's ReLU masks, (L, P, O)
+                        tl.store(hpre_ptr + i * P * O + offs_p[:, None] * O + offs_o[None, :], y,
+                                 mask=mask_p[:, None] & mask_o[None, :])
                     y = tl.maximum(y, 0.0)
                 if RESIDUAL:
                     total += y
@@ -181,20 +195,33 @@ def _mfn_stack_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_BWD_CONFIGS, key=_KEY + ["NEED_DW"],
-    reset_to_zero=["pw_ptr", "pb_ptr", "pa_ptr", "pc_ptr", "pu_ptr", "pd_ptr", "pg_ptr", "pm_ptr"],
+    configs=_BWD_CONFIGS,
+    key=["H", "O", "D", "HAS_LIN", "HAS_DZ", "HAS_PREV_LIN", "HEAD_TO_TRUNK", "STORE_Z", "HAS_C",
+         "GABOR", "NEED_DW", "MIXED"],
+    reset_to_zero=["pw_ptr", "pb_ptr", "pg_ptr", "pm_ptr", "pc_ptr"],
+    restore_value=["dx_ptr"],
 )
 @triton.jit
 def _mfn_stack_bwd_kernel(
-    gout_ptr, x_ptr, w_ptr, b_ptr, a_ptr, c_ptr, u_ptr, d_ptr, gamma_ptr, mu_ptr, scratch_ptr,
-    hscr_ptr, dx_ptr, pw_ptr, pb_ptr, pa_ptr, pc_ptr, pu_ptr, pd_ptr, pg_ptr, pm_ptr,
-    P, H, O,
-    D: tl.constexpr, N_LAYERS: tl.constexpr, HEAD_MASK: tl.constexpr, HAS_C: tl.constexpr,
-    GABOR: tl.constexpr, RELU: tl.constexpr, RESIDUAL: tl.constexpr, MIXED: tl.constexpr,
-    NEED_DW: tl.constexpr, DETACH: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    dh_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, wp_ptr, bp_ptr, gammap_ptr, mup_ptr, u_ptr,
+    lin_ptr, linp_ptr, dz_ptr, dlin_ptr, zp_ptr, z_ptr, dx_ptr,
+    pw_ptr, pb_ptr, pg_ptr, pm_ptr, pc_ptr,
+    P, H, O, ROW,
+    D: tl.constexpr, HAS_LIN: tl.constexpr, HAS_DZ: tl.constexpr, HAS_PREV_LIN: tl.constexpr,
+    HEAD_TO_TRUNK: tl.constexpr, STORE_Z: tl.constexpr, HAS_C: tl.constexpr,
+    GABOR: tl.constexpr,
+    NEED_DW: tl.constexpr, MIXED: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One layer i of the backward for a chunk of P points (all row-major, row stride H / O
+    / D): from ``dz_i`` (``HAS_DZ``: from layer i+1), the head gradient ``dh_i`` (``HEAD_TO_TRUNK``)
+    and the saved ``lin_i`` (``HAS_LIN``, i >= 1) compute the filter partials, add this
+    layer's share of ``dx``, and write ``dlin_i = dz_i g_i`` and ``z_{i-1}`` (``lin_{i-1}
+    g_{i-1}``, sines recomputed) -- and ``z_i`` itself on the top layer (``STORE_Z``) -- for
+    the launcher's products. Sums over points as (BLOCK_O x BLOCK_N) ``tl.dot`` on the FMA
+    path need the whole point axis per thread (ptxas: 600-840 B of spills), so ``dU`` is
+    left to the GEMMs below too."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_tiles = tl.cdiv(P, BLOCK_P)
@@ -203,149 +230,145 @@ def _mfn_stack_bwd_kernel(
     mask_o = offs_o < O
     offs_d = tl.arange(0, BLOCK_D)
     offs_bn = tl.arange(0, BLOCK_N)
-    offs_bk = tl.arange(0, BLOCK_K)
-    tile_elems = BLOCK_P * BLOCK_H
-    # scratch slots (BLOCK_P x BLOCK_H fp32 each): 0 = dz, 1..L-1 = lin_i, L and L+1 =
-    # z ping-pong in the recompute sweep, then z_{i-1} (L) and dlin_i (L+1)
-    scr = scratch_ptr + pid * ((N_LAYERS + 2) * tile_elems)
-    s_dz = scr
-    s_zp = scr + N_LAYERS * tile_elems
-    s_dl = scr + (N_LAYERS + 1) * tile_elems
-    hscr = hscr_ptr + pid * (N_LAYERS * BLOCK_P * BLOCK_O)  # head pre-activations (ReLU)
-    o_ptrs = offs_r[:, None] * BLOCK_O + offs_o[None, :]
-    pw = pw_ptr + pid * (N_LAYERS * H * D)
-    pb = pb_ptr + pid * (N_LAYERS * H)
-    pa = pa_ptr + pid * ((N_LAYERS - 1) * H * H)
-    pc = pc_ptr + pid * ((N_LAYERS - 1) * H)
-    pu = pu_ptr + pid * (N_LAYERS * O * H)
-    pd = pd_ptr + pid * (N_LAYERS * O)
-    pg = pg_ptr + pid * (N_LAYERS * H)
-    pm = pm_ptr + pid * (N_LAYERS * H * D)
+    # this program's rows of the partial sums (rows ``ROW`` floats apart)
+    pw = pw_ptr + pid * ROW
+    pb = pb_ptr + pid * ROW
+    pg = pg_ptr + pid * ROW
+    pm = pm_ptr + pid * ROW
+    pc = pc_ptr + pid * ROW
     for tile in range(pid, n_tiles, nprog):
         offs_p = tile * BLOCK_P + offs_r
         mask_p = offs_p < P
-        # 1. recompute the trunk column block by column block; keep lin_i (and, for ReLU
-        #    heads, the head pre-activations)
-        for i in tl.static_range(N_LAYERS):
-            cur = scr + (N_LAYERS + (i + 1) % 2) * tile_elems
-            nxt = scr + (N_LAYERS + i % 2) * tile_elems
-            tl.debug_barrier()
-            h = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-            for n0 in range(0, BLOCK_H, BLOCK_N):
-                offs_n = n0 + offs_bn
-                mask_n = offs_n < H
-                g = filter_values(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
-                                  mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
-                if i == 0:
-                    zn = g
-                else:
-                    acc = _linear_block(cur, a_ptr + (i - 1) * H * H, c_ptr + (i - 1) * H, offs_r, offs_n,
-                                        mask_n, offs_bk, H, BLOCK_P, BLOCK_H, BLOCK_N, BLOCK_K, HAS_C,
-                                        MIXED, IEEE)
-                    tl.store(scr + i * tile_elems + offs_r[:, None] * BLOCK_H + offs_n[None, :], acc)
-                    zn = acc * g
-                if i + 1 < N_LAYERS:
-                    tl.store(nxt + offs_r[:, None] * BLOCK_H + offs_n[None, :], zn)
-                if RELU:
-                    if (HEAD_MASK >> i) & 1:
-                        ut = tl.load(u_ptr + i * O * H + offs_o[None, :] * H + offs_n[:, None],
-                                     mask=mask_o[None, :] & mask_n[:, None], other=0.0)
-                        h += mm(zn, ut, MIXED, IEEE)
-            if RELU:
-                if (HEAD_MASK >> i) & 1:
-                    h += tl.load(d_ptr + i * O + offs_o, mask=mask_o, other=0.0)[None, :]
-                    tl.store(hscr + i * BLOCK_P * BLOCK_O + o_ptrs, h)
-        tl.debug_barrier()
-        # 2. top-down
-        dyrun = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+        dh = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+        if HEAD_TO_TRUNK:
+            dh = tl.load(dh_ptr + offs_p[:, None] * O + offs_o[None, :],
+                         mask=mask_p[:, None] & mask_o[None, :], other=0.0)
         dx = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-        for j in tl.static_range(N_LAYERS):
-            i = N_LAYERS - 1 - j
-            has_head = (HEAD_MASK >> i) & 1
-            dh = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-            if has_head:
-                dyi = tl.load(gout_ptr + i * P * O + offs_p[:, None] * O + offs_o[None, :],
-                              mask=mask_p[:, None] & mask_o[None, :], other=0.0)
-                if RESIDUAL:
-                    dyrun += dyi
-                    dh = dyrun
-                else:
-                    dh = dyi
-                if RELU:
-                    dh = tl.where(tl.load(hscr + i * BLOCK_P * BLOCK_O + o_ptrs) > 0.0, dh, 0.0)
-                accumulate(pd + i * O + offs_o, tl.sum(dh, axis=0), mask_o)
-            # pass A, per column block: dz, head and filter gradients, dlin, z_{i-1}
-            for n0 in range(0, BLOCK_H, BLOCK_N):
-                offs_n = n0 + offs_bn
-                mask_n = offs_n < H
-                n_ptrs = offs_r[:, None] * BLOCK_H + offs_n[None, :]
-                s, q, e = filter_args(x_ptr, w_ptr + i * H * D, b_ptr + i * H, gamma_ptr + i * H,
-                                      mu_ptr + i * H * D, offs_p, mask_p, offs_n, mask_n, D, GABOR)
-                sn = tl.sin(s)
-                cs = tl.cos(s)
-                g = sn
-                if GABOR:
-                    g = sn * e
-                if i >= 1:
-                    un = tl.load(scr + i * tile_elems + n_ptrs)
-                    zn = un * g
-                else:
-                    un = g  # unused
-                    zn = g
-                if i + 1 < N_LAYERS:
-                    dzn = tl.load(s_dz + n_ptrs)
-                else:
-                    dzn = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-                if has_head:
-                    ut = tl.load(u_ptr + i * O * H + offs_o[None, :] * H + offs_n[:, None],
-                                 mask=mask_o[None, :] & mask_n[:, None], other=0.0)
-                    accumulate(pu + i * O * H + offs_o[:, None] * H + offs_n[None, :],
-                               mm(tl.trans(dh), zn, MIXED, IEEE), mask_o[:, None] & mask_n[None, :])
-                    if i >= DETACH:
-                        dzn += mm(dh, tl.trans(ut), MIXED, IEEE)
-                if i >= 1:
-                    dln = dzn * g
-                    dgn = dzn * un
-                    tl.store(s_dl + n_ptrs, dln)
-                    if HAS_C:
-                        accumulate(pc + (i - 1) * H + offs_n, tl.sum(dln, axis=0), mask_n)
-                    # z_{i-1} for this column block (its sines recomputed)
-                    zp = filter_values(x_ptr, w_ptr + (i - 1) * H * D, b_ptr + (i - 1) * H,
-                                       gamma_ptr + (i - 1) * H, mu_ptr + (i - 1) * H * D,
-                                       offs_p, mask_p, offs_n, mask_n, D, GABOR)
-                    if i >= 2:
-                        zp = zp * tl.load(scr + (i - 1) * tile_elems + n_ptrs)
-                    tl.store(s_zp + n_ptrs, zp)
-                else:
-                    dgn = dzn
-                dx = filter_backward(dgn, sn, cs, q, e, x_ptr, w_ptr + i * H * D, gamma_ptr + i * H,
-                                     mu_ptr + i * H * D, pw + i * H * D, pb + i * H, pg + i * H,
-                                     pm + i * H * D, dx, offs_p, mask_p, offs_n, mask_n, offs_d,
-                                     D, GABOR, NEED_DW)
-            if i >= 1:
-                tl.debug_barrier()  # dlin_i and z_{i-1} complete; dz of layer i consumed
-                pai = pa + (i - 1) * H * H
-                for n0 in range(0, BLOCK_H, BLOCK_N):
-                    offs_n = n0 + offs_bn
-                    mask_n = offs_n < H
-                    dln = tl.load(s_dl + offs_r[:, None] * BLOCK_H + offs_n[None, :])
-                    for k0 in range(0, BLOCK_H, BLOCK_N):
-                        kk = k0 + offs_bn
-                        zk = tl.load(s_zp + offs_r[:, None] * BLOCK_H + kk[None, :])
-                        accumulate(pai + offs_n[:, None] * H + kk[None, :], mm(tl.trans(dln), zk, MIXED, IEEE),
-                                   mask_n[:, None] & (kk[None, :] < H))
-                    # dz_{i-1}[:, n-block] = dlin_i A_i[:, n-block]
-                    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-                    for k0 in range(0, BLOCK_H, BLOCK_K):
-                        kk = k0 + offs_bk
-                        dlk = tl.load(s_dl + offs_r[:, None] * BLOCK_H + kk[None, :])
-                        ak = tl.load(a_ptr + (i - 1) * H * H + kk[:, None] * H + offs_n[None, :],
-                                     mask=(kk[:, None] < H) & mask_n[None, :], other=0.0)
-                        acc += mm(dlk, ak, MIXED, IEEE)
-                    tl.store(s_dz + offs_r[:, None] * BLOCK_H + offs_n[None, :], acc)
-                tl.debug_barrier()
-        tl.store(dx_ptr + offs_p[:, None] * D + offs_d[None, :], dx,
-                 mask=mask_p[:, None] & (offs_d[None, :] < D))
+        for n0 in range(0, BLOCK_H, BLOCK_N):
+            offs_n = n0 + offs_bn
+            mask_n = offs_n < H
+            mask = mask_p[:, None] & mask_n[None, :]
+            ptrs = offs_p[:, None] * H + offs_n[None, :]
+            s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n,
+                                  mask_n, D, GABOR)
+            sn = sine(s)
+            cs = cosine(s)
+            g = sn
+            if GABOR:
+                g = sn * e
+            if HAS_LIN:
+                un = tl.load(lin_ptr + ptrs, mask=mask, other=0.0)
+                zn = un * g
+            else:
+                un = g  # unused
+                zn = g
+            if HAS_DZ:
+                dzn = tl.load(dz_ptr + ptrs, mask=mask, other=0.0)
+            else:
+                dzn = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+            if STORE_Z:
+                tl.store(z_ptr + ptrs, zn.to(z_ptr.dtype.element_ty), mask=mask)
+            if HEAD_TO_TRUNK:
+                un_t = tl.load(u_ptr + offs_o[:, None] * H + offs_n[None, :],
+                               mask=mask_o[:, None] & mask_n[None, :], other=0.0)
+                dzn += mm(dh, un_t, MIXED, IEEE)
+            if HAS_LIN:
+                dln = dzn * g
+                tl.store(dlin_ptr + ptrs, dln.to(dlin_ptr.dtype.element_ty), mask=mask)
+                if HAS_C:
+                    accumulate(pc + offs_n, tl.sum(dln, axis=0), mask_n)
+                zp = filter_values(x_ptr, wp_ptr, bp_ptr, gammap_ptr, mup_ptr, offs_p, mask_p,
+                                   offs_n, mask_n, D, GABOR)
+                if HAS_PREV_LIN:
+                    zp = zp * tl.load(linp_ptr + ptrs, mask=mask, other=0.0)
+                tl.store(zp_ptr + ptrs, zp.to(zp_ptr.dtype.element_ty), mask=mask)
+                dgn = dzn * un
+            else:
+                dgn = dzn
+            dx = filter_backward(dgn, sn, cs, q, e, x_ptr, w_ptr, gamma_ptr, mu_ptr, pw, pb, pg, pm,
+                                 dx, offs_p, mask_p, offs_n, mask_n, offs_d, D, GABOR, NEED_DW)
+        dx_ptrs = dx_ptr + offs_p[:, None] * D + offs_d[None, :]
+        dx_mask = mask_p[:, None] & (offs_d[None, :] < D)
+        tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx, mask=dx_mask)
+
+
+# The backward's products over points, as Triton GEMMs so that float32 runs on tensor
+# cores as tf32x3 (cuBLAS float32 is SIMT FMA: ~40-50 TFLOPS on an H200, 0.18-0.75 ms per
+# product at 2^18 points, bench/RESULTS.md) and mixed as bf16, both with fp32 results.
+_ROWS_CANDIDATES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+                    for bm, bn, bk, w in ((128, 128, 32, 8), (128, 64, 32, 4), (64, 128, 32, 4))]
+_SUM_CANDIDATES = [triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+                   for ba, bb, bk, w in ((128, 128, 32, 8), (64, 64, 64, 4), (128, 64, 32, 4),
+                                         (16, 128, 32, 4))]  # the last for dU: NA = outputs
+
+
+@triton.autotune(configs=configs(_ROWS_CANDIDATES, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16})),
+                 key=["N", "K", "MIXED"])
+@triton.jit
+def _rows_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, MIXED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``c (M, N) = a (M, K) @ b (K, N)``, row-major; M = points (long), N, K = hidden."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * K + kk[None, :], mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * N + offs_n[None, :], mask=(kk[:, None] < K) & (offs_n[None, :] < N),
+                    other=0.0)
+        acc += mm(a, b, MIXED, TF32X3)
+    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(configs=configs(_SUM_CANDIDATES, triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_K": 16})),
+                 key=["NA", "NB", "MIXED"])
+@triton.jit
+def _points_sum_kernel(a_ptr, b_ptr, part_ptr, M, NA, NB, SLAB, MIXED: tl.constexpr,
+                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``part[s] = a[rows of slab s]^T @ b[rows of slab s]``: a (M, NA), b (M, NB) row-major,
+    part (n_slabs, NA, NB); slabs of ``SLAB`` points (a multiple of BLOCK_K)."""
+    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    slab = tl.program_id(2)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for k0 in range(slab * SLAB, tl.minimum(slab * SLAB + SLAB, M), BLOCK_K):
+        kk = k0 + offs_k
+        at = tl.load(a_ptr + kk[None, :] * NA + offs_a[:, None], mask=(kk[None, :] < M) & (offs_a[:, None] < NA),
+                     other=0.0)
+        bk = tl.load(b_ptr + kk[:, None] * NB + offs_b[None, :], mask=(kk[:, None] < M) & (offs_b[None, :] < NB),
+                     other=0.0)
+        acc += mm(at, bk, MIXED, TF32X3)
+    tl.store(part_ptr + slab * NA * NB + offs_a[:, None] * NB + offs_b[None, :], acc,
+             mask=(offs_a[:, None] < NA) & (offs_b[None, :] < NB))
+
+
+def _rows_matmul(a, b, mixed):
+    """(M, K) @ (K, N) -> (M, N) float32."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _rows_matmul_kernel[grid](a, b, c, M, N, K, MIXED=mixed)
+    return c
+
+
+def _points_sum(a, b, mixed):
+    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB): the sum over points split into
+    slabs (parallelism; a (H, H) result alone is one or four tiles), the slab partials
+    summed in a fixed order (deterministic)."""
+    M, NA = a.shape
+    NB = b.shape[1]
+    tiles = triton.cdiv(NA, 64) * triton.cdiv(NB, 64)
+    n_slabs = max(1, min(triton.cdiv(M, 1024), triton.cdiv(4 * max_programs(a.device, 1), tiles)))
+    slab = triton.cdiv(triton.cdiv(M, n_slabs), 64) * 64  # a multiple of every BLOCK_K
+    n_slabs = triton.cdiv(M, slab)
+    part = torch.empty((n_slabs, NA, NB), device=a.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_A"]), triton.cdiv(NB, meta["BLOCK_B"]), n_slabs)  # noqa: E731
+    _points_sum_kernel[grid](a, b, part, M, NA, NB, slab, MIXED=mixed)
+    return part.sum(0)
 
 
 def _flags(head_mask, gamma, c, relu, residual, precision):
@@ -353,73 +376,127 @@ def _flags(head_mask, gamma, c, relu, residual, precision):
                 RELU=bool(relu), RESIDUAL=bool(residual), MIXED=precision == "mixed")
 
 
-def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision):
+def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save):
     """Launch the fused forward. Shapes: x (P, D); w (L, H, D); b (L, H); a (L-1, H, H);
     c (L-1, H) or None; u (L, O, H); d (L, O) (rows of layers without a head unused);
-    gamma (L, H), mu (L, H, D) or None. All fp32 contiguous. Returns (L, P, O) fp32; rows of
-    layers without a head are left uninitialised."""
+    gamma (L, H), mu (L, H, D) or None. All fp32 contiguous. Returns (L, P, O) fp32 (rows of
+    layers without a head uninitialised) and, with ``save``, what the backward needs:
+    ``lin_i = z_{i-1} A_i^T + c_i`` (L-1, P, H) and, for ReLU heads, the pre-activations
+    (L, P, O); else two empty tensors."""
     P, D = x.shape
     L, H, _ = w.shape
     O = u.shape[1]
-    out = torch.empty((L, P, O), device=x.device, dtype=torch.float32)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    out = torch.empty((L, P, O), **f32)
+    lin = torch.empty((L - 1, P, H) if save else (0,), **f32)
+    hpre = torch.empty((L, P, O) if save and relu else (0,), **f32)
     if P == 0:
-        return out
+        return out, lin, hpre
     block_h = block(H, _MIN_BLOCK_H)
     # no config launches more programs than this (small P: fewer tiles than SMs)
     nprog = min(max_programs(x.device), triton.cdiv(P, _MIN_BLOCK_P))
-    scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), device=x.device,
-                          dtype=torch.float32)
+    scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), **f32)
     grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
     _mfn_stack_fwd_kernel[grid](
         x, w, b, a if a.numel() else w, c if c is not None else b, u, d,
         gamma if gamma is not None else b, mu if mu is not None else w, out, scratch,
+        lin if lin.numel() else out, hpre if hpre.numel() else out,
         P, H, O,
-        D=D, N_LAYERS=L, BLOCK_H=block_h, BLOCK_O=block(O),
+        D=D, N_LAYERS=L, BLOCK_H=block_h, BLOCK_O=block(O), SAVE=bool(save),
         **_flags(head_mask, gamma, c, relu, residual, precision),
     )
-    return out
+    return out, lin, hpre
 
 
-def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
-                       detach_heads_below, need_dw, precision):
-    """Launch the fused backward. ``grad_out`` (L, P, O) (zero rows where no head). Returns
-    dx (P, D), dW (L, H, D) (zeros unless ``need_dw``), db (L, H), dA (L-1, H, H),
-    dc (L-1, H) or None, dU (L, O, H), dd (L, O), dgamma (L, H) or None, dmu (L, H, D) or None."""
+def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual,
+                       relu, detach_heads_below, need_dw, need_da, precision):
+    """Backward from what the forward saved (``lin``, ``hpre``). ``grad_out`` (L, P, O)
+    (zero rows where no head). Returns dx (P, D), dW (L, H, D) (zeros unless ``need_dw``),
+    db (L, H), dA (L-1, H, H) (zeros unless ``need_da``), dc (L-1, H) or None, dU (L, O, H),
+    dd (L, O), dgamma (L, H) or None, dmu (L, H, D) or None.
+
+    Per chunk of points, top layer first: the layer kernel does everything elementwise
+    (sines recomputed, never stored) and writes ``dlin_i`` and ``z_{i-1}``; then three
+    GEMMs: ``dA_i += dlin_i^T z_{i-1}``, ``dU_{i-1} += dh_{i-1}^T z_{i-1}`` and
+    ``dz_{i-1} = dlin_i A_i`` (float32 as tf32x3, mixed with bf16 operands; the work
+    buffers are bf16 in mixed mode, their products being rounded to bf16 anyway)."""
     P, D = x.shape
     L, H, _ = w.shape
     O = u.shape[1]
     dev = x.device
-    block_h = block(H, _MIN_BLOCK_H)
-    # two programs per SM (one left 4 warps per SM to hide all the latency); the
-    # [n_programs, L-1, H, H] dA partials are the largest buffer of the op
-    nprog = max(1, min(max_programs(dev, per_sm=2), triton.cdiv(P, _MIN_BLOCK_P)))
     f32 = dict(device=dev, dtype=torch.float32)
-    dx = torch.empty((P, D), **f32)
-    pw = torch.zeros((nprog, L, H, D), **f32)
-    pb = torch.zeros((nprog, L, H), **f32)
-    pa = torch.zeros((nprog, max(L - 1, 0), H, H), **f32)
-    pc = torch.zeros((nprog, max(L - 1, 0), H), **f32)
-    pu = torch.zeros((nprog, L, O, H), **f32)
-    pd = torch.zeros((nprog, L, O), **f32)
-    pg = torch.zeros((nprog, L, H), **f32)
-    pm = torch.zeros((nprog, L, H, D), **f32)
-    if P > 0:
-        scratch = torch.empty((nprog * (L + 2) * _MAX_BLOCK_P_BWD * block_h,), **f32)
-        hscratch = torch.empty((nprog * L * _MAX_BLOCK_P_BWD * block(O),) if relu else (1,), **f32)
-        grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
-        _mfn_stack_bwd_kernel[grid](
-            grad_out, x, w, b, a if a.numel() else w, c if c is not None else b, u, d,
-            gamma if gamma is not None else b, mu if mu is not None else w, scratch, hscratch,
-            dx, pw, pb, pa if pa.numel() else pb, pc if pc.numel() else pb, pu, pd, pg, pm,
-            P, H, O,
-            D=D, N_LAYERS=L, NEED_DW=bool(need_dw), DETACH=int(detach_heads_below),
-            BLOCK_H=block_h, BLOCK_O=block(O),
-            BLOCK_D=block(D, 2),
-            **_flags(head_mask, gamma, c, relu, residual, precision),
-        )
+    heads = [i for i in range(L) if (head_mask >> i) & 1]
+    # head gradients: running sums from the top for residual outputs, ReLU masks
+    dh_all = grad_out.flip(0).cumsum(0).flip(0) if residual else grad_out
+    if relu:
+        dh_all = dh_all * (hpre > 0)
+    dd = dh_all.sum(1)  # rows of layers without a head are not used
+    dx = torch.zeros((P, D), **f32)
+    da = torch.zeros((max(L - 1, 0), H, H), **f32)
+    du = torch.zeros((L, O, H), **f32)
+    nprog = max(1, min(max_programs(dev), triton.cdiv(max(P, 1), _MIN_BLOCK_P)))
+    # program-owned partial sums, one row per program (summed in a fixed order below), all
+    # in one buffer: one fill and one reduction instead of one per layer and parameter
+    sizes = {"w": H * D, "m": H * D, "b": H, "g": H, "c": H}
+    part = torch.zeros((nprog, L, sum(sizes.values())), **f32)
+    offsets = dict(zip(sizes, [0, H * D, 2 * H * D, 2 * H * D + H, 2 * H * D + 2 * H]))
+    view = lambda k, i: part[:, i, offsets[k]:offsets[k] + sizes[k]]  # noqa: E731
+    mixed = precision == "mixed"
+    work_dtype = torch.bfloat16 if mixed else torch.float32
+    # at most three (points x H) buffers alive at once: dz_i, dlin_i, z_{i-1}
+    chunk = max(_MIN_BLOCK_P, BWD_WORKSPACE_BYTES // (3 * 4 * H))
+    block_h = block(H, _MIN_BLOCK_H)
+    has_c = c is not None
+    for p0 in range(0, P, chunk):
+        p1 = min(P, p0 + chunk)
+        n = p1 - p0
+        dz = None  # dz_i, from layer i + 1
+        grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), nprog),)  # noqa: E731
+
+        def head_sum(i, z):  # dU_i += dh_i^T z_i
+            du[i] += _points_sum(dh_all[i, p0:p1], z, mixed)
+
+        for i in reversed(range(L)):
+            has_head = i in heads
+            # z_i of lower layers is the z_{i-1} output of the layer above; the top writes its own
+            store_z = has_head and i == L - 1
+            buf = lambda live: torch.empty((n, H) if live else (0,), device=dev, dtype=work_dtype)  # noqa: E731
+            dlin, zprev, z = buf(i >= 1), buf(i >= 1), buf(store_z)
+            dummy = dx  # a valid pointer where a constexpr switch leaves an argument unused
+            ip = max(i - 1, 0)
+            _mfn_stack_bwd_kernel[grid](
+                dh_all[i, p0:p1] if has_head else dummy, x[p0:p1], w[i], b[i],
+                gamma[i] if gamma is not None else dummy, mu[i] if mu is not None else dummy,
+                w[ip], b[ip], gamma[ip] if gamma is not None else dummy,
+                mu[ip] if mu is not None else dummy, u[i],
+                lin[i - 1, p0:p1] if i >= 1 else dummy, lin[i - 2, p0:p1] if i >= 2 else dummy,
+                dz if dz is not None else dummy, dlin if i >= 1 else dummy,
+                zprev if i >= 1 else dummy, z if store_z else dummy, dx[p0:p1],
+                view("w", i), view("b", i), view("g", i), view("m", i), view("c", i),
+                n, H, O, part.stride(0),
+                D=D, HAS_LIN=i >= 1, HAS_DZ=dz is not None, HAS_PREV_LIN=i >= 2,
+                HEAD_TO_TRUNK=has_head and i >= detach_heads_below, STORE_Z=store_z, HAS_C=has_c,
+                GABOR=gamma is not None, NEED_DW=bool(need_dw), MIXED=mixed,
+                BLOCK_H=block_h, BLOCK_O=block(O), BLOCK_D=block(D, 2),
+            )
+            dz = None  # consumed
+            if store_z:
+                head_sum(i, z)
+            if i >= 1:
+                if i - 1 in heads:
+                    head_sum(i - 1, zprev)
+                if need_da:
+                    da[i - 1] += _points_sum(dlin, zprev, mixed)
+                zprev = None
+                dz = _rows_matmul(dlin, a[i - 1], mixed)
+            dlin = z = None
     # fixed-order reduction over the program rows: deterministic
+    total = part.sum(0)
+    # copies: outputs of a custom op may not alias each other
+    sums = {k: total[:, offsets[k]:offsets[k] + sizes[k]].clone() for k in sizes}
+    sums["w"], sums["m"] = sums["w"].view(L, H, D), sums["m"].view(L, H, D)
     return (
-        dx, pw.sum(0), pb.sum(0), pa.sum(0), pc.sum(0) if c is not None else None,
-        pu.sum(0), pd.sum(0), pg.sum(0) if gamma is not None else None,
-        pm.sum(0) if mu is not None else None,
+        dx, sums["w"], sums["b"], da, sums["c"][1:] if has_c else None,
+        du, dd, sums["g"] if gamma is not None else None,
+        sums["m"] if mu is not None else None,
     )

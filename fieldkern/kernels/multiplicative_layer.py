@@ -23,6 +23,8 @@ from fieldkern.kernels._common import (
     TF32X3,
     block,
     configs,
+    cosine,
+    sine,
     filter_args,
     filter_backward,
     filter_values,
@@ -104,7 +106,7 @@ def _multiplicative_layer_bwd_kernel(
                             HAS_C, MIXED, BLOCK_P, BLOCK_N, BLOCK_K)
             s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p,
                                   offs_n, mask_n, D, GABOR)
-            sn = tl.sin(s)
+            sn = sine(s)
             g = sn
             if GABOR:
                 g = sn * e
@@ -115,7 +117,7 @@ def _multiplicative_layer_bwd_kernel(
                 tl.store(pc_ptr + pid * H + offs_n,
                          tl.load(pc_ptr + pid * H + offs_n, mask=mask_n, other=0.0) + tl.sum(dlin, axis=0),
                          mask=mask_n)
-            dx = filter_backward(dout * lin, sn, tl.cos(s), q, e, x_ptr, w_ptr, gamma_ptr, mu_ptr,
+            dx = filter_backward(dout * lin, sn, cosine(s), q, e, x_ptr, w_ptr, gamma_ptr, mu_ptr,
                                  pw_ptr + pid * H * D, pb_ptr + pid * H, pg_ptr + pid * H,
                                  pm_ptr + pid * H * D, dx, offs_p, mask_p, offs_n, mask_n, offs_d,
                                  D, GABOR, NEED_DW)

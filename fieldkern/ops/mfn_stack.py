@@ -175,19 +175,24 @@ def _mfn_stack_op(
     linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, head_weight: torch.Tensor,
     head_bias: torch.Tensor, gabor_gamma: torch.Tensor | None, gabor_mu: torch.Tensor | None,
     head_mask: int, residual: bool, relu: bool, detach_heads_below: int, precision: str,
-) -> torch.Tensor:
-    """Fused stack on stacked parameters; returns (L, P, O) (rows of head-less layers: garbage)."""
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused stack on stacked parameters: (L, P, O) outputs (rows of head-less layers:
+    garbage) and, with ``save``, the backward's saved tensors (else empty)."""
     from fieldkern.kernels.mfn_stack import mfn_stack_forward
 
     return mfn_stack_forward(x, filter_weight, filter_bias, linear_weight, linear_bias,
                              head_weight, head_bias, gabor_gamma, gabor_mu, head_mask,
-                             residual, relu, precision)
+                             residual, relu, precision, save)
 
 
 @_mfn_stack_op.register_fake
 def _(x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
-      gabor_gamma, gabor_mu, head_mask, residual, relu, detach_heads_below, precision):
-    return x.new_empty((filter_weight.shape[0], x.shape[0], head_weight.shape[1]))
+      gabor_gamma, gabor_mu, head_mask, residual, relu, detach_heads_below, precision, save):
+    L, H = filter_weight.shape[:2]
+    P, O = x.shape[0], head_weight.shape[1]
+    return (x.new_empty((L, P, O)), x.new_empty((L - 1, P, H) if save else (0,)),
+            x.new_empty((L, P, O) if save and relu else (0,)))
 
 
 @torch.library.custom_op("fieldkern::mfn_stack_backward", mutates_args=())
@@ -195,21 +200,22 @@ def _mfn_stack_backward_op(
     grad: torch.Tensor, x: torch.Tensor, filter_weight: torch.Tensor, filter_bias: torch.Tensor,
     linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, head_weight: torch.Tensor,
     head_bias: torch.Tensor, gabor_gamma: torch.Tensor | None, gabor_mu: torch.Tensor | None,
-    head_mask: int, residual: bool, relu: bool, detach_heads_below: int, need_dw: bool,
-    precision: str,
+    lin: torch.Tensor, hpre: torch.Tensor, head_mask: int, residual: bool, relu: bool,
+    detach_heads_below: int, need_dw: bool, need_da: bool, precision: str,
 ) -> list[torch.Tensor]:
     """[dx, dW, db, dA, dc, dU, dd, dgamma, dmu]; absent ones (no bias / Fourier) are empty."""
     from fieldkern.kernels.mfn_stack import mfn_stack_backward
 
     grads = mfn_stack_backward(grad, x, filter_weight, filter_bias, linear_weight, linear_bias,
-                               head_weight, head_bias, gabor_gamma, gabor_mu, head_mask,
-                               residual, relu, detach_heads_below, need_dw, precision)
+                               head_weight, head_bias, gabor_gamma, gabor_mu, lin, hpre, head_mask,
+                               residual, relu, detach_heads_below, need_dw, need_da, precision)
     return [g if g is not None else x.new_empty((0,)) for g in grads]
 
 
 @_mfn_stack_backward_op.register_fake
 def _(grad, x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
-      gabor_gamma, gabor_mu, head_mask, residual, relu, detach_heads_below, need_dw, precision):
+      gabor_gamma, gabor_mu, lin, hpre, head_mask, residual, relu, detach_heads_below, need_dw,
+      need_da, precision):
     def like(t):
         return x.new_empty(t.shape) if t is not None else x.new_empty((0,))
 
@@ -219,22 +225,32 @@ def _(grad, x, filter_weight, filter_bias, linear_weight, linear_bias, head_weig
 
 
 def _mfn_stack_setup_context(ctx, inputs, output):
-    (x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach, precision) = inputs
-    ctx.save_for_backward(x, w, b, a, c, u, d, gamma, mu)
-    ctx.flags = (head_mask, residual, relu, detach, precision)
+    (x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach, precision, save) = inputs
+    out, lin, hpre = output
+    ctx.mark_non_differentiable(lin, hpre)
+    # no zero-filled gradients for lin / hpre (autograd would allocate (L-1) x P x H of them)
+    ctx.set_materialize_grads(False)
+    ctx.out_shape = out.shape
+    ctx.save_for_backward(x, w, b, a, c, u, d, gamma, mu, lin, hpre)
+    ctx.flags = (head_mask, residual, relu, detach, precision, save)
 
 
-def _mfn_stack_autograd_backward(ctx, grad):
-    x, w, b, a, c, u, d, gamma, mu = ctx.saved_tensors
-    head_mask, residual, relu, detach, precision = ctx.flags
+def _mfn_stack_autograd_backward(ctx, grad, _grad_lin, _grad_hpre):
+    x, w, b, a, c, u, d, gamma, mu, lin, hpre = ctx.saved_tensors
+    head_mask, residual, relu, detach, precision, save = ctx.flags
+    if not save:
+        raise RuntimeError("fieldkern: mfn_stack ran without saving for backward (no input "
+                           "required grad when it was called)")
     need = ctx.needs_input_grad
+    if grad is None:
+        grad = x.new_zeros(ctx.out_shape)
     grads = torch.ops.fieldkern.mfn_stack_backward(
-        grad.contiguous(), x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach,
-        bool(need[1]), precision,
+        grad.contiguous(), x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual, relu,
+        detach, bool(need[1]), bool(need[3]), precision,
     )
     out = [g if n and t is not None else None
            for g, n, t in zip(grads, need[:9], (x, w, b, a, c, u, d, gamma, mu))]
-    return (*out, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -268,8 +284,12 @@ def _mfn_stack_triton(x, filter_weight, filter_bias, linear_weight, linear_bias,
     gamma = torch.stack(list(gabor_gamma)).float().contiguous() if gabor_gamma is not None else None
     mu = torch.stack(list(gabor_mu)).float().contiguous() if gabor_mu is not None else None
     head_mask = sum(1 << i for i in heads)
-    out = torch.ops.fieldkern.mfn_stack(
-        xf, w, b, a, c, u, d, gamma, mu, head_mask, bool(residual), head_activation == "relu",
-        int(detach_heads_below), get_precision(),
+    params = (xf, w, b, a, c, u, d, gamma, mu)
+    # the backward reads lin_i from the forward instead of recomputing the trunk: (L-1) x P x H
+    # floats kept for it, only when a gradient can be asked for
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    out, _, _ = torch.ops.fieldkern.mfn_stack(
+        *params, head_mask, bool(residual), head_activation == "relu",
+        int(detach_heads_below), get_precision(), save,
     )
     return [out[i].reshape(*lead, out_features).to(x.dtype) for i in heads]

@@ -21,13 +21,15 @@ from fieldkern.kernels import multiplicative_layer as ML  # noqa: E402
 from fieldkern.kernels import project_volume as PV  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-INTS = {"P", "H", "O", "K", "D", "n_tiles"}  # everything else not constexpr is a fp32 pointer
+INTS = {"P", "H", "O", "K", "D", "n_tiles", "M", "N", "NA", "NB", "SLAB", "ROW"}  # everything else not constexpr is a fp32 pointer
 
 
-def build(kernel, consts, num_warps=4):
+def build(kernel, consts, num_warps=4, types=None):
+    """``types``: pointer types other than ``*fp32``, by argument name."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else ("i32" if n in INTS else "*fp32") for n in names}
+    sig.update(types or {})
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": 2})
     print("ok", fn.__name__, consts, flush=True)
@@ -37,11 +39,20 @@ def main():
     for mixed, gabor in ((False, True), (True, False)):  # small blocks: compile time
         bh = 32 if mixed else 128  # float32 at 128: four column blocks and K blocks
         flags = dict(D=3, N_LAYERS=2, HEAD_MASK=3, HAS_C=True, GABOR=gabor, RELU=True, RESIDUAL=True,
-                     MIXED=mixed, BLOCK_H=bh, BLOCK_O=16, BLOCK_P=16)
+                     MIXED=mixed, BLOCK_H=bh, BLOCK_O=16, BLOCK_P=16, SAVE=True)
         fwd, bwd = M._FWD_CONFIGS[0].kwargs, M._BWD_CONFIGS[0].kwargs  # the AUTOTUNE=0 configs
         build(M._mfn_stack_fwd_kernel, dict(flags, BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"]))
-        build(M._mfn_stack_bwd_kernel, dict(flags, BLOCK_N=bwd["BLOCK_N"], BLOCK_K=bwd["BLOCK_K"],
-                                            NEED_DW=True, DETACH=1, BLOCK_D=4))
+        # a middle layer (every input and output of the per-layer backward present)
+        layer = dict(D=3, HAS_LIN=True, HAS_DZ=True, HAS_PREV_LIN=True, HEAD_TO_TRUNK=True, STORE_Z=True,
+                     HAS_C=True, GABOR=gabor, NEED_DW=True, MIXED=mixed, BLOCK_H=bh, BLOCK_O=16,
+                     BLOCK_D=4, BLOCK_P=bwd["BLOCK_P"], BLOCK_N=bwd["BLOCK_N"])
+        work = "*bf16" if mixed else "*fp32"
+        build(M._mfn_stack_bwd_kernel, layer, types={"dlin_ptr": work, "zp_ptr": work, "z_ptr": work})
+        rows, sums = M._ROWS_CANDIDATES[0], M._SUM_CANDIDATES[0]
+        build(M._rows_matmul_kernel, dict(MIXED=mixed, **rows.kwargs), num_warps=rows.num_warps,
+              types={"a_ptr": work})
+        build(M._points_sum_kernel, dict(MIXED=mixed, **sums.kwargs), num_warps=sums.num_warps,
+              types={"a_ptr": work, "b_ptr": work})
         build(F._filter_fwd_kernel, dict(D=3, GABOR=gabor, BLOCK_P=16, BLOCK_H=16))
         build(F._filter_bwd_kernel, dict(D=3, GABOR=gabor, NEED_DW=True, BLOCK_D=4, BLOCK_P=16, BLOCK_H=16))
         ml = dict(D=3, HAS_C=True, GABOR=gabor, MIXED=mixed, BLOCK_P=16, BLOCK_N=16, BLOCK_K=16)

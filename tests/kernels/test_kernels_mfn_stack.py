@@ -92,3 +92,33 @@ def test_mfn_stack_half_inputs_computed_in_fp32():
     with fieldkern.set_backend("torch"):
         ref = fieldkern.ops.mfn_stack(x.float(), **p32)
     torch.testing.assert_close(out[1].float(), ref[1], rtol=2e-2, atol=2e-2)
+
+
+def test_mfn_stack_backward_in_chunks(monkeypatch):
+    """The backward walks the points in chunks of its work-buffer budget: force 3 chunks
+    (32 + 32 + 13 points) and a Gabor ReLU net with every parameter trainable."""
+    from fieldkern.kernels import mfn_stack as M
+
+    hidden = 24
+    monkeypatch.setattr(M, "BWD_WORKSPACE_BYTES", 4 * 4 * hidden * 32)
+    p = stack_params(3, hidden, 3, 2, gabor=True, trainable_w=True)
+    compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
+
+
+def test_mfn_stack_saves_for_backward_only_when_needed():
+    """Inference keeps nothing for a backward: the op's saved tensors are empty."""
+    p = stack_params(2, 16, 3, 1)
+    x = _x(50, 2, grad=False)
+    args = [torch.stack(p[k]) for k in ("filter_weight", "filter_bias", "linear_weight", "linear_bias",
+                                         "head_weight", "head_bias")]
+    w, b, a, c, u, d = (t.detach().float() for t in args)
+    for save in (False, True):
+        out, lin, hpre = torch.ops.fieldkern.mfn_stack(x, w, b, a, c, u, d, None, None, 7, True, True, 0,
+                                                       "float32", save)
+        assert (lin.numel(), hpre.numel()) == ((2 * 50 * 16, 3 * 50 * 1) if save else (0, 0))
+    with torch.no_grad(), fieldkern.set_backend("triton"):
+        no_grad = fieldkern.ops.mfn_stack(x, **p, residual=True)
+    with fieldkern.set_backend("torch"):
+        ref = fieldkern.ops.mfn_stack(x, **p, residual=True)
+    for a_, b_ in zip(no_grad, ref):
+        torch.testing.assert_close(a_, b_.detach(), rtol=2e-5, atol=1e-5)
