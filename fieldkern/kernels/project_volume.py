@@ -9,13 +9,39 @@ its pixels' ray origins once and walks the rays along z (sample ``k`` at origin 
 the third row of ``R``: three multiply-adds per step); the eight trilinear taps are
 gathered from the volume, which for D <= 160 (16 MB in float32) stays resident in an
 H100's 50 MB L2 across the whole batch. The sum along the ray lives in registers: extra
-memory is the output only, O(B D^2). (Square 16 x 16 tiles were measured 1.3-1.9x slower
-than runs of 256 pixels along rows on an H100, bench/RESULTS.md.)
+memory is the output and one padded copy of the volume, O(B D^2 + D^3). (Square 16 x 16
+tiles were measured 1.3-1.9x slower than runs of 256 pixels along rows on an H100,
+bench/RESULTS.md.)
 
-Backward (one kernel, constexpr switches for what is needed) walks the same rays:
-- volume gradient: the adjoint, scattering ``w * dI`` to the eight taps with
-  relaxed ``tl.atomic_add`` (float32 atomics: the summation order, hence the last bits,
-  vary run to run; documented as non-deterministic);
+Cheap taps: the launcher copies the volume once per call into a ``(D + 2)^3`` array with a
+one-voxel zero border, and the kernels work in its index coordinates. Each sample is
+clamped into the padded box, so every tap is a valid address: one flat index per sample
+plus constant corner offsets (1, D + 2, (D + 2)^2), no per-tap bounds masks (the previous
+version spent ~6 compares per tap on them). Where a coordinate lies outside the box the
+clamp puts the sample on the border with all weight on zero voxels, so the value is 0
+exactly as with the masks. Clamping does not zero the interpolant's *derivative* there
+(the clamped sample sits on the kink between border and interior), so the backward
+switches each whole sample off when it is outside the box (three interval tests).
+
+Ray clipping: each program walks only the steps ``k`` between the earliest entry and the
+latest exit, over its lanes, of the rays into the padded box (slab method, with half a
+voxel of slack against rounding); lanes outside their own interval sample zeros (forward)
+or are switched off (backward). For random rotations and runs of 256 pixels along rows this
+skips only ~1-3% of the steps (a row spans the whole image, so some lane is always inside;
+the cube-inside-rotated-cube fraction per lane is ~81%, simulated with numpy); it matters
+for rotations that leave whole rows outside the box.
+
+The forward's ``BLOCK``/``num_warps`` are autotuned per ``D`` (one config under the
+interpreter; ``FIELDKERN_AUTOTUNE=0`` keeps the first, the previous fixed 256 pixels / 4
+warps). The speed effect of the padding, clipping and tuning is **not yet measured on a
+GPU**.
+
+Backward (one kernel, constexpr switches for what is needed, fixed ``BLOCK``: the rotation
+gradient's partial buffer is sized by it) walks the same rays:
+- volume gradient: the adjoint, scattering ``w * dI`` to the eight taps of the in-box
+  samples with relaxed ``tl.atomic_add`` into a padded float32 buffer whose interior is
+  returned (float32 atomics: the summation order, hence the last bits, vary run to run;
+  documented as non-deterministic);
 - rotation gradient: ``dL/dR[i, j] = sum dI * dV/dq_j * p_i`` through the spatial gradient of
   the trilinear interpolant; each program reduces its tile to 9 numbers written to a
   ``(B, n_tiles, 9)`` buffer that is summed in a fixed order afterwards (deterministic).
@@ -23,14 +49,28 @@ Backward (one kernel, constexpr switches for what is needed) walks the same rays
 
 from __future__ import annotations
 
-import os
-
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK = 64 if _INTERPRET else 256  # pixels (lanes) per program
+from fieldkern.kernels._common import configs, interpreting
+
+BLOCK = 64 if interpreting() else 256  # pixels (lanes) per program of the backward
+
+# First entry = the previous fixed launch (kept by FIELDKERN_AUTOTUNE=0). More lanes per
+# thread give each thread more independent gathers in flight; fewer lanes per program give
+# tighter per-program ray clipping.
+_FWD_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK": 256}, num_warps=4),
+        triton.Config({"BLOCK": 128}, num_warps=4),
+        triton.Config({"BLOCK": 256}, num_warps=8),
+        triton.Config({"BLOCK": 512}, num_warps=4),
+        triton.Config({"BLOCK": 512}, num_warps=8),
+    ],
+    triton.Config({"BLOCK": 64}, num_warps=4),
+)
 
 
 @triton.jit
@@ -42,7 +82,7 @@ def _tile_pixels(D, BLOCK: tl.constexpr):
 
 @triton.jit
 def _ray_setup(rot_ptr, b, xi, yi, D):
-    """Pixel -> rotated ray origin (index units, centred) and per-step increment."""
+    """Pixel -> rotated ray origin (index units of the padded volume) and per-step increment."""
     c = D // 2
     px = (xi - c).to(tl.float32)
     py = (yi - c).to(tl.float32)
@@ -56,12 +96,48 @@ def _ray_setup(rot_ptr, b, xi, yi, D):
     r20 = tl.load(r + 6).to(tl.float32)
     r21 = tl.load(r + 7).to(tl.float32)
     r22 = tl.load(r + 8).to(tl.float32)
-    # q = R^T p: q_j = sum_i R[i, j] p_i, starting from z = -c, shifted to array indices.
+    # q = R^T p: q_j = sum_i R[i, j] p_i, starting from z = -c, shifted to array indices of
+    # the padded volume (+1 for the border) in the same final add, so no extra rounding.
     zc = -c.to(tl.float32)
-    qx = r00 * px + r10 * py + r20 * zc + c
-    qy = r01 * px + r11 * py + r21 * zc + c
-    qz = r02 * px + r12 * py + r22 * zc + c
+    cp = c + 1
+    qx = r00 * px + r10 * py + r20 * zc + cp
+    qy = r01 * px + r11 * py + r21 * zc + cp
+    qz = r02 * px + r12 * py + r22 * zc + cp
     return px, py, qx, qy, qz, r20, r21, r22
+
+
+@triton.jit
+def _slab(q0, d, D):
+    """Real interval of ``k`` where ``q0 + k d`` lies in the padded box widened by half a voxel
+    (the slack covers the rounding of both this division and the samples' q0 + k d)."""
+    lo_b = -0.5
+    hi_b = D + 1.5
+    flat = d == 0.0  # exact axis-aligned rotations: no crossing, inside for all k or none
+    ds = tl.where(flat, 1.0, d)
+    t1 = (lo_b - q0) / ds
+    t2 = (hi_b - q0) / ds
+    inside = (q0 >= lo_b) & (q0 <= hi_b)
+    t_in = tl.where(flat, tl.where(inside, -1e30, 1e30), tl.minimum(t1, t2))
+    t_out = tl.where(flat, tl.where(inside, 1e30, -1e30), tl.maximum(t1, t2))
+    return t_in, t_out
+
+
+@triton.jit
+def _k_range(qx0, qy0, qz0, dx, dy, dz, pix, D):
+    """Steps ``k_start <= k < k_end`` that hold every in-box sample of this program's rays."""
+    ax, bx = _slab(qx0, dx, D)
+    ay, by = _slab(qy0, dy, D)
+    az, bz = _slab(qz0, dz, D)
+    lo = tl.maximum(tl.maximum(ax, ay), tl.maximum(az, 0.0))
+    hi = tl.minimum(tl.minimum(bx, by), tl.minimum(bz, D - 1.0))
+    keep = pix & (lo <= hi)
+    lo = tl.where(keep, lo, 1e30)
+    hi = tl.where(keep, hi, -1e30)
+    # floor(lo) and floor(hi) + 1 both included: integers at the interval's ends survive
+    # the division's rounding. Values are clamped to [0, D] before the float -> int cast.
+    k_start = tl.minimum(tl.floor(tl.min(lo, axis=0)), D * 1.0).to(tl.int32)
+    k_end = tl.minimum(tl.maximum(tl.floor(tl.max(hi, axis=0)) + 2.0, 0.0), D * 1.0).to(tl.int32)
+    return k_start, k_end
 
 
 @triton.jit
@@ -73,38 +149,53 @@ def _sample(qx0, qy0, qz0, dx, dy, dz, k):
 
 
 @triton.jit
-def _cell(qx, qy, qz):
-    """Lower corner of the voxel cell holding each sample, and the fractional offsets."""
-    x0f = tl.floor(qx)
-    y0f = tl.floor(qy)
-    z0f = tl.floor(qz)
-    return (x0f.to(tl.int32), y0f.to(tl.int32), z0f.to(tl.int32), qx - x0f, qy - y0f, qz - z0f)
+def _axis(q, D):
+    """Clamp one padded coordinate into [0, D + 1]; lower tap index in [0, D] (so the upper
+    tap, +1, is still in the array) and the fractional offset. A coordinate clamped to
+    D + 1 gets index D and offset 1: all weight on the zero border, like one clamped to 0."""
+    qc = tl.minimum(tl.maximum(q, 0.0), D + 1.0)
+    i0 = tl.minimum(tl.floor(qc), D * 1.0)
+    return i0.to(tl.int32), qc - i0
 
 
 @triton.jit
-def _tap(ix, iy, iz, pix, D):
-    """Flat index of voxel ``(ix, iy, iz)`` of a ``[z, y, x]`` volume and whether it is in the
-    box (outside it the volume is zero)."""
-    ok = pix & (ix >= 0) & (ix < D) & (iy >= 0) & (iy < D) & (iz >= 0) & (iz < D)
-    return (iz * D + iy) * D + ix, ok
+def _cell(qx, qy, qz, D):
+    """Flat padded-volume index of the lower corner of each sample's cell, and the offsets."""
+    x0, fx = _axis(qx, D)
+    y0, fy = _axis(qy, D)
+    z0, fz = _axis(qz, D)
+    Dp = D + 2
+    return (z0 * Dp + y0) * Dp + x0, fx, fy, fz
 
 
+@triton.jit
+def _in_box(qx, qy, qz, D):
+    """Samples whose taps reach the interior, [0, D + 1) per padded coordinate: q = -1 has a
+    one-sided derivative (weight 0 on the first voxel, slope from it), q = D neither."""
+    top = D + 1.0
+    return (qx >= 0.0) & (qx < top) & (qy >= 0.0) & (qy < top) & (qz >= 0.0) & (qz < top)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["D"])
 @triton.jit
 def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr):
+    """``vol_ptr``: the ``(D + 2)^3`` zero-bordered volume."""
     b = tl.program_id(0)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
     px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
+    k_start, k_end = _k_range(qx0, qy0, qz0, dx, dy, dz, pix, D)
+    Dp = D + 2
+    plane = Dp * Dp
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k in range(0, D):
+    for k in range(k_start, k_end):
         qx, qy, qz = _sample(qx0, qy0, qz0, dx, dy, dz, k)
-        x0, y0, z0, fx, fy, fz = _cell(qx, qy, qz)
+        base, fx, fy, fz = _cell(qx, qy, qz, D)
         for corner in tl.static_range(8):
             cx = corner % 2
             cy = (corner // 2) % 2
             cz = corner // 4
-            idx, ok = _tap(x0 + cx, y0 + cy, z0 + cz, pix, D)
             w = (fx if cx else 1.0 - fx) * (fy if cy else 1.0 - fy) * (fz if cz else 1.0 - fz)
-            v = tl.load(vol_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(vol_ptr + (base + (cz * plane + cy * Dp + cx))).to(tl.float32)
             acc += w * v
     tl.store(out_ptr + b * D * D + offs, acc, mask=pix)
 
@@ -114,11 +205,16 @@ def project_volume_bwd_kernel(
     vol_ptr, rot_ptr, grad_out_ptr, grad_vol_ptr, grad_rot_partial_ptr, D, n_tiles,
     NEED_VOLUME: tl.constexpr, NEED_ROTATION: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """``vol_ptr`` and ``grad_vol_ptr``: ``(D + 2)^3`` padded arrays (the border of the
+    volume gradient collects the weights of taps outside the box and is discarded)."""
     b = tl.program_id(0)
     tile = tl.program_id(1)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
     px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
+    k_start, k_end = _k_range(qx0, qy0, qz0, dx, dy, dz, pix, D)
     g = tl.load(grad_out_ptr + b * D * D + offs, mask=pix, other=0.0).to(tl.float32)
+    Dp = D + 2
+    plane = Dp * Dp
     # Per-lane accumulators of g * dV/dq_j and g * dV/dq_j * z (x and y are constant on a ray).
     sx = tl.zeros((BLOCK,), dtype=tl.float32)
     sy = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -127,9 +223,10 @@ def project_volume_bwd_kernel(
     ty = tl.zeros((BLOCK,), dtype=tl.float32)
     tz = tl.zeros((BLOCK,), dtype=tl.float32)
     c = D // 2
-    for k in range(0, D):
+    for k in range(k_start, k_end):
         qx, qy, qz = _sample(qx0, qy0, qz0, dx, dy, dz, k)
-        x0, y0, z0, fx, fy, fz = _cell(qx, qy, qz)
+        ok = pix & _in_box(qx, qy, qz, D)
+        base, fx, fy, fz = _cell(qx, qy, qz, D)
         gx = tl.zeros((BLOCK,), dtype=tl.float32)
         gy = tl.zeros((BLOCK,), dtype=tl.float32)
         gz = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -137,14 +234,14 @@ def project_volume_bwd_kernel(
             cx = corner % 2
             cy = (corner // 2) % 2
             cz = corner // 4
-            idx, ok = _tap(x0 + cx, y0 + cy, z0 + cz, pix, D)
+            off = base + (cz * plane + cy * Dp + cx)
             wx = fx if cx else 1.0 - fx
             wy = fy if cy else 1.0 - fy
             wz = fz if cz else 1.0 - fz
             if NEED_VOLUME:
-                tl.atomic_add(grad_vol_ptr + idx, wx * wy * wz * g, mask=ok, sem="relaxed")
+                tl.atomic_add(grad_vol_ptr + off, wx * wy * wz * g, mask=ok, sem="relaxed")
             if NEED_ROTATION:
-                v = tl.load(vol_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+                v = tl.load(vol_ptr + off).to(tl.float32)
                 sgx = 1.0 if cx else -1.0
                 sgy = 1.0 if cy else -1.0
                 sgz = 1.0 if cz else -1.0
@@ -152,13 +249,16 @@ def project_volume_bwd_kernel(
                 gy += wx * sgy * wz * v
                 gz += wx * wy * sgz * v
         if NEED_ROTATION:
+            # Out of the box the clamped sample sits on a kink of the interpolant: its
+            # slope is not the zero-padded volume's (0), so the whole sample is dropped.
+            gs = tl.where(ok, g, 0.0)
             pz = (k - c).to(tl.float32)
-            sx += g * gx
-            sy += g * gy
-            sz += g * gz
-            tx += g * gx * pz
-            ty += g * gy * pz
-            tz += g * gz * pz
+            sx += gs * gx
+            sy += gs * gy
+            sz += gs * gz
+            tx += gs * gx * pz
+            ty += gs * gy * pz
+            tz += gs * gz * pz
     if NEED_ROTATION:
         # dL/dR[i, j] = sum g * dV/dq_j * p_i with p = (px, py, pz).
         base = grad_rot_partial_ptr + (b * n_tiles + tile) * 9
@@ -173,17 +273,22 @@ def project_volume_bwd_kernel(
         tl.store(base + 8, tl.sum(tz, axis=0))
 
 
+def _padded(volume: torch.Tensor) -> torch.Tensor:
+    """``(D + 2)^3`` copy with a zero border, same dtype: one D^3 copy per call, against
+    B D^3 samples that then need no bounds tests."""
+    return F.pad(volume, (1, 1, 1, 1, 1, 1))
+
+
 def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """``volume (D, D, D)`` (float32 or bfloat16), ``rotations (B, 3, 3)`` -> ``(B, D, D)`` float32."""
     D = volume.shape[0]
     B = rotations.shape[0]
-    volume = volume.contiguous()
     rotations = rotations.to(torch.float32).contiguous()
     out = torch.empty(B, D, D, device=volume.device, dtype=torch.float32)
     if B == 0:
         return out
-    grid = (B, triton.cdiv(D * D, BLOCK))
-    project_volume_fwd_kernel[grid](volume, rotations, out, D, BLOCK=BLOCK)
+    grid = lambda meta: (B, triton.cdiv(D * D, meta["BLOCK"]))  # noqa: E731
+    project_volume_fwd_kernel[grid](_padded(volume), rotations, out, D)
     return out
 
 
@@ -194,21 +299,21 @@ def project_volume_backward(
     """Gradients of :func:`project_volume_forward` w.r.t. the volume and the rotations (float32)."""
     D = volume.shape[0]
     B = rotations.shape[0]
-    volume = volume.contiguous()
     rotations = rotations.to(torch.float32).contiguous()
     grad_out = grad_out.to(torch.float32).contiguous()
     n_tiles = triton.cdiv(D * D, BLOCK)
-    grad_volume = torch.zeros(D, D, D, device=volume.device, dtype=torch.float32) if need_volume else None
-    partial = (torch.empty(B, n_tiles, 9, device=volume.device, dtype=torch.float32)
-               if need_rotation else None)
+    dev = volume.device
+    grad_padded = torch.zeros(D + 2, D + 2, D + 2, device=dev, dtype=torch.float32) if need_volume else None
+    partial = torch.empty(B, n_tiles, 9, device=dev, dtype=torch.float32) if need_rotation else None
     if B > 0 and (need_volume or need_rotation):
         dummy = grad_out  # a valid pointer for the buffers a constexpr switch leaves unused
         project_volume_bwd_kernel[(B, n_tiles)](
-            volume, rotations, grad_out,
-            grad_volume if need_volume else dummy,
+            _padded(volume) if need_rotation else dummy, rotations, grad_out,
+            grad_padded if need_volume else dummy,
             partial if need_rotation else dummy,
             D, n_tiles,
             NEED_VOLUME=need_volume, NEED_ROTATION=need_rotation, BLOCK=BLOCK,
         )
+    grad_volume = grad_padded[1:-1, 1:-1, 1:-1].contiguous() if need_volume else None
     grad_rotations = partial.sum(1).view(B, 3, 3) if need_rotation else None
     return grad_volume, grad_rotations
