@@ -6,7 +6,7 @@
 #   steps (default all): candidates (every mfn_stack autotune candidate vs the reference,
 #   ~3 min), tests (the device test module, first configs), sanity (two of those), mfn,
 #   sine (the 3D mfn_stack cases again with libdevice sines, FIELDKERN_FAST_SINE=0), compile,
-#   project
+#   project, epoch (bench/epoch_speed.py), profile (bench/profile_mfn.py, 3D)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/bench"
@@ -33,13 +33,14 @@ t() { FIELDKERN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -
       tests/kernels/test_kernels_gpu.py -k "$1" > "$LOGS/tests_$2.log" 2>&1; }
 if has candidates; then
   t "every and (fwd0 or fwd1 or fwd2)" 1 & t "every and (fwd3 or fwd4 or fwd5)" 2 &
-  t "every and (bwd0 or bwd1)" 3 & t "every and bwd2" 4 &
+  t "every and (bwd0 or bwd1 or rows0 or rows1)" 3 & t "every and (bwd2 or bwd3 or rows2)" 4 &
+  t "every and (sum0 or sum1 or sum2 or sum3)" 5 & t "every and project" 6 &
 fi
 if has sanity; then  # two of the device tests (wide 2D and 3D ReLU nets), first configs
-  t "not every and mfn_stack and (case0 or case1)" 7 &
+  t "not every and mfn_stack and (case0 or case1)" 9 &
 fi
 if has tests; then
-  t "not every and (mfn_stack and (case0 or case1))" 5 & t "not every and not (mfn_stack and (case0 or case1))" 6 &
+  t "not every and (mfn_stack and (case0 or case1))" 7 & t "not every and not (mfn_stack and (case0 or case1))" 8 &
 fi
 wait
 stamp "warm-ups done: $(grep -c '^warm' "$LOGS/warm.log")"
@@ -56,12 +57,20 @@ bench() {  # name, time limit, pytest args...
   return $rc
 }
 if has mfn; then
-  bench mfn 110 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and not compile" ||
+  bench mfn 150 bench/test_bench_mfn_stack.py -k "not compile" ||
     FIELDKERN_AUTOTUNE=0 bench mfn_first_config 100 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and triton"
 fi
 has sine && FIELDKERN_FAST_SINE=0 bench mfn_libdevice_sine 90 bench/test_bench_mfn_stack.py -k "64x64x64 and triton"
 has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"
-has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference"
+has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference or fourier"
+if has epoch; then
+  stamp "epoch speed"
+  timeout 90 python bench/epoch_speed.py > "$OUT/epoch_speed.txt" 2>&1; tail -n 8 "$OUT/epoch_speed.txt"
+fi
+if has profile; then
+  stamp "profile"
+  timeout 60 python bench/profile_mfn.py 3d_h128_s3 > "$OUT/profile.txt" 2>&1; grep -E "^(memory|###|n=)" "$OUT/profile.txt"
+fi
 stamp "done"
 python bench/summarize.py "$OUT"/*.json
 for f in "$LOGS"/*.log; do echo "=== $f"; grep -v "^\s*$" "$f" | tail -n 60; done > "$OUT/log.txt"

@@ -61,16 +61,9 @@ BLOCK = 64 if interpreting() else 256  # pixels (lanes) per program of the backw
 # First entry = the previous fixed launch (kept by FIELDKERN_AUTOTUNE=0). More lanes per
 # thread give each thread more independent gathers in flight; fewer lanes per program give
 # tighter per-program ray clipping.
-_FWD_CONFIGS = configs(
-    [
-        triton.Config({"BLOCK": 256}, num_warps=4),
-        triton.Config({"BLOCK": 128}, num_warps=4),
-        triton.Config({"BLOCK": 256}, num_warps=8),
-        triton.Config({"BLOCK": 512}, num_warps=4),
-        triton.Config({"BLOCK": 512}, num_warps=8),
-    ],
-    triton.Config({"BLOCK": 64}, num_warps=4),
-)
+FWD_CANDIDATES = [triton.Config({"BLOCK": bl}, num_warps=w)
+                  for bl, w in ((256, 4), (128, 4), (256, 8), (512, 4), (512, 8))]
+_FWD_CONFIGS = configs(FWD_CANDIDATES, triton.Config({"BLOCK": 64}, num_warps=4))
 
 
 @triton.jit

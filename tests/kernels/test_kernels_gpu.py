@@ -151,8 +151,8 @@ def test_project_volume_cuda(D, B):
     # At D = 64 this failed on an H200 (rotation gradient 2.5e-3 off) while the kernel walked
     # its rays by repeated addition; under the interpreter (D = 64, against float64) that
     # walk gave 1.6e-3 where the float32 reference gives 7e-4, and computing each sample from
-    # the ray origin brought the kernel to the reference's error (5.6e-5 vs 5.5e-5, B = 1).
-    # Not yet re-run on a GPU after that change.
+    # the ray origin brought the kernel to the reference's error (5.6e-5 vs 5.5e-5, B = 1);
+    # passed on an H200 after that change.
     volume = smooth_volume(D, seed=D, device="cuda")
     rotations = random_rotations(B, generator=torch.Generator().manual_seed(B)).cuda()
     grad_out = torch.randn(B, D, D, device="cuda", generator=g)
@@ -166,20 +166,25 @@ def test_project_volume_cuda(D, B):
 def _candidate_params():
     from fieldkern.kernels import mfn_stack as M
 
-    return ([pytest.param("fwd", i, id=f"fwd{i}") for i in range(len(M.FWD_CANDIDATES))]
-            + [pytest.param("bwd", i, id=f"bwd{i}") for i in range(len(M.BWD_CANDIDATES))])
+    lists = {"fwd": M.FWD_CANDIDATES, "bwd": M.BWD_CANDIDATES, "rows": M._ROWS_CANDIDATES,
+             "sum": M._SUM_CANDIDATES}
+    return [pytest.param(which, i, id=f"{which}{i}") for which, cands in lists.items() for i in range(len(cands))]
 
 
 @pytest.mark.parametrize("which, index", _candidate_params())
 def test_mfn_stack_every_autotune_candidate(which, index):
     """Autotuning may pick any candidate, while the other tests (FIELDKERN_AUTOTUNE=0) run
-    the first: force each one, forward or backward, on a wide, a 3D and an odd-width net."""
+    the first: force each one (stack forward, layer backward, the backward's two GEMMs) on
+    a wide, a 3D and an odd-width net."""
     from fieldkern.kernels import mfn_stack as M
 
-    kernel = M._mfn_stack_fwd_kernel if which == "fwd" else M._mfn_stack_bwd_kernel
-    candidates = M.FWD_CANDIDATES if which == "fwd" else M.BWD_CANDIDATES
+    kernel, candidates = {"fwd": (M._mfn_stack_fwd_kernel, M.FWD_CANDIDATES),
+                          "bwd": (M._mfn_stack_bwd_kernel, M.BWD_CANDIDATES),
+                          "rows": (M._rows_matmul_kernel, M._ROWS_CANDIDATES),
+                          "sum": (M._points_sum_kernel, M._SUM_CANDIDATES)}[which]
     saved = kernel.configs
     kernel.configs = [candidates[index]]
+    kernel.cache.clear()
     try:
         for d, h, n_layers, gabor, relu in ((2, 256, 4, False, False), (3, 128, 3, True, True),
                                             (2, 100, 5, False, True)):
@@ -188,3 +193,28 @@ def test_mfn_stack_every_autotune_candidate(which, index):
                           head_activation="relu" if relu else None)
     finally:
         kernel.configs = saved
+        kernel.cache.clear()
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_project_volume_every_forward_candidate(index):
+    """Each autotune candidate of the projector's forward against the reference."""
+    from fieldkern.cryoem import random_rotations
+    from fieldkern.kernels import project_volume as PV
+
+    kernel = PV.project_volume_fwd_kernel
+    saved = kernel.configs
+    kernel.configs = [PV.FWD_CANDIDATES[index]]
+    kernel.cache.clear()
+    try:
+        for D, B in ((34, 3), (64, 2)):
+            volume = smooth_volume(D, seed=D, device="cuda")
+            rotations = random_rotations(B, generator=torch.Generator().manual_seed(B)).cuda()
+            with fieldkern.set_backend("triton"):
+                out = fieldkern.ops.project_volume(volume, rotations)
+            with fieldkern.set_backend("torch"):
+                ref = fieldkern.ops.project_volume(volume, rotations)
+            close("images", out, ref, rtol=1e-4, atol=1e-4)
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
