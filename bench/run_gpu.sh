@@ -15,7 +15,9 @@ LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 steps=${*:-candidates tests mfn compile project}
 start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; flush_logs; }
+# logs gathered into one file after every step: a run cut short still returns them
+flush_logs() { for f in "$LOGS"/*.log; do [ -e "$f" ] && { echo "=== $f"; grep -v "^\s*$" "$f" | tail -n 60; }; done > "$OUT/log.txt"; }
 has() { [[ " $steps " == *" $1 "* ]]; }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; }
@@ -57,20 +59,19 @@ bench() {  # name, time limit, pytest args...
   return $rc
 }
 if has mfn; then
-  bench mfn 150 bench/test_bench_mfn_stack.py -k "not compile" ||
-    FIELDKERN_AUTOTUNE=0 bench mfn_first_config 100 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and triton"
+  bench mfn 150 bench/test_bench_mfn_stack.py -k "not compile"
 fi
 has sine && FIELDKERN_FAST_SINE=0 bench mfn_libdevice_sine 90 bench/test_bench_mfn_stack.py -k "64x64x64 and triton"
-has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"
 has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference or fourier"
 if has epoch; then
   stamp "epoch speed"
   timeout 90 python bench/epoch_speed.py > "$OUT/epoch_speed.txt" 2>&1; tail -n 8 "$OUT/epoch_speed.txt"
 fi
+has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"
 if has profile; then
   stamp "profile"
   timeout 60 python bench/profile_mfn.py 3d_h128_s3 > "$OUT/profile.txt" 2>&1; grep -E "^(memory|###|n=)" "$OUT/profile.txt"
 fi
 stamp "done"
 python bench/summarize.py "$OUT"/*.json
-for f in "$LOGS"/*.log; do echo "=== $f"; grep -v "^\s*$" "$f" | tail -n 60; done > "$OUT/log.txt"
+flush_logs
