@@ -5,15 +5,14 @@
 # Usage: OUT=/some/dir bash bench/run_gpu.sh [steps...]
 #   steps (default all): candidates (every mfn_stack autotune candidate vs the reference,
 #   ~3 min), tests (the device test module, first configs), sanity (two of those), mfn,
-#   sine (the 3D mfn_stack cases again with libdevice sines, FIELDKERN_FAST_SINE=0), compile,
-#   project, epoch (bench/epoch_speed.py), profile (bench/profile_mfn.py, 3D)
+#   compile, project, epoch (bench/epoch_speed.py), profile (bench/profile_mfn.py, 3D)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/bench"
 OUT=${OUT:-/tmp/fieldkern_gpu}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
-steps=${*:-candidates tests mfn compile project}
+steps=${*:-candidates tests mfn project epoch compile}
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; flush_logs; }
 # logs gathered into one file after every step: a run cut short still returns them
@@ -26,11 +25,9 @@ has() { [[ " $steps " == *" $1 "* ]]; }
 #    Triton's disk cache; autotuning would compile them one after the other) while the
 #    device tests run
 stamp "warm-up + device tests"
-{ for p in 2d_h256_s4 3d_h128_s3; do for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
-    echo "1 $p $prec $i"; done; done; done
-  if has sine; then for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
-    echo "0 3d_h128_s3 $prec $i"; done; done; fi; } |
-  timeout 150 xargs -P 14 -n 4 sh -c 'FIELDKERN_FAST_SINE=$0 python bench/warm_kernels.py "$@"' > "$LOGS/warm.log" 2>&1 &
+for p in 2d_h256_s4 3d_h128_s3; do for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
+  echo "$p $prec $i"; done; done; done |
+  timeout 150 xargs -P 12 -n 3 python bench/warm_kernels.py > "$LOGS/warm.log" 2>&1 &
 t() { FIELDKERN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -rf \
       tests/kernels/test_kernels_gpu.py -k "$1" > "$LOGS/tests_$2.log" 2>&1; }
 if has candidates; then
@@ -61,7 +58,6 @@ bench() {  # name, time limit, pytest args...
 if has mfn; then
   bench mfn 150 bench/test_bench_mfn_stack.py -k "not compile"
 fi
-has sine && FIELDKERN_FAST_SINE=0 bench mfn_libdevice_sine 90 bench/test_bench_mfn_stack.py -k "64x64x64 and triton"
 has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference or fourier"
 if has epoch; then
   stamp "epoch speed"

@@ -329,7 +329,8 @@ class Reconstruction:
     def ctf(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.numel() == 0:
             return torch.zeros(0, self.D, self.D, device=self.device)
-        c = self._ctfs(idx) if callable(self._ctfs) else self._ctfs[idx]
+        # a CTF stack may live on the host while the indices are on the device
+        c = self._ctfs(idx) if callable(self._ctfs) else self._ctfs[idx.to(self._ctfs.device)]
         if c.shape[-2:] != (self.D, self.D):
             raise ValueError(f"CTFs must be ({self.D}, {self.D}) per image, got {tuple(c.shape[-2:])}")
         return c.to(self.device, torch.float32)

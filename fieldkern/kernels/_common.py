@@ -54,10 +54,10 @@ IEEE = tl.constexpr("ieee")
 # significant bits so k * head is exact for |k| < 2^16, i.e. |s| < 4e5 rad) and take the
 # SFU's ``sin.approx.f32`` / ``cos.approx.f32`` (absolute error <= 2^-20.9 on [-pi, pi]).
 # libdevice's sinf, which ``tl.sin`` calls, carries a Payne-Hanek slow path with a local
-# array per call: hundreds of bytes of stack per thread in the fused kernels. The
-# interpreter cannot run PTX and keeps tl.sin / tl.cos. FIELDKERN_FAST_SINE=0 restores
-# libdevice (kept for the A/B timing of bench/RESULTS.md).
-_FAST_SINE = tl.constexpr(not interpreting() and os.environ.get("FIELDKERN_FAST_SINE", "1") == "1")
+# array per call: hundreds of bytes of stack per thread in the fused kernels; on an H200
+# the SFU version made the 3D mfn_stack forward 1.6x faster (bench/RESULTS.md). The
+# interpreter cannot run PTX and keeps tl.sin / tl.cos.
+_FAST_SINE = tl.constexpr(not interpreting())
 _TWO_PI_HEAD = tl.constexpr(6.28125)
 _TWO_PI_TAIL = tl.constexpr(0.0019353071795864769)
 _INV_TWO_PI = tl.constexpr(0.15915494309189535)

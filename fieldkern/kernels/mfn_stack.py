@@ -293,8 +293,9 @@ def _mfn_stack_bwd_kernel(
 
 
 # The backward's products over points, as Triton GEMMs so that float32 runs on tensor
-# cores as tf32x3 (cuBLAS float32 is SIMT FMA: ~40-50 TFLOPS on an H200, 0.18-0.75 ms per
-# product at 2^18 points, bench/RESULTS.md) and mixed as bf16, both with fp32 results.
+# cores as tf32x3 (cuBLAS float32 is SIMT FMA: 37-54 TFLOPS on an H200, 0.18-0.75 ms per
+# product at 2^18 points, bench/RESULTS.md) and mixed as bf16, both with fp32 results;
+# float32 at hidden <= 128 stays on cuBLAS (``_use_cublas``).
 _ROWS_CANDIDATES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                     for bm, bn, bk, w in ((128, 128, 32, 8), (128, 64, 32, 4), (64, 128, 32, 4))]
 _SUM_CANDIDATES = [triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=3)
@@ -345,8 +346,17 @@ def _points_sum_kernel(a_ptr, b_ptr, part_ptr, M, NA, NB, SLAB, MIXED: tl.conste
              mask=(offs_a[:, None] < NA) & (offs_b[None, :] < NB))
 
 
+def _use_cublas(hidden, mixed):
+    """float32 at H <= 128 keeps cuBLAS: measured on an H200 (bench/RESULTS.md), 3D hidden
+    128 fwd+bwd took 4.4 ms with cuBLAS's SIMT products and 6.9 ms with these kernels, while
+    at hidden 256 these cut 2D fwd+bwd from 13.1 to 10.9 ms (and mixed from 8.2 to 7.7)."""
+    return not mixed and hidden <= 128
+
+
 def _rows_matmul(a, b, mixed):
     """(M, K) @ (K, N) -> (M, N) float32."""
+    if _use_cublas(a.shape[1], mixed):
+        return torch.mm(a, b)
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=torch.float32)
@@ -359,6 +369,8 @@ def _points_sum(a, b, mixed):
     """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB): the sum over points split into
     slabs (parallelism; a (H, H) result alone is one or four tiles), the slab partials
     summed in a fixed order (deterministic)."""
+    if _use_cublas(b.shape[1], mixed):
+        return torch.mm(a.t(), b)
     M, NA = a.shape
     NB = b.shape[1]
     tiles = triton.cdiv(NA, 64) * triton.cdiv(NB, 64)

@@ -122,3 +122,22 @@ def test_mfn_stack_saves_for_backward_only_when_needed():
         ref = fieldkern.ops.mfn_stack(x, **p, residual=True)
     for a_, b_ in zip(no_grad, ref):
         torch.testing.assert_close(a_, b_.detach(), rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_backward_point_products(mixed):
+    """The backward's two GEMM kernels (hidden > 128 or mixed) against torch: a sum over
+    points split into slabs with a ragged last one, and rows times a square matrix."""
+    from fieldkern.kernels import mfn_stack as M
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1100, 200, generator=g), torch.randn(1100, 3, generator=g)
+    w = torch.randn(200, 200, generator=g)
+    if mixed:
+        # bf16 operands (float32 ones rounded in the kernel; the interpreter rounds fp32 ->
+        # bf16 differently from torch, so the float32 inputs hold bf16 values here)
+        a = a.to(torch.bfloat16)
+        b, w = b.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
+    ref_sum, ref_rows = a.float().t() @ b, a.float() @ w
+    torch.testing.assert_close(M._points_sum(a, b, mixed), ref_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(M._rows_matmul(a, w, mixed), ref_rows, rtol=1e-5, atol=1e-4)
