@@ -17,37 +17,40 @@ Design (forward, ``_mfn_stack_fwd_kernel``):
   programs, H = 256: 35 MB touched at BLOCK_P = 64; allocated for the largest tuned
   BLOCK_P, 69 MB), reused by every tile, so it is largely L2-resident and independent of
   the number of points.
-  Nothing of size ``P x H`` is ever written.
+  Without autograd nothing of size ``P x H`` is written; when a gradient can be asked
+  for, the forward also stores ``lin_i = z_{i-1} A_i^T + c_i`` (i >= 1, ``(L-1, P, H)``
+  fp32) and, for ReLU heads, the head pre-activations ``(L, P, O)`` for the backward.
 * Hidden width padded to ``BLOCK_H`` (power of two >= 16) by masks: padded columns have
   ``W = b = 0`` so ``g = 0`` and stay exactly zero through every layer.
-* Products: mixed precision uses bf16 tensor-core products. float32 uses ``tf32x3`` in the
-  forward (each operand split into a TF32 head and a TF32 remainder, three tensor-core
-  products summed in fp32: error at fp32 rounding level, unlike plain TF32) and the FMA
-  path (``ieee``) in the backward, where the split operands' extra registers made it
-  slower (H200 measurements in bench/RESULTS.md). ``BLOCK_P``, ``BLOCK_N`` and ``BLOCK_K``
-  are autotuned; the hidden width is padded to at least the largest column block.
+* Products: mixed precision uses bf16 tensor-core products; float32 uses ``tf32x3`` (each
+  operand split into a TF32 head and a TF32 remainder, three tensor-core products summed
+  in fp32: error at fp32 rounding level, unlike plain TF32). ``BLOCK_P``, ``BLOCK_N`` and
+  ``BLOCK_K`` are autotuned; the hidden width is padded to at least the largest column
+  block.
+* Sines: the SFU's ``sin.approx`` after an explicit reduction to [-pi, pi]
+  (``_common.sine``), not libdevice's ``sinf`` (see there; 1.6x on the 3D forward).
 
-Backward (``_mfn_stack_bwd_kernel``), per tile, nothing saved from the forward pass, same
-column-blocked structure (register tiles are ``BLOCK_P x BLOCK_N``, never full width):
+Backward (``mfn_stack_backward``): per chunk of points (work buffers bounded by
+``BWD_WORKSPACE_BYTES``), top layer first,
 
-1. recompute the trunk, storing ``lin_i = z_{i-1} A_i^T + c_i`` (i >= 1) in the program's
-   scratch and, for ReLU heads, the head pre-activations ``(BLOCK_P, O)``;
-2. walk the layers top-down. Head: ``dy`` (the running sum of the output gradients from the
-   top for residual outputs), ReLU mask, ``dd_i``. Then per column block: recompute
-   ``g_i`` (sin, cos, envelope) from ``x`` and ``z_i = lin_i g_i``; ``dU_i``; ``dz_i`` = the
-   scratch ``dz`` (from layer i+1) plus ``dh_i U_i`` (only for ``i >= detach_heads_below``);
-   ``dlin_i = dz_i g_i`` -> scratch; the filter gradients ``db, dW (if trainable), dgamma,
-   dmu`` and ``dx`` from ``dz_i lin_i``; ``z_{i-1}`` recomputed -> scratch. Then
-   ``dA_i = dlin_i^T z_{i-1}`` block by block and ``dz_{i-1} = dlin_i A_i`` -> scratch.
+1. ``_mfn_stack_bwd_kernel``, one launch per layer, elementwise in column blocks: recompute
+   ``g_i`` (sin, cos, envelope) from ``x`` and ``z_i = lin_i g_i``; ``dz_i`` (from layer
+   i+1) plus ``dh_i U_i`` (only for ``i >= detach_heads_below``); the filter gradients
+   ``db, dW (if trainable), dgamma, dmu``, ``dc`` and this layer's share of ``dx``; writes
+   ``dlin_i = dz_i g_i`` and ``z_{i-1}`` (sines of layer i-1 recomputed);
+2. three GEMMs over the chunk's points: ``dA_i += dlin_i^T z_{i-1}``,
+   ``dU_{i-1} += dh_{i-1}^T z_{i-1}``, ``dz_{i-1} = dlin_i A_i`` (``_points_sum_kernel`` /
+   ``_rows_matmul_kernel``: tf32x3 or bf16 on tensor cores; float32 at hidden <= 128 on
+   cuBLAS, which measured faster there).
 
-Scratch of the backward: ``L + 2`` tiles of ``BLOCK_P x BLOCK_H`` fp32 per program (dz,
-lin_1..lin_{L-1}, z_{i-1}, dlin_i), ``#SMs`` programs: bounded by the grid, not by the
-number of points. Costs: one extra H x H product per layer (the recompute) and all sines
-computed three times (forward recompute, layer i, as z_{i-1} for layer i+1).
+The previous design recomputed the whole trunk inside one fused backward kernel and
+accumulated ``dA`` per tile with FMA products (255 registers, spills); on an H200 it took
+8.3 ms of the 3D 9.7 ms fwd+bwd (bench/RESULTS.md). Keeping ``lin_i`` costs (L-1) x P x H
+floats (0.17-0.19 of eager PyTorch's training memory for the benchmark networks).
 
 Reductions over points are deterministic: each program adds its tiles into its own row of
-``[n_programs, ...]`` partial buffers (plain load/add/store, no atomics), and the launcher
-sums the rows in a fixed order with ``torch.sum``. ``dx`` is per point, written once.
+``[n_programs, ...]`` partial buffers (plain load/add/store, no atomics), the GEMMs' slab
+partials are summed in a fixed order, and ``dx`` rows belong to one program each.
 """
 
 from __future__ import annotations
