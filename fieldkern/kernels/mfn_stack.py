@@ -105,8 +105,9 @@ _BWD_ALL = [_INTERP_BWD] if interpreting() else BWD_CANDIDATES
 _MAX_BLOCK_P_FWD = max(c.kwargs["BLOCK_P"] for c in _FWD_ALL)
 _MIN_BLOCK_P = min(c.kwargs["BLOCK_P"] for c in _FWD_ALL + _BWD_ALL)
 _MIN_BLOCK_H = max(max(c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_K", 0)) for c in _FWD_ALL + _BWD_ALL)
-#: Bytes of (points x H) work buffers the backward may hold at once (dz, dlin, z_{i-1} and
-#: the next dz); it walks the points in chunks that fit. Tests lower it to force chunks.
+#: Bytes of (points x H) float32 work buffers the backward may hold at once (dz_i, dlin_i,
+#: z_{i-1}; bf16 ones in mixed mode count as float32); it walks the points in chunks that
+#: fit. Tests lower it to force several chunks.
 BWD_WORKSPACE_BYTES = 256 << 20
 
 # Point counts stay out of the keys: one tuning per network shape, not per batch size.
