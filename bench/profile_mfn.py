@@ -1,6 +1,6 @@
 """Where the time of one mfn_stack training step goes (CUDA): torch.profiler's per-kernel
-device times for the benchmark networks, and the point-sum product ``a^T b`` of the
-backward timed as one cuBLAS GEMM vs a batched GEMM over slabs of points.
+device times for the benchmark networks, and the backward's products over points timed
+with cuBLAS (one GEMM, or batched over slabs of points) and with its Triton GEMMs.
 
     python bench/profile_mfn.py [problem ...]   # problems: 3d_h128_s3 2d_h256_s4
 """
@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fieldkern
 from _bench_utils import PROBLEMS
+from fieldkern.kernels import mfn_stack as M
 
 
 def step(model, x, target, precision):
@@ -73,6 +74,16 @@ def time_ms(fn, reps=20):
     return start.elapsed_time(end) / reps
 
 
+def _triton(fn, a, b, mixed):
+    """Call a backward GEMM with the cuBLAS switch off (float32 at H <= 128 would take cuBLAS)."""
+    saved = M._use_cublas
+    M._use_cublas = lambda hidden, mixed: False
+    try:
+        return fn(a, b, mixed)
+    finally:
+        M._use_cublas = saved
+
+
 def point_sum_products():
     print("### a^T b over n points, (n, H) x (n, H) -> (H, H)")
     for n, h in ((104857, 128), (262144, 128), (52428, 256), (262144, 256)):
@@ -90,6 +101,14 @@ def point_sum_products():
                     return out
                 res[f"slabs{m}"] = time_ms(slabs)
             res["dz mm (n,H)@(H,H)"] = time_ms(lambda: torch.mm(a, b[:h], **kw))
+            # the backward's own Triton GEMMs (tf32x3 / bf16), which replace cuBLAS except
+            # for float32 at H <= 128 (mfn_stack._use_cublas): settle that rule here
+            mixed = dtype == torch.bfloat16
+            sq = b[:h].float().contiguous()
+            M._points_sum_kernel.cache.clear()
+            M._rows_matmul_kernel.cache.clear()
+            res["triton sum"] = time_ms(lambda: _triton(M._points_sum, a, b, mixed))
+            res["triton rows"] = time_ms(lambda: _triton(M._rows_matmul, a, sq, mixed))
             flops = 2 * n * h * h
             print(f"n={n} H={h} {str(dtype)[6:]}: " + ", ".join(
                 f"{k} {v:.3f} ms ({flops / v / 1e9:.0f} TFLOPS)" for k, v in res.items()))
