@@ -55,6 +55,23 @@ def test_mfn_stack_cuda(case, n_points):
                   head_activation="relu" if relu else None, detach_heads_below=detach)
 
 
+@pytest.mark.parametrize("hidden, precision", [(128, "float32"), (256, "float32"), (128, "mixed")])
+def test_mfn_stack_backward_deterministic_cuda(hidden, precision):
+    """Two backward passes give bitwise equal gradients: program-owned partial rows, slab
+    partials summed in a fixed order, and (float32, hidden <= 128) cuBLAS, which repeats
+    its results run to run on one GPU."""
+    p = _cuda(stack_params(3, hidden, 3, 1, True, trainable_w=True))
+    x = _x(70001, 3)
+    leaves = [x, *p["filter_weight"], *p["linear_weight"], *p["head_weight"], *p["gabor_mu"]]
+    grads = []
+    for _ in range(2):
+        with fieldkern.set_backend("triton"), fieldkern.ops.set_precision(precision):
+            outs = fieldkern.ops.mfn_stack(x, **p, residual=True)
+        grads.append(torch.autograd.grad(sum(o.square().sum() for o in outs), leaves))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("gabor", [False, True])
 def test_filters_and_layer_cuda(gabor):
     g = torch.Generator(device="cuda").manual_seed(0)
