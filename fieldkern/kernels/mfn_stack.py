@@ -131,7 +131,7 @@ def _linear_block(z_ptr, a_ptr, c_ptr, offs_r, offs_n, mask_n, offs_bk, H,
     return acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["SAVE"])
 @triton.jit
 def _mfn_stack_fwd_kernel(
     x_ptr, w_ptr, b_ptr, a_ptr, c_ptr, u_ptr, d_ptr, gamma_ptr, mu_ptr, out_ptr, scratch_ptr,
