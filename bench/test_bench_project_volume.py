@@ -5,6 +5,9 @@ Implementations (same volume, same rotations, same run):
 - ``triton``: :func:`fieldkern.ops.project_volume` under ``fieldkern.set_backend("triton")``
   (CUDA only: on CPU the kernels would run under the Triton interpreter, a correctness tool
   that is far too slow to benchmark);
+- ``triton_deterministic``: the same under ``torch.use_deterministic_algorithms(True)``,
+  whose volume gradient is the gather kernel instead of float32 atomics (forward+backward
+  only: the forward is the same kernel);
 - ``reference``: :func:`fieldkern.ops.project_volume.project_volume_reference`, the chunked
   ``grid_sample`` path (blocks of images x slices, checkpointed when autograd records);
 - ``paper``: the naive approach, :func:`paper_project`: expand the volume per image
@@ -45,6 +48,7 @@ are alive at once):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import re
@@ -60,7 +64,7 @@ from fieldkern.cryoem import random_rotations
 from fieldkern.cryoem.fourier_slice import project_volume_fourier
 from fieldkern.ops.project_volume import DEFAULT_MAX_POINTS, _block_sizes, project_volume_reference
 
-IMPLS = ["triton", "reference", "paper", "fourier", "compile"]
+IMPLS = ["triton", "triton_deterministic", "reference", "paper", "fourier", "compile"]
 MODES = ["forward", "forward_backward"]
 B_FULL = 600
 # (D, B) problems. CPU: the full D = 64, B = 600 only for the cases in CPU_FULL_SIZE_CASES.
@@ -118,6 +122,16 @@ def _triton(volume, rots):
         return fieldkern.ops.project_volume(volume, rots)
 
 
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on or before, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def _compiled(key):
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(project_volume_reference)
@@ -156,7 +170,9 @@ def _seconds(fn) -> float:
 
 
 def _skip_reason(impl, mode, D, B):
-    if impl == "triton" and not CUDA:
+    if impl == "triton_deterministic" and mode == "forward":
+        return "the forward is triton's: only the backward differs"
+    if impl.startswith("triton") and not CUDA:
         return ("triton needs a CUDA device: on CPU the kernels only run under the Triton "
                 "interpreter (TRITON_INTERPRET=1), a correctness tool far too slow to benchmark")
     if not CUDA and B == B_FULL and (impl, mode) not in CPU_FULL_SIZE_CASES:
@@ -187,6 +203,7 @@ def test_bench_project_volume(benchmark, problem, impl, mode, device):
         pytest.skip(reason)
     fn = {
         "triton": _triton,
+        "triton_deterministic": _triton,
         "reference": project_volume_reference,
         "paper": paper_project,
         "fourier": project_volume_fourier,
@@ -205,7 +222,8 @@ def test_bench_project_volume(benchmark, problem, impl, mode, device):
 
         def step():
             v.grad = r.grad = None
-            fn(v, r).square().sum().backward()
+            with _deterministic(impl == "triton_deterministic"):
+                fn(v, r).square().sum().backward()
             sync()
 
     est = _seconds(step)  # warm-up: compilation / autotuning stay out of the timings

@@ -40,8 +40,12 @@ Backward (one kernel, constexpr switches for what is needed, fixed ``BLOCK``: th
 gradient's partial buffer is sized by it) walks the same rays:
 - volume gradient: the adjoint, scattering ``w * dI`` to the eight taps of the in-box
   samples with relaxed ``tl.atomic_add`` into a padded float32 buffer whose interior is
-  returned (float32 atomics: the summation order, hence the last bits, vary run to run;
-  documented as non-deterministic);
+  returned (float32 atomics: the summation order, hence the last bits, vary run to run).
+  Under ``torch.use_deterministic_algorithms(True)`` a separate kernel gathers instead
+  (``project_volume_bwd_gather_kernel``): one thread per voxel walks the images in order
+  and sums the samples within one voxel of it (64 candidates per image, ~8 with weight),
+  bitwise repeatable; about 8x the arithmetic of the scatter and no atomics (GPU speed not
+  yet measured);
 - rotation gradient: ``dL/dR[i, j] = sum dI * dV/dq_j * p_i`` through the spatial gradient of
   the trilinear interpolant; each program reduces its tile to 9 numbers written to a
   ``(B, n_tiles, 9)`` buffer that is summed in a fixed order afterwards (deterministic).
@@ -266,6 +270,70 @@ def project_volume_bwd_kernel(
         tl.store(base + 8, tl.sum(tz, axis=0))
 
 
+# voxels per program of the gather backward: one per thread at 4 warps (ptxas sm_90: 93
+# registers; two per thread took 202)
+BLOCK_VOXELS = 64 if interpreting() else 128
+
+
+@triton.jit
+def project_volume_bwd_gather_kernel(grad_out_ptr, rot_ptr, grad_vol_ptr, D, B,
+                                     BLOCK_V: tl.constexpr, REACH: tl.constexpr = 1.733):
+    """Deterministic volume gradient (the adjoint without atomics): for each voxel v, the sum
+    over images, in order, of ``dI[y, x] * tri(q - v)`` over the samples ``(x, y, k)`` whose
+    position ``q = R^T ((x, y, k) - c) + c`` lies within one voxel of v. Those lie in a box
+    of half-width sqrt(3) around ``R (v - c) + c`` in the image frame (``REACH``, widened
+    against rounding; the box stays under 4 wide): 4 x 4 pixel columns of 4 slices each,
+    ~8 of the 64 with nonzero weight. ``grad_vol_ptr``: ``(D, D, D)``."""
+    offs = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    live = offs < D * D * D
+    c = D // 2
+    cf = c * 1.0
+    vx = (offs % D) * 1.0
+    vy = ((offs // D) % D) * 1.0
+    vz = (offs // (D * D)) * 1.0
+    ex = vx - cf
+    ey = vy - cf
+    ez = vz - cf
+    top = D - 1.0
+    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for b in range(0, B):
+        r = rot_ptr + b * 9
+        r00 = tl.load(r + 0)
+        r01 = tl.load(r + 1)
+        r02 = tl.load(r + 2)
+        r10 = tl.load(r + 3)
+        r11 = tl.load(r + 4)
+        r12 = tl.load(r + 5)
+        r20 = tl.load(r + 6)
+        r21 = tl.load(r + 7)
+        r22 = tl.load(r + 8)
+        # first candidate sample index per axis: ceil(u + c - reach), u = R (v - c)
+        sx0 = -tl.floor(-(r00 * ex + r01 * ey + r02 * ez + (cf - REACH)))
+        sy0 = -tl.floor(-(r10 * ex + r11 * ey + r12 * ez + (cf - REACH)))
+        sz0 = -tl.floor(-(r20 * ex + r21 * ey + r22 * ez + (cf - REACH)))
+        for col in tl.static_range(16):
+            sx = sx0 + (col % 4)
+            sy = sy0 + (col // 4)
+            pix = live & (sx >= 0.0) & (sx <= top) & (sy >= 0.0) & (sy <= top)
+            g = tl.load(grad_out_ptr + b * D * D + sy.to(tl.int32) * D + sx.to(tl.int32), mask=pix,
+                        other=0.0)
+            px = sx - cf
+            py = sy - cf
+            w = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            for oz in tl.static_range(4):
+                sz = sz0 + oz
+                pz = sz - cf
+                # the sample's position as the forward computes it, minus the voxel's
+                dx = r00 * px + r10 * py + r20 * pz + cf - vx
+                dy = r01 * px + r11 * py + r21 * pz + cf - vy
+                dz = r02 * px + r12 * py + r22 * pz + cf - vz
+                wz = (tl.maximum(1.0 - tl.abs(dx), 0.0) * tl.maximum(1.0 - tl.abs(dy), 0.0)
+                      * tl.maximum(1.0 - tl.abs(dz), 0.0))
+                w += tl.where((sz >= 0.0) & (sz <= top), wz, 0.0)
+            acc += w * g
+    tl.store(grad_vol_ptr + offs, acc, mask=live)
+
+
 def _padded(volume: torch.Tensor) -> torch.Tensor:
     """``(D + 2)^3`` copy with a zero border, same dtype: one D^3 copy per call, against
     B D^3 samples that then need no bounds tests."""
@@ -287,26 +355,35 @@ def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> tor
 
 def project_volume_backward(
     volume: torch.Tensor, rotations: torch.Tensor, grad_out: torch.Tensor,
-    need_volume: bool, need_rotation: bool,
+    need_volume: bool, need_rotation: bool, deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`project_volume_forward` w.r.t. the volume and the rotations (float32)."""
+    """Gradients of :func:`project_volume_forward` w.r.t. the volume and the rotations
+    (float32). ``deterministic``: the volume gradient by the gather kernel (no atomics,
+    bitwise repeatable) instead of the scatter with float32 atomics."""
     D = volume.shape[0]
     B = rotations.shape[0]
     rotations = rotations.to(torch.float32).contiguous()
     grad_out = grad_out.to(torch.float32).contiguous()
     n_tiles = triton.cdiv(D * D, BLOCK)
     dev = volume.device
-    grad_padded = torch.zeros(D + 2, D + 2, D + 2, device=dev, dtype=torch.float32) if need_volume else None
+    scatter = need_volume and not deterministic
+    grad_padded = torch.zeros(D + 2, D + 2, D + 2, device=dev, dtype=torch.float32) if scatter else None
     partial = torch.empty(B, n_tiles, 9, device=dev, dtype=torch.float32) if need_rotation else None
-    if B > 0 and (need_volume or need_rotation):
+    if B > 0 and (scatter or need_rotation):
         dummy = grad_out  # a valid pointer for the buffers a constexpr switch leaves unused
         project_volume_bwd_kernel[(B, n_tiles)](
             _padded(volume) if need_rotation else dummy, rotations, grad_out,
-            grad_padded if need_volume else dummy,
+            grad_padded if scatter else dummy,
             partial if need_rotation else dummy,
             D, n_tiles,
-            NEED_VOLUME=need_volume, NEED_ROTATION=need_rotation, BLOCK=BLOCK,
+            NEED_VOLUME=scatter, NEED_ROTATION=need_rotation, BLOCK=BLOCK,
         )
-    grad_volume = grad_padded[1:-1, 1:-1, 1:-1].contiguous() if need_volume else None
+    grad_volume = None
+    if scatter:
+        grad_volume = grad_padded[1:-1, 1:-1, 1:-1].contiguous()
+    elif need_volume:
+        grad_volume = torch.empty(D, D, D, device=dev, dtype=torch.float32)
+        project_volume_bwd_gather_kernel[(triton.cdiv(D ** 3, BLOCK_VOXELS),)](
+            grad_out, rotations, grad_volume, D, B, BLOCK_V=BLOCK_VOXELS)
     grad_rotations = partial.sum(1).view(B, 3, 3) if need_rotation else None
     return grad_volume, grad_rotations

@@ -146,16 +146,17 @@ def _(volume, rotations):
 
 @torch.library.custom_op("fieldkern::project_volume_backward", mutates_args=())
 def _project_volume_backward_op(
-    volume: torch.Tensor, rotations: torch.Tensor, grad: torch.Tensor, need_volume: bool, need_rotation: bool
+    volume: torch.Tensor, rotations: torch.Tensor, grad: torch.Tensor, need_volume: bool, need_rotation: bool,
+    deterministic: bool,
 ) -> list[torch.Tensor]:
     from fieldkern.kernels.project_volume import project_volume_backward
 
-    dv, dr = project_volume_backward(volume, rotations, grad, need_volume, need_rotation)
+    dv, dr = project_volume_backward(volume, rotations, grad, need_volume, need_rotation, deterministic)
     return [dv if dv is not None else grad.new_empty((0,)), dr if dr is not None else grad.new_empty((0,))]
 
 
 @_project_volume_backward_op.register_fake
-def _(volume, rotations, grad, need_volume, need_rotation):
+def _(volume, rotations, grad, need_volume, need_rotation, deterministic):
     D = volume.shape[0]
     return [grad.new_empty((D, D, D) if need_volume else (0,)),
             grad.new_empty((rotations.shape[0], 3, 3) if need_rotation else (0,))]
@@ -169,8 +170,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     volume, rotations = ctx.saved_tensors
     need_v, need_r = ctx.needs_input_grad[:2]
+    # torch.use_deterministic_algorithms(True) selects the gather kernel for the volume
+    # gradient: no atomics, the same bits every run
     dv, dr = torch.ops.fieldkern.project_volume_backward(
-        volume, rotations, grad.contiguous(), bool(need_v), bool(need_r)
+        volume, rotations, grad.contiguous(), bool(need_v), bool(need_r),
+        torch.are_deterministic_algorithms_enabled(),
     )
     return (dv.to(volume.dtype) if need_v else None, dr.to(rotations.dtype) if need_r else None)
 
@@ -195,7 +199,9 @@ def project_volume(
     rotations; memory bounded independently of B on both paths.
 
     Triton path (float32 or bfloat16 volumes; output and gradients accumulate in float32;
-    the volume gradient uses float32 atomics, so its last bits vary from run to run). The
+    the volume gradient uses float32 atomics, so its last bits vary from run to run, unless
+    ``torch.use_deterministic_algorithms(True)`` is on: then a gather kernel sums each
+    voxel's samples in a fixed order). The
     reference path (any floating dtype) takes ``chunk_size``/``slice_chunk``/``max_points``,
     see :func:`project_volume_reference`; the Triton path needs no chunking.
     """

@@ -21,7 +21,7 @@ from fieldkern.kernels import multiplicative_layer as ML  # noqa: E402
 from fieldkern.kernels import project_volume as PV  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-INTS = {"P", "H", "O", "K", "D", "n_tiles", "M", "N", "NA", "NB", "SLAB", "ROW"}  # everything else not constexpr is a fp32 pointer
+INTS = {"P", "H", "O", "K", "D", "B", "n_tiles", "M", "N", "NA", "NB", "SLAB", "ROW"}  # everything else not constexpr is a fp32 pointer
 
 
 def build(kernel, consts, num_warps=4, types=None):
@@ -60,6 +60,7 @@ def main():
         build(ML._multiplicative_layer_bwd_kernel, dict(ml, NEED_DW=True, BLOCK_D=4))
     build(PV.project_volume_fwd_kernel, dict(BLOCK=PV.BLOCK))
     build(PV.project_volume_bwd_kernel, dict(NEED_VOLUME=True, NEED_ROTATION=True, BLOCK=PV.BLOCK))
+    build(PV.project_volume_bwd_gather_kernel, dict(BLOCK_V=PV.BLOCK_VOXELS, REACH=1.733))
 
 
 if __name__ == "__main__":
