@@ -434,8 +434,9 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
     Per chunk of points, top layer first: the layer kernel does everything elementwise
     (sines recomputed, never stored) and writes ``dlin_i`` and ``z_{i-1}``; then three
     GEMMs: ``dA_i += dlin_i^T z_{i-1}``, ``dU_{i-1} += dh_{i-1}^T z_{i-1}`` and
-    ``dz_{i-1} = dlin_i A_i`` (float32 as tf32x3, mixed with bf16 operands; the work
-    buffers are bf16 in mixed mode, their products being rounded to bf16 anyway)."""
+    ``dz_{i-1} = dlin_i A_i`` (float32 as tf32x3, or on cuBLAS at hidden <= 128; mixed
+    with bf16 operands, the work buffers being bf16 then, as their products round them to
+    bf16 anyway)."""
     P, D = x.shape
     L, H, _ = w.shape
     O = u.shape[1]
