@@ -78,21 +78,21 @@ def _tile_pixels(D, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _rotation(rot_ptr, b):
+    """The nine entries of rotation ``b`` of a ``(B, 3, 3)`` array, row-major, float32."""
+    r = rot_ptr + b * 9
+    return (tl.load(r + 0).to(tl.float32), tl.load(r + 1).to(tl.float32), tl.load(r + 2).to(tl.float32),
+            tl.load(r + 3).to(tl.float32), tl.load(r + 4).to(tl.float32), tl.load(r + 5).to(tl.float32),
+            tl.load(r + 6).to(tl.float32), tl.load(r + 7).to(tl.float32), tl.load(r + 8).to(tl.float32))
+
+
+@triton.jit
 def _ray_setup(rot_ptr, b, xi, yi, D):
     """Pixel -> rotated ray origin (index units of the padded volume) and per-step increment."""
     c = D // 2
     px = (xi - c).to(tl.float32)
     py = (yi - c).to(tl.float32)
-    r = rot_ptr + b * 9
-    r00 = tl.load(r + 0).to(tl.float32)
-    r01 = tl.load(r + 1).to(tl.float32)
-    r02 = tl.load(r + 2).to(tl.float32)
-    r10 = tl.load(r + 3).to(tl.float32)
-    r11 = tl.load(r + 4).to(tl.float32)
-    r12 = tl.load(r + 5).to(tl.float32)
-    r20 = tl.load(r + 6).to(tl.float32)
-    r21 = tl.load(r + 7).to(tl.float32)
-    r22 = tl.load(r + 8).to(tl.float32)
+    r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rotation(rot_ptr, b)
     # q = R^T p: q_j = sum_i R[i, j] p_i, starting from z = -c, shifted to array indices of
     # the padded volume (+1 for the border) in the same final add, so no extra rounding.
     zc = -c.to(tl.float32)
@@ -297,16 +297,7 @@ def project_volume_bwd_gather_kernel(grad_out_ptr, rot_ptr, grad_vol_ptr, D, B,
     top = D - 1.0
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for b in range(0, B):
-        r = rot_ptr + b * 9
-        r00 = tl.load(r + 0)
-        r01 = tl.load(r + 1)
-        r02 = tl.load(r + 2)
-        r10 = tl.load(r + 3)
-        r11 = tl.load(r + 4)
-        r12 = tl.load(r + 5)
-        r20 = tl.load(r + 6)
-        r21 = tl.load(r + 7)
-        r22 = tl.load(r + 8)
+        r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rotation(rot_ptr, b)
         # first candidate sample index per axis: ceil(u + c - reach), u = R (v - c)
         sx0 = -tl.floor(-(r00 * ex + r01 * ey + r02 * ez + (cf - REACH)))
         sy0 = -tl.floor(-(r10 * ex + r11 * ey + r12 * ez + (cf - REACH)))

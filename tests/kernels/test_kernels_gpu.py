@@ -180,12 +180,19 @@ def test_project_volume_cuda(D, B):
     close("d rotations", gr, gr_ref, rtol=1e-3, atol=1e-3)
 
 
-def _candidate_params():
+def _mfn_tuned_kernels():
+    """Each autotuned mfn_stack kernel and its GPU candidates, by test id prefix."""
     from fieldkern.kernels import mfn_stack as M
 
-    lists = {"fwd": M.FWD_CANDIDATES, "bwd": M.BWD_CANDIDATES, "rows": M._ROWS_CANDIDATES,
-             "sum": M._SUM_CANDIDATES}
-    return [pytest.param(which, i, id=f"{which}{i}") for which, cands in lists.items() for i in range(len(cands))]
+    return {"fwd": (M._mfn_stack_fwd_kernel, M.FWD_CANDIDATES),
+            "bwd": (M._mfn_stack_bwd_kernel, M.BWD_CANDIDATES),
+            "rows": (M._rows_matmul_kernel, M._ROWS_CANDIDATES),
+            "sum": (M._points_sum_kernel, M._SUM_CANDIDATES)}
+
+
+def _candidate_params():
+    return [pytest.param(which, i, id=f"{which}{i}")
+            for which, (_, cands) in _mfn_tuned_kernels().items() for i in range(len(cands))]
 
 
 @pytest.mark.parametrize("which, index", _candidate_params())
@@ -193,12 +200,7 @@ def test_mfn_stack_every_autotune_candidate(which, index):
     """Autotuning may pick any candidate, while the other tests (FIELDKERN_AUTOTUNE=0) run
     the first: force each one (stack forward, layer backward, the backward's two GEMMs) on
     a wide, a 3D and an odd-width net."""
-    from fieldkern.kernels import mfn_stack as M
-
-    kernel, candidates = {"fwd": (M._mfn_stack_fwd_kernel, M.FWD_CANDIDATES),
-                          "bwd": (M._mfn_stack_bwd_kernel, M.BWD_CANDIDATES),
-                          "rows": (M._rows_matmul_kernel, M._ROWS_CANDIDATES),
-                          "sum": (M._points_sum_kernel, M._SUM_CANDIDATES)}[which]
+    kernel, candidates = _mfn_tuned_kernels()[which]
     saved = kernel.configs
     kernel.configs = [candidates[index]]
     kernel.cache.clear()
