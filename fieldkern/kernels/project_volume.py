@@ -7,8 +7,8 @@ trilinear interpolation and zero outside the box (the convention of
 Design: one program per (image, run of ``BLOCK`` consecutive pixels). The program rotates
 its pixels' ray origins once and walks the rays along z (sample ``k`` at origin + ``k`` times
 the third row of ``R``: three multiply-adds per step); the eight trilinear taps are
-gathered from the volume, which for D <= 160 (16 MB in float32) stays resident in an
-H100's 50 MB L2 across the whole batch. The sum along the ray lives in registers: extra
+gathered from the volume, whose paired copy (below) for D <= 160 (34 MB in float32) stays
+resident in an H100's 50 MB L2 across the whole batch. The sum along the ray lives in registers: extra
 memory is the output and one padded copy of the volume, O(B D^2 + D^3). (Square 16 x 16
 tiles were measured 1.3-1.9x slower than runs of 256 pixels along rows on an H100,
 bench/RESULTS.md.)
@@ -16,12 +16,25 @@ bench/RESULTS.md.)
 Cheap taps: the launcher copies the volume once per call into a ``(D + 2)^3`` array with a
 one-voxel zero border, and the kernels work in its index coordinates. Each sample is
 clamped into the padded box, so every tap is a valid address: one flat index per sample
-plus constant corner offsets (1, D + 2, (D + 2)^2), no per-tap bounds masks (the previous
+plus constant corner offsets (D + 2, (D + 2)^2), no per-tap bounds masks (the previous
 version spent ~6 compares per tap on them). Where a coordinate lies outside the box the
 clamp puts the sample on the border with all weight on zero voxels, so the value is 0
 exactly as with the masks. Clamping does not zero the interpolant's *derivative* there
 (the clamped sample sits on the kink between border and interior), so the backward
 switches each whole sample off when it is outside the box (three interval tests).
+
+Paired taps: in that copy every voxel sits next to its +x neighbour (``(D + 2)^3 x 2``,
+``_paired``), so a sample's eight taps are four aligned 8-byte loads (``ld.global.v2``;
+4-byte loads in bf16) instead of eight 4-byte gathers, and the backward's scatter four
+8-byte atomics. Why: the forward ran at ~75 SM cycles per warp and ray step on an H200
+(D = 64 and 128 alike), 3.6x its instruction-issue floor (sm_90 SASS: 168 instructions per
+loop iteration of two samples), so memory access bounds it; a warp's 32 lanes hit ~24
+distinct 128-byte lines per gather. ``bench/gather_model.py`` (a numpy model, not a
+measurement) counts per warp and step, D = 64: 181 line lookups summed over the gathers
+and 64 distinct 32-byte sectors with eight scalar loads, 91 and 62 with pairs. So pairs
+halve the L1 lookups and the load instructions (143 SASS instructions per iteration now)
+at about the same L2 traffic. **Not yet timed on a GPU.** Extra memory of the forward:
+the output plus 8 (D + 2)^3 bytes, 54 MiB at D = 128, B = 600 in float32.
 
 Ray clipping: each program walks only the steps ``k`` between the earliest entry and the
 latest exit, over its lanes, of the rays into the padded box (slab method, with half a
@@ -33,14 +46,15 @@ for rotations that leave whole rows outside the box.
 
 The forward's ``BLOCK``/``num_warps`` are autotuned per ``D`` (one config under the
 interpreter; ``FIELDKERN_AUTOTUNE=0`` keeps the first, the previous fixed 256 pixels / 4
-warps). The speed effect of the padding, clipping and tuning is **not yet measured on a
-GPU**.
+warps). Padding, clipping and tuning together took the D = 128, B = 600 forward from 13.9
+to 11.0 ms on an H200 (bench/RESULTS.md).
 
 Backward (one kernel, constexpr switches for what is needed, fixed ``BLOCK``: the rotation
 gradient's partial buffer is sized by it) walks the same rays:
 - volume gradient: the adjoint, scattering ``w * dI`` to the eight taps of the in-box
-  samples with relaxed ``tl.atomic_add`` into a padded float32 buffer whose interior is
-  returned (float32 atomics: the summation order, hence the last bits, vary run to run).
+  samples with relaxed ``tl.atomic_add`` into an x-paired padded float32 buffer (four
+  8-byte atomics per sample), whose two slots per voxel are added afterwards (float32
+  atomics: the summation order, hence the last bits, vary run to run).
   Under ``torch.use_deterministic_algorithms(True)`` a separate kernel gathers instead
   (``project_volume_bwd_gather_kernel``): one thread per voxel walks the images in order
   and sums the samples within one voxel of it (64 candidates per image, ~8 with weight),
@@ -54,7 +68,6 @@ gradient's partial buffer is sized by it) walks the same rays:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -166,6 +179,24 @@ def _cell(qx, qy, qz, D):
 
 
 @triton.jit
+def _tap_pair(pair_ptr, idx):
+    """Voxels ``idx`` and ``idx + 1`` (along x) of the padded volume, float32, as one
+    8-byte (4 in bf16) load from the x-paired copy (``_paired``)."""
+    two = tl.arange(0, 2)
+    v = tl.load(pair_ptr + (idx * 2)[:, None] + two[None, :]).to(tl.float32)
+    return tl.split(v)
+
+
+@triton.jit
+def _scatter_pair(pair_ptr, idx, v0, v1, mask):
+    """Add ``v0`` / ``v1`` to voxels ``idx`` / ``idx + 1`` of an x-paired buffer: one 8-byte
+    float32 atomic (``red.global.add.v2.f32`` on sm_90) instead of two."""
+    two = tl.arange(0, 2)
+    tl.atomic_add(pair_ptr + (idx * 2)[:, None] + two[None, :], tl.join(v0, v1),
+                  mask=mask[:, None] & (two[None, :] < 2), sem="relaxed")
+
+
+@triton.jit
 def _in_box(qx, qy, qz, D):
     """Samples whose taps reach the interior, [0, D + 1) per padded coordinate: q = -1 has a
     one-sided derivative (weight 0 on the first voxel, slope from it), q = D neither."""
@@ -176,7 +207,7 @@ def _in_box(qx, qy, qz, D):
 @triton.autotune(configs=_FWD_CONFIGS, key=["D"])
 @triton.jit
 def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr):
-    """``vol_ptr``: the ``(D + 2)^3`` zero-bordered volume."""
+    """``vol_ptr``: the x-paired zero-bordered volume (``_paired``)."""
     b = tl.program_id(0)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
     px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
@@ -187,13 +218,12 @@ def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr)
     for k in range(k_start, k_end):
         qx, qy, qz = _sample(qx0, qy0, qz0, dx, dy, dz, k)
         base, fx, fy, fz = _cell(qx, qy, qz, D)
-        for corner in tl.static_range(8):
-            cx = corner % 2
-            cy = (corner // 2) % 2
-            cz = corner // 4
-            w = (fx if cx else 1.0 - fx) * (fy if cy else 1.0 - fy) * (fz if cz else 1.0 - fz)
-            v = tl.load(vol_ptr + (base + (cz * plane + cy * Dp + cx))).to(tl.float32)
-            acc += w * v
+        for corner in tl.static_range(4):
+            cy = corner % 2
+            cz = corner // 2
+            v0, v1 = _tap_pair(vol_ptr, base + (cz * plane + cy * Dp))
+            wyz = (fy if cy else 1.0 - fy) * (fz if cz else 1.0 - fz)
+            acc += ((1.0 - fx) * wyz) * v0 + (fx * wyz) * v1
     tl.store(out_ptr + b * D * D + offs, acc, mask=pix)
 
 
@@ -202,8 +232,8 @@ def project_volume_bwd_kernel(
     vol_ptr, rot_ptr, grad_out_ptr, grad_vol_ptr, grad_rot_partial_ptr, D, n_tiles,
     NEED_VOLUME: tl.constexpr, NEED_ROTATION: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``vol_ptr`` and ``grad_vol_ptr``: ``(D + 2)^3`` padded arrays (the border of the
-    volume gradient collects the weights of taps outside the box and is discarded)."""
+    """``vol_ptr``: the x-paired zero-bordered volume (``_paired``); ``grad_vol_ptr``: an
+    x-paired ``(D + 2)^3 x 2`` buffer of the same layout (its border collects the weights of taps outside the box and is discarded)."""
     b = tl.program_id(0)
     tile = tl.program_id(1)
     offs, pix, xi, yi = _tile_pixels(D, BLOCK)
@@ -227,24 +257,23 @@ def project_volume_bwd_kernel(
         gx = tl.zeros((BLOCK,), dtype=tl.float32)
         gy = tl.zeros((BLOCK,), dtype=tl.float32)
         gz = tl.zeros((BLOCK,), dtype=tl.float32)
-        for corner in tl.static_range(8):
-            cx = corner % 2
-            cy = (corner // 2) % 2
-            cz = corner // 4
-            off = base + (cz * plane + cy * Dp + cx)
-            wx = fx if cx else 1.0 - fx
+        for corner in tl.static_range(4):
+            cy = corner % 2
+            cz = corner // 2
+            off = base + (cz * plane + cy * Dp)
             wy = fy if cy else 1.0 - fy
             wz = fz if cz else 1.0 - fz
             if NEED_VOLUME:
-                tl.atomic_add(grad_vol_ptr + off, wx * wy * wz * g, mask=ok, sem="relaxed")
+                wg = wy * wz * g
+                _scatter_pair(grad_vol_ptr, off, (1.0 - fx) * wg, fx * wg, ok)
             if NEED_ROTATION:
-                v = tl.load(vol_ptr + off).to(tl.float32)
-                sgx = 1.0 if cx else -1.0
+                v0, v1 = _tap_pair(vol_ptr, off)
                 sgy = 1.0 if cy else -1.0
                 sgz = 1.0 if cz else -1.0
-                gx += sgx * wy * wz * v
-                gy += wx * sgy * wz * v
-                gz += wx * wy * sgz * v
+                vx = (1.0 - fx) * v0 + fx * v1  # interpolated along x
+                gx += wy * wz * (v1 - v0)
+                gy += sgy * wz * vx
+                gz += wy * sgz * vx
         if NEED_ROTATION:
             # Out of the box the clamped sample sits on a kink of the interpolant: its
             # slope is not the zero-padded volume's (0), so the whole sample is dropped.
@@ -325,10 +354,16 @@ def project_volume_bwd_gather_kernel(grad_out_ptr, rot_ptr, grad_vol_ptr, D, B,
     tl.store(grad_vol_ptr + offs, acc, mask=live)
 
 
-def _padded(volume: torch.Tensor) -> torch.Tensor:
-    """``(D + 2)^3`` copy with a zero border, same dtype: one D^3 copy per call, against
-    B D^3 samples that then need no bounds tests."""
-    return F.pad(volume, (1, 1, 1, 1, 1, 1))
+def _paired(volume: torch.Tensor) -> torch.Tensor:
+    """``(D + 2, D + 2, D + 2, 2)`` copy, same dtype: the volume with a one-voxel zero border,
+    each voxel next to its +x neighbour (``[..., x, 1] = [..., x + 1, 0]``), so the kernels
+    fetch the two x-taps of a sample in one aligned 8-byte load. One 2 D^3 copy per call,
+    against B D^3 samples that then need no bounds tests and half the load instructions."""
+    D = volume.shape[0]
+    pairs = volume.new_zeros((D + 2, D + 2, D + 2, 2))  # one buffer, no padded temporaries
+    pairs[1:-1, 1:-1, 1:-1, 0] = volume
+    pairs[1:-1, 1:-1, :-2, 1] = volume
+    return pairs
 
 
 def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -340,7 +375,7 @@ def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> tor
     if B == 0:
         return out
     grid = lambda meta: (B, triton.cdiv(D * D, meta["BLOCK"]))  # noqa: E731
-    project_volume_fwd_kernel[grid](_padded(volume), rotations, out, D)
+    project_volume_fwd_kernel[grid](_paired(volume), rotations, out, D)
     return out
 
 
@@ -358,20 +393,21 @@ def project_volume_backward(
     n_tiles = triton.cdiv(D * D, BLOCK)
     dev = volume.device
     scatter = need_volume and not deterministic
-    grad_padded = torch.zeros(D + 2, D + 2, D + 2, device=dev, dtype=torch.float32) if scatter else None
+    grad_pairs = torch.zeros(D + 2, D + 2, D + 2, 2, device=dev, dtype=torch.float32) if scatter else None
     partial = torch.empty(B, n_tiles, 9, device=dev, dtype=torch.float32) if need_rotation else None
     if B > 0 and (scatter or need_rotation):
         dummy = grad_out  # a valid pointer for the buffers a constexpr switch leaves unused
         project_volume_bwd_kernel[(B, n_tiles)](
-            _padded(volume) if need_rotation else dummy, rotations, grad_out,
-            grad_padded if scatter else dummy,
+            _paired(volume) if need_rotation else dummy, rotations, grad_out,
+            grad_pairs if scatter else dummy,
             partial if need_rotation else dummy,
             D, n_tiles,
             NEED_VOLUME=scatter, NEED_ROTATION=need_rotation, BLOCK=BLOCK,
         )
     grad_volume = None
     if scatter:
-        grad_volume = grad_padded[1:-1, 1:-1, 1:-1].contiguous()
+        # voxel x collects its own slot and the +x slot of voxel x - 1
+        grad_volume = grad_pairs[1:-1, 1:-1, 1:-1, 0] + grad_pairs[1:-1, 1:-1, :-2, 1]
     elif need_volume:
         grad_volume = torch.empty(D, D, D, device=dev, dtype=torch.float32)
         project_volume_bwd_gather_kernel[(triton.cdiv(D ** 3, BLOCK_VOXELS),)](

@@ -30,9 +30,19 @@ def build(kernel, consts, num_warps=4, types=None):
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else ("i32" if n in INTS else "*fp32") for n in names}
     sig.update(types or {})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": 2})
+    # pointers 16-byte aligned, as the launcher specialises them for torch's allocations
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": 2})
     print("ok", fn.__name__, consts, flush=True)
+    return compiled.asm["ptx"]
+
+
+def expect(ptx, instruction, what):
+    """Fail unless the PTX holds ``instruction`` (a property the kernel's speed rests on)."""
+    if instruction not in ptx:
+        sys.exit(f"{what}: no {instruction} in the PTX")
 
 
 def main():
@@ -58,8 +68,12 @@ def main():
         ml = dict(D=3, HAS_C=True, GABOR=gabor, MIXED=mixed, BLOCK_P=16, BLOCK_N=16, BLOCK_K=16)
         build(ML._multiplicative_layer_fwd_kernel, ml)
         build(ML._multiplicative_layer_bwd_kernel, dict(ml, NEED_DW=True, BLOCK_D=4))
-    build(PV.project_volume_fwd_kernel, dict(BLOCK=PV.BLOCK))
-    build(PV.project_volume_bwd_kernel, dict(NEED_VOLUME=True, NEED_ROTATION=True, BLOCK=PV.BLOCK))
+    # the projector's paired taps: 8-byte loads of voxel pairs, 8-byte atomics in the scatter
+    ptx = build(PV.project_volume_fwd_kernel, dict(BLOCK=PV.BLOCK))
+    expect(ptx, "ld.global.v2.b32", "projector forward")
+    ptx = build(PV.project_volume_bwd_kernel, dict(NEED_VOLUME=True, NEED_ROTATION=True, BLOCK=PV.BLOCK))
+    expect(ptx, "ld.global.v2.b32", "projector backward")
+    expect(ptx, "red.global.gpu.relaxed.add.v2.f32", "projector backward")
     build(PV.project_volume_bwd_gather_kernel, dict(BLOCK_V=PV.BLOCK_VOXELS, REACH=1.733))
 
 
