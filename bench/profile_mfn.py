@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 import fieldkern
 from _bench_utils import PROBLEMS
 from fieldkern.kernels import mfn_stack as M
+from fieldkern.kernels._common import split_tf32
 
 
 def step(model, x, target, precision):
@@ -74,12 +75,12 @@ def time_ms(fn, reps=20):
     return start.elapsed_time(end) / reps
 
 
-def _triton(fn, a, b, mixed):
-    """Call a backward GEMM with the cuBLAS switch off (float32 at H <= 128 would take cuBLAS)."""
+def _triton(call):
+    """Run a backward GEMM with the cuBLAS switch off (float32 at H <= 128 would take cuBLAS)."""
     saved = M._use_cublas
     M._use_cublas = lambda hidden, mixed: False
     try:
-        return fn(a, b, mixed)
+        return call()
     finally:
         M._use_cublas = saved
 
@@ -107,8 +108,11 @@ def point_sum_products():
             sq = b[:h].float().contiguous()
             M._points_sum_kernel.cache.clear()
             M._rows_matmul_kernel.cache.clear()
-            res["triton sum"] = time_ms(lambda: _triton(M._points_sum, a, b, mixed))
-            res["triton rows"] = time_ms(lambda: _triton(M._rows_matmul, a, sq, mixed))
+            # float32: the second operand split as the backward provides it (mm_split)
+            b_hi, b_lo = (b, None) if mixed else split_tf32(b)
+            sq_split = None if mixed else split_tf32(sq)
+            res["triton sum"] = time_ms(lambda: _triton(lambda: M._points_sum(a, b_hi, b_lo, mixed, h)))
+            res["triton rows"] = time_ms(lambda: _triton(lambda: M._rows_matmul(a, sq, sq_split, mixed)))
             flops = 2 * n * h * h
             print(f"n={n} H={h} {str(dtype)[6:]}: " + ", ".join(
                 f"{k} {v:.3f} ms ({flops / v / 1e9:.0f} TFLOPS)" for k, v in res.items()))

@@ -45,9 +45,57 @@ _EMULATE_BF16_DOT = tl.constexpr(interpreting())
 # float32 products (the ``FP32`` argument of ``mm``): "tf32x3" splits each operand into a
 # TF32 head and a TF32 remainder and sums three tensor-core products (error at fp32
 # rounding level, unlike plain TF32); "ieee" is the FMA path. Which is faster depends on
-# the kernel's register pressure: measured per kernel (bench/RESULTS.md).
+# the kernel's register pressure: measured per kernel (bench/RESULTS.md). Products with a
+# weight matrix as the second operand use ``mm_split`` instead (below).
 TF32X3 = tl.constexpr("tf32x3")
 IEEE = tl.constexpr("ieee")
+
+
+def split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t = hi + lo`` for float32 ``t``: ``hi`` rounded to TF32's 10 mantissa bits (to
+    nearest, ties away from zero, like ``cvt.rna.tf32.f32``), ``lo`` the exact remainder
+    (|lo| <= 2^-11 |t|). Host side of ``mm_split``."""
+    t = t.contiguous()
+    hi = ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    return hi, t - hi
+
+
+@triton.jit
+def _split_tf32(x):
+    """In-kernel ``split_tf32``."""
+    hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def load_split(hi_ptr, lo_ptr, offs, mask, MIXED: tl.constexpr):
+    """A weight tile as ``split_tf32`` left it on the host: head and remainder. Mixed mode
+    keeps the unsplit weights at ``hi_ptr`` and returns them twice (``lo_ptr`` unread)."""
+    hi = tl.load(hi_ptr + offs, mask=mask, other=0.0)
+    if MIXED:
+        lo = hi
+    else:
+        lo = tl.load(lo_ptr + offs, mask=mask, other=0.0)
+    return hi, lo
+
+
+@triton.jit
+def mm_split(a, b_hi, b_lo, acc, MIXED: tl.constexpr):
+    """``acc + a @ b`` in fp32 for a weight operand ``b = b_hi + b_lo`` split on the host.
+    float32: three TF32 tensor-core products ``a_lo b_hi + a_hi b_lo + a_hi b_hi`` (the
+    tf32x3 scheme, error ~2^-21 relative per product), with ``a`` split in registers and
+    ``b``'s parts loaded as they are: Triton's own tf32x3 splits ``b`` in registers too,
+    which sends each B tile through registers and back to shared memory before every
+    ``wgmma`` (sm_90 TTGIR: two ``local_alloc`` per product in the loops, every ``wgmma``
+    waited for; with the split done once there are none). Mixed: bf16 ``a @ b_hi``."""
+    if MIXED:
+        r = acc + mm(a, b_hi, MIXED, IEEE)
+    else:
+        a_hi, a_lo = _split_tf32(a)
+        r = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        r = tl.dot(a_hi, b_lo, r, input_precision="tf32")
+        r = tl.dot(a_hi, b_hi, r, input_precision="tf32")
+    return r
 
 
 # Sines on the GPU: reduce the argument to [-pi, pi] (2 pi split in two, the head with 8

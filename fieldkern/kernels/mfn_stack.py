@@ -22,9 +22,10 @@ Design (forward, ``_mfn_stack_fwd_kernel``):
   fp32) and, for ReLU heads, the head pre-activations ``(L, P, O)`` for the backward.
 * Hidden width padded to ``BLOCK_H`` (power of two >= 16) by masks: padded columns have
   ``W = b = 0`` so ``g = 0`` and stay exactly zero through every layer.
-* Products: mixed precision uses bf16 tensor-core products; float32 uses ``tf32x3`` (each
+* Products: mixed precision uses bf16 tensor-core products; float32 uses tf32x3 (each
   operand split into a TF32 head and a TF32 remainder, three tensor-core products summed
-  in fp32: error at fp32 rounding level, unlike plain TF32). ``BLOCK_P``, ``BLOCK_N`` and
+  in fp32: error at fp32 rounding level, unlike plain TF32), the weights ``A_i``, ``U_i``
+  split once per call on the host (``_common.mm_split``). ``BLOCK_P``, ``BLOCK_N`` and
   ``BLOCK_K`` are autotuned; the hidden width is padded to at least the largest column
   block.
 * Sines: the SFU's ``sin.approx`` after an explicit reduction to [-pi, pi]
@@ -41,7 +42,11 @@ Backward (``mfn_stack_backward``): per chunk of points (work buffers bounded by
 2. three GEMMs over the chunk's points: ``dA_i += dlin_i^T z_{i-1}``,
    ``dU_{i-1} += dh_{i-1}^T z_{i-1}``, ``dz_{i-1} = dlin_i A_i`` (``_points_sum_kernel`` /
    ``_rows_matmul_kernel``: tf32x3 or bf16 on tensor cores; float32 at hidden <= 128 on
-   cuBLAS, which measured faster there).
+   cuBLAS, which measured faster there than the GEMMs' previous version). In float32 each
+   GEMM's second operand arrives split into TF32 head and remainder (``mm_split``): the
+   weights ``A_i`` split on the host, ``z_{i-1}`` written split by the layer kernel (a
+   fourth work buffer), and the top layer's own ``z`` goes first in ``(z^T dh)^T`` with
+   the top head's ``dh`` split on the host.
 
 The previous design recomputed the whole trunk inside one fused backward kernel and
 accumulated ``dA`` per tile with FMA products (255 registers, spills); on an H200 it took
@@ -70,9 +75,13 @@ from fieldkern.kernels._common import (
     filter_backward,
     filter_values,
     interpreting,
+    load_split,
     max_programs,
     mm,
+    mm_split,
     sine,
+    split_tf32,
+    _split_tf32,
 )
 
 
@@ -115,17 +124,19 @@ _KEY = ["H", "O", "D", "N_LAYERS", "HEAD_MASK", "HAS_C", "GABOR", "RELU", "RESID
 
 
 @triton.jit
-def _linear_block(z_ptr, a_ptr, c_ptr, offs_r, offs_n, mask_n, offs_bk, H,
+def _linear_block(z_ptr, a_ptr, alo_ptr, c_ptr, offs_r, offs_n, mask_n, offs_bk, H,
                   BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, HAS_C: tl.constexpr, MIXED: tl.constexpr, FP32: tl.constexpr):
+                  BLOCK_K: tl.constexpr, HAS_C: tl.constexpr, MIXED: tl.constexpr):
     """``z A^T + c`` for one column block: ``z`` a (BLOCK_P, BLOCK_H) scratch tile read in K
-    blocks, ``a_ptr`` / ``c_ptr`` at this layer's (H, H) weight and (H,) bias."""
+    blocks, ``a_ptr`` / ``alo_ptr`` / ``c_ptr`` at this layer's (H, H) weight (split by
+    ``split_tf32`` in float32) and (H,) bias."""
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, BLOCK_H, BLOCK_K):
         kk = k0 + offs_bk
         zk = tl.load(z_ptr + offs_r[:, None] * BLOCK_H + kk[None, :])
-        at = tl.load(a_ptr + offs_n[None, :] * H + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < H), other=0.0)
-        acc += mm(zk, at, MIXED, FP32)
+        at, atl = load_split(a_ptr, alo_ptr, offs_n[None, :] * H + kk[:, None],
+                             mask_n[None, :] & (kk[:, None] < H), MIXED)
+        acc = mm_split(zk, at, atl, acc, MIXED)
     if HAS_C:
         acc += tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     return acc
@@ -134,7 +145,7 @@ def _linear_block(z_ptr, a_ptr, c_ptr, offs_r, offs_n, mask_n, offs_bk, H,
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["SAVE"])
 @triton.jit
 def _mfn_stack_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, a_ptr, c_ptr, u_ptr, d_ptr, gamma_ptr, mu_ptr, out_ptr, scratch_ptr,
+    x_ptr, w_ptr, b_ptr, a_ptr, alo_ptr, c_ptr, u_ptr, ulo_ptr, d_ptr, gamma_ptr, mu_ptr, out_ptr, scratch_ptr,
     lin_ptr, hpre_ptr,
     P, H, O,
     D: tl.constexpr, N_LAYERS: tl.constexpr, HEAD_MASK: tl.constexpr, HAS_C: tl.constexpr,
@@ -171,9 +182,9 @@ def _mfn_stack_fwd_kernel(
                 if i == 0:
                     zn = g
                 else:
-                    acc = _linear_block(cur, a_ptr + (i - 1) * H * H, c_ptr + (i - 1) * H, offs_r, offs_n,
-                                        mask_n, offs_bk, H, BLOCK_P, BLOCK_H, BLOCK_N, BLOCK_K, HAS_C,
-                                        MIXED, TF32X3)
+                    acc = _linear_block(cur, a_ptr + (i - 1) * H * H, alo_ptr + (i - 1) * H * H,
+                                        c_ptr + (i - 1) * H, offs_r, offs_n, mask_n, offs_bk, H,
+                                        BLOCK_P, BLOCK_H, BLOCK_N, BLOCK_K, HAS_C, MIXED)
                     if SAVE:  # lin_i for the backward, (L-1, P, H)
                         tl.store(lin_ptr + (i - 1) * P * H + offs_p[:, None] * H + offs_n[None, :], acc,
                                  mask=mask_p[:, None] & mask_n[None, :])
@@ -181,9 +192,10 @@ def _mfn_stack_fwd_kernel(
                 if i + 1 < N_LAYERS:
                     tl.store(nxt + offs_r[:, None] * BLOCK_H + offs_n[None, :], zn)
                 if (HEAD_MASK >> i) & 1:
-                    ut = tl.load(u_ptr + i * O * H + offs_o[None, :] * H + offs_n[:, None],
-                                 mask=mask_o[None, :] & mask_n[:, None], other=0.0)
-                    y += mm(zn, ut, MIXED, TF32X3)
+                    ut, utl = load_split(u_ptr + i * O * H, ulo_ptr + i * O * H,
+                                         offs_o[None, :] * H + offs_n[:, None],
+                                         mask_o[None, :] & mask_n[:, None], MIXED)
+                    y = mm_split(zn, ut, utl, y, MIXED)
             if (HEAD_MASK >> i) & 1:
                 y += tl.load(d_ptr + i * O + offs_o, mask=mask_o, other=0.0)[None, :]
                 if RELU:
@@ -198,9 +210,21 @@ def _mfn_stack_fwd_kernel(
                          mask=mask_p[:, None] & mask_o[None, :])
 
 
+@triton.jit
+def _store_z(hi_ptr, lo_ptr, offs, z, mask, SPLIT: tl.constexpr):
+    """Store a ``z`` tile for the GEMMs that take it as their second operand: in the work
+    dtype, or (``SPLIT``, float32 Triton GEMMs) as ``split_tf32`` head and remainder."""
+    if SPLIT:
+        hi, lo = _split_tf32(z)
+        tl.store(hi_ptr + offs, hi, mask=mask)
+        tl.store(lo_ptr + offs, lo, mask=mask)
+    else:
+        tl.store(hi_ptr + offs, z.to(hi_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(
     configs=_BWD_CONFIGS,
-    key=["H", "O", "D", "HAS_LIN", "HAS_DZ", "HAS_PREV_LIN", "HEAD_TO_TRUNK", "STORE_Z", "HAS_C",
+    key=["H", "O", "D", "HAS_LIN", "HAS_DZ", "HAS_PREV_LIN", "HEAD_TO_TRUNK", "STORE_Z", "SPLIT_Z", "HAS_C",
          "GABOR", "NEED_DW", "MIXED"],
     reset_to_zero=["pw_ptr", "pb_ptr", "pg_ptr", "pm_ptr", "pc_ptr"],
     restore_value=["dx_ptr"],
@@ -208,11 +232,11 @@ def _mfn_stack_fwd_kernel(
 @triton.jit
 def _mfn_stack_bwd_kernel(
     dh_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, wp_ptr, bp_ptr, gammap_ptr, mup_ptr, u_ptr,
-    lin_ptr, linp_ptr, dz_ptr, dlin_ptr, zp_ptr, z_ptr, dx_ptr,
+    lin_ptr, linp_ptr, dz_ptr, dlin_ptr, zp_ptr, zplo_ptr, z_ptr, dx_ptr,
     pw_ptr, pb_ptr, pg_ptr, pm_ptr, pc_ptr,
     P, H, O, ROW,
     D: tl.constexpr, HAS_LIN: tl.constexpr, HAS_DZ: tl.constexpr, HAS_PREV_LIN: tl.constexpr,
-    HEAD_TO_TRUNK: tl.constexpr, STORE_Z: tl.constexpr, HAS_C: tl.constexpr,
+    HEAD_TO_TRUNK: tl.constexpr, STORE_Z: tl.constexpr, SPLIT_Z: tl.constexpr, HAS_C: tl.constexpr,
     GABOR: tl.constexpr,
     NEED_DW: tl.constexpr, MIXED: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -285,7 +309,7 @@ def _mfn_stack_bwd_kernel(
                                    offs_n, mask_n, D, GABOR)
                 if HAS_PREV_LIN:
                     zp = zp * tl.load(linp_ptr + ptrs, mask=mask, other=0.0)
-                tl.store(zp_ptr + ptrs, zp.to(zp_ptr.dtype.element_ty), mask=mask)
+                _store_z(zp_ptr, zplo_ptr, ptrs, zp, mask, SPLIT_Z)
                 dgn = dzn * un
             else:
                 dgn = dzn
@@ -304,15 +328,16 @@ _ROWS_CANDIDATES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                     for bm, bn, bk, w in ((128, 128, 32, 8), (128, 64, 32, 4), (64, 128, 32, 4))]
 _SUM_CANDIDATES = [triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                    for ba, bb, bk, w in ((128, 128, 32, 8), (64, 64, 64, 4), (128, 64, 32, 4),
-                                         (16, 128, 32, 4))]  # the last for dU: NA = outputs
+                                         (16, 128, 32, 4), (128, 16, 32, 4))]  # the last two for dU, dU^T
 
 
 @triton.autotune(configs=configs(_ROWS_CANDIDATES, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16})),
                  key=["N", "K", "MIXED"])
 @triton.jit
-def _rows_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, MIXED: tl.constexpr,
+def _rows_matmul_kernel(a_ptr, b_ptr, blo_ptr, c_ptr, M, N, K, MIXED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``c (M, N) = a (M, K) @ b (K, N)``, row-major; M = points (long), N, K = hidden."""
+    """``c (M, N) = a (M, K) @ b (K, N)``, row-major; M = points (long), N, K = hidden; the
+    weight ``b`` split by ``split_tf32`` (``b_ptr``, ``blo_ptr``) in float32."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -321,19 +346,20 @@ def _rows_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, MIXED: tl.constexpr,
         kk = k0 + offs_k
         a = tl.load(a_ptr + offs_m[:, None] * K + kk[None, :], mask=(offs_m[:, None] < M) & (kk[None, :] < K),
                     other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * N + offs_n[None, :], mask=(kk[:, None] < K) & (offs_n[None, :] < N),
-                    other=0.0)
-        acc += mm(a, b, MIXED, TF32X3)
+        b, bl = load_split(b_ptr, blo_ptr, kk[:, None] * N + offs_n[None, :],
+                           (kk[:, None] < K) & (offs_n[None, :] < N), MIXED)
+        acc = mm_split(a, b, bl, acc, MIXED)
     tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.autotune(configs=configs(_SUM_CANDIDATES, triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_K": 16})),
                  key=["NA", "NB", "MIXED"])
 @triton.jit
-def _points_sum_kernel(a_ptr, b_ptr, part_ptr, M, NA, NB, SLAB, MIXED: tl.constexpr,
+def _points_sum_kernel(a_ptr, b_ptr, blo_ptr, part_ptr, M, NA, NB, SLAB, MIXED: tl.constexpr,
                        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """``part[s] = a[rows of slab s]^T @ b[rows of slab s]``: a (M, NA), b (M, NB) row-major,
-    part (n_slabs, NA, NB); slabs of ``SLAB`` points (a multiple of BLOCK_K)."""
+    part (n_slabs, NA, NB); slabs of ``SLAB`` points (a multiple of BLOCK_K). float32: ``b``
+    as ``split_tf32`` head (``b_ptr``) and remainder (``blo_ptr``)."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     slab = tl.program_id(2)
@@ -343,9 +369,9 @@ def _points_sum_kernel(a_ptr, b_ptr, part_ptr, M, NA, NB, SLAB, MIXED: tl.conste
         kk = k0 + offs_k
         at = tl.load(a_ptr + kk[None, :] * NA + offs_a[:, None], mask=(kk[None, :] < M) & (offs_a[:, None] < NA),
                      other=0.0)
-        bk = tl.load(b_ptr + kk[:, None] * NB + offs_b[None, :], mask=(kk[:, None] < M) & (offs_b[None, :] < NB),
-                     other=0.0)
-        acc += mm(at, bk, MIXED, TF32X3)
+        bk, bkl = load_split(b_ptr, blo_ptr, kk[:, None] * NB + offs_b[None, :],
+                             (kk[:, None] < M) & (offs_b[None, :] < NB), MIXED)
+        acc = mm_split(at, bk, bkl, acc, MIXED)
     tl.store(part_ptr + slab * NA * NB + offs_a[:, None] * NB + offs_b[None, :], acc,
              mask=(offs_a[:, None] < NA) & (offs_b[None, :] < NB))
 
@@ -353,27 +379,32 @@ def _points_sum_kernel(a_ptr, b_ptr, part_ptr, M, NA, NB, SLAB, MIXED: tl.conste
 def _use_cublas(hidden, mixed):
     """float32 at H <= 128 keeps cuBLAS: measured on an H200 (bench/RESULTS.md), 3D hidden
     128 fwd+bwd took 4.4 ms with cuBLAS's SIMT products and 6.9 ms with these kernels, while
-    at hidden 256 these cut 2D fwd+bwd from 13.1 to 10.9 ms (and mixed from 8.2 to 7.7)."""
+    at hidden 256 these cut 2D fwd+bwd from 13.1 to 10.9 ms (and mixed from 8.2 to 7.7).
+    Both timings predate the pre-split operands (``mm_split``), not yet timed:
+    ``bench/profile_mfn.py`` compares the two at the backward's shapes."""
     return not mixed and hidden <= 128
 
 
-def _rows_matmul(a, b, mixed):
-    """(M, K) @ (K, N) -> (M, N) float32."""
+def _rows_matmul(a, b, b_split, mixed):
+    """(M, K) @ (K, N) -> (M, N) float32 for a weight ``b``; ``b_split``: its ``split_tf32``
+    parts, which the float32 Triton GEMM takes instead (None elsewhere)."""
     if _use_cublas(a.shape[1], mixed):
         return torch.mm(a, b)
     M, K = a.shape
     N = b.shape[1]
+    b_hi, b_lo = b_split if b_split is not None else (b, b)
     c = torch.empty((M, N), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _rows_matmul_kernel[grid](a, b, c, M, N, K, MIXED=mixed)
+    _rows_matmul_kernel[grid](a, b_hi, b_lo, c, M, N, K, MIXED=mixed)
     return c
 
 
-def _points_sum(a, b, mixed):
-    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB): the sum over points split into
-    slabs (parallelism; a (H, H) result alone is one or four tiles), the slab partials
-    summed in a fixed order (deterministic)."""
-    if _use_cublas(b.shape[1], mixed):
+def _points_sum(a, b, b_lo, mixed, hidden):
+    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB) (``b_lo``: the ``split_tf32``
+    remainder of ``b`` for the float32 Triton GEMM, ``b`` being its head; None elsewhere):
+    the sum over points split into slabs (parallelism; a (H, H) result alone is one or
+    four tiles), the slab partials summed in a fixed order (deterministic)."""
+    if _use_cublas(hidden, mixed):
         return torch.mm(a.t(), b)
     M, NA = a.shape
     NB = b.shape[1]
@@ -383,7 +414,7 @@ def _points_sum(a, b, mixed):
     n_slabs = triton.cdiv(M, slab)
     part = torch.empty((n_slabs, NA, NB), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_A"]), triton.cdiv(NB, meta["BLOCK_B"]), n_slabs)  # noqa: E731
-    _points_sum_kernel[grid](a, b, part, M, NA, NB, slab, MIXED=mixed)
+    _points_sum_kernel[grid](a, b, b if b_lo is None else b_lo, part, M, NA, NB, slab, MIXED=mixed)
     return part.sum(0)
 
 
@@ -413,8 +444,10 @@ def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
     nprog = min(max_programs(x.device), triton.cdiv(P, _MIN_BLOCK_P))
     scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), **f32)
     grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
+    # float32: weights split for the kernel's tf32x3 products (``mm_split``), once per call
+    (a, a_lo), (u, u_lo) = ((a, a), (u, u)) if precision == "mixed" else (split_tf32(a), split_tf32(u))
     _mfn_stack_fwd_kernel[grid](
-        x, w, b, a if a.numel() else w, c if c is not None else b, u, d,
+        x, w, b, a if a.numel() else w, a_lo if a_lo.numel() else w, c if c is not None else b, u, u_lo, d,
         gamma if gamma is not None else b, mu if mu is not None else w, out, scratch,
         lin if lin.numel() else out, hpre if hpre.numel() else out,
         P, H, O,
@@ -459,9 +492,17 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
     offsets = dict(zip(sizes, [0, H * D, 2 * H * D, 2 * H * D + H, 2 * H * D + 2 * H]))
     view = lambda k, i: part[:, i, offsets[k]:offsets[k] + sizes[k]]  # noqa: E731
     mixed = precision == "mixed"
+    # float32 Triton GEMMs take their second operand split (``mm_split``): the weights of
+    # dz = dlin A here, once; z_{i-1} of dA = dlin^T z_{i-1} and dU = dh^T z_{i-1} from the
+    # layer kernel, which writes head and remainder (one more work buffer); the top
+    # layer's own z goes first in (z^T dh)^T, with the top head's dh split here
+    split = not mixed and not _use_cublas(H, mixed)
+    a_split = split_tf32(a) if split and L > 1 else None
+    top_dh = split_tf32(dh_all[L - 1]) if split and L - 1 in heads else None
     work_dtype = torch.bfloat16 if mixed else torch.float32
-    # at most three (points x H) buffers alive at once: dz_i, dlin_i, z_{i-1}
-    chunk = max(_MIN_BLOCK_P, BWD_WORKSPACE_BYTES // (3 * 4 * H))
+    # at most three (points x H) buffers alive at once: dz_i (or z_i), dlin_i, z_{i-1}, and
+    # with ``split`` z_{i-1}'s remainder
+    chunk = max(_MIN_BLOCK_P, BWD_WORKSPACE_BYTES // ((4 if split else 3) * 4 * H))
     block_h = block(H, _MIN_BLOCK_H)
     has_c = c is not None
     for p0 in range(0, P, chunk):
@@ -470,8 +511,11 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
         dz = None  # dz_i, from layer i + 1
         grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), nprog),)  # noqa: E731
 
-        def head_sum(i, z):  # dU_i += dh_i^T z_i
-            du[i] += _points_sum(dh_all[i, p0:p1], z, mixed)
+        def head_sum(i, z, z_lo):  # dU_i += dh_i^T z_i
+            if split and z_lo is None:  # the top layer's own z, not split: (z^T dh)^T
+                du[i] += _points_sum(z, top_dh[0][p0:p1], top_dh[1][p0:p1], mixed, H).t()
+            else:
+                du[i] += _points_sum(dh_all[i, p0:p1], z, z_lo, mixed, H)
 
         for i in reversed(range(L)):
             has_head = i in heads
@@ -479,6 +523,7 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
             store_z = has_head and i == L - 1
             buf = lambda live: torch.empty((n, H) if live else (0,), device=dev, dtype=work_dtype)  # noqa: E731
             dlin, zprev, z = buf(i >= 1), buf(i >= 1), buf(store_z)
+            zprev_lo = buf(i >= 1 and split)
             dummy = dx  # a valid pointer where a constexpr switch leaves an argument unused
             ip = max(i - 1, 0)
             _mfn_stack_bwd_kernel[grid](
@@ -488,24 +533,26 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
                 mu[ip] if mu is not None else dummy, u[i],
                 lin[i - 1, p0:p1] if i >= 1 else dummy, lin[i - 2, p0:p1] if i >= 2 else dummy,
                 dz if dz is not None else dummy, dlin if i >= 1 else dummy,
-                zprev if i >= 1 else dummy, z if store_z else dummy, dx[p0:p1],
+                zprev if i >= 1 else dummy, zprev_lo if zprev_lo.numel() else dummy,
+                z if store_z else dummy, dx[p0:p1],
                 view("w", i), view("b", i), view("g", i), view("m", i), view("c", i),
                 n, H, O, part.stride(0),
                 D=D, HAS_LIN=i >= 1, HAS_DZ=dz is not None, HAS_PREV_LIN=i >= 2,
-                HEAD_TO_TRUNK=has_head and i >= detach_heads_below, STORE_Z=store_z, HAS_C=has_c,
-                GABOR=gamma is not None, NEED_DW=bool(need_dw), MIXED=mixed,
+                HEAD_TO_TRUNK=has_head and i >= detach_heads_below, STORE_Z=store_z, SPLIT_Z=split,
+                HAS_C=has_c, GABOR=gamma is not None, NEED_DW=bool(need_dw), MIXED=mixed,
                 BLOCK_H=block_h, BLOCK_O=block(O), BLOCK_D=block(D, 2),
             )
             dz = None  # consumed
             if store_z:
-                head_sum(i, z)
+                head_sum(i, z, None)
             if i >= 1:
                 if i - 1 in heads:
-                    head_sum(i - 1, zprev)
+                    head_sum(i - 1, zprev, zprev_lo if split else None)
                 if need_da:
-                    da[i - 1] += _points_sum(dlin, zprev, mixed)
-                zprev = None
-                dz = _rows_matmul(dlin, a[i - 1], mixed)
+                    da[i - 1] += _points_sum(dlin, zprev, zprev_lo if split else None, mixed, H)
+                zprev = zprev_lo = None
+                dz = _rows_matmul(dlin, a[i - 1], None if a_split is None else (a_split[0][i - 1], a_split[1][i - 1]),
+                                  mixed)
             dlin = z = None
     # fixed-order reduction over the program rows: deterministic
     total = part.sum(0)

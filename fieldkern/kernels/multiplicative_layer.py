@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from fieldkern.kernels._common import (
-    TF32X3,
     block,
     configs,
     cosine,
@@ -28,8 +27,10 @@ from fieldkern.kernels._common import (
     filter_args,
     filter_backward,
     filter_values,
+    load_split,
     max_programs,
-    mm,
+    mm_split,
+    split_tf32,
 )
 
 _CONFIGS = configs(
@@ -46,7 +47,7 @@ _KEY = ["H", "K", "D", "HAS_C", "GABOR", "MIXED"]
 
 
 @triton.jit
-def _lin_tile(z_ptr, a_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
+def _lin_tile(z_ptr, a_ptr, alo_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
               HAS_C: tl.constexpr, MIXED: tl.constexpr, BLOCK_P: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -54,8 +55,9 @@ def _lin_tile(z_ptr, a_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < K
         zt = tl.load(z_ptr + offs_p[:, None] * K + kk[None, :], mask=mask_p[:, None] & mk[None, :], other=0.0)
-        at = tl.load(a_ptr + offs_n[None, :] * K + kk[:, None], mask=mask_n[None, :] & mk[:, None], other=0.0)
-        acc += mm(zt, at, MIXED, TF32X3)
+        at, atl = load_split(a_ptr, alo_ptr, offs_n[None, :] * K + kk[:, None], mask_n[None, :] & mk[:, None],
+                             MIXED)
+        acc = mm_split(zt, at, atl, acc, MIXED)
     if HAS_C:
         acc += tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     return acc
@@ -64,7 +66,7 @@ def _lin_tile(z_ptr, a_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
 def _multiplicative_layer_fwd_kernel(
-    z_ptr, a_ptr, c_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, out_ptr, P, H, K,
+    z_ptr, a_ptr, alo_ptr, c_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, out_ptr, P, H, K,
     D: tl.constexpr, HAS_C: tl.constexpr, GABOR: tl.constexpr, MIXED: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -72,7 +74,7 @@ def _multiplicative_layer_fwd_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
     mask_n = offs_n < H
-    lin = _lin_tile(z_ptr, a_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
+    lin = _lin_tile(z_ptr, a_ptr, alo_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
                     HAS_C, MIXED, BLOCK_P, BLOCK_N, BLOCK_K)
     g = filter_values(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n,
                       D, GABOR)
@@ -84,7 +86,7 @@ def _multiplicative_layer_fwd_kernel(
                  reset_to_zero=["pc_ptr", "pw_ptr", "pb_ptr", "pg_ptr", "pm_ptr"])
 @triton.jit
 def _multiplicative_layer_bwd_kernel(
-    gout_ptr, z_ptr, a_ptr, c_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr,
+    gout_ptr, z_ptr, a_ptr, alo_ptr, c_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr,
     dlin_ptr, dx_ptr, pc_ptr, pw_ptr, pb_ptr, pg_ptr, pm_ptr, P, H, K,
     D: tl.constexpr, HAS_C: tl.constexpr, GABOR: tl.constexpr, MIXED: tl.constexpr,
     NEED_DW: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -102,7 +104,7 @@ def _multiplicative_layer_bwd_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < H
             m2 = mask_p[:, None] & mask_n[None, :]
-            lin = _lin_tile(z_ptr, a_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
+            lin = _lin_tile(z_ptr, a_ptr, alo_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
                             HAS_C, MIXED, BLOCK_P, BLOCK_N, BLOCK_K)
             s, q, e = filter_args(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p,
                                   offs_n, mask_n, D, GABOR)
@@ -125,6 +127,11 @@ def _multiplicative_layer_bwd_kernel(
                  mask=mask_p[:, None] & (offs_d[None, :] < D))
 
 
+def _weight_parts(a, precision):
+    """``A`` as the kernels' ``mm_split`` takes it: split in float32, twice itself in mixed."""
+    return (a, a) if precision == "mixed" else split_tf32(a)
+
+
 def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision):
     """z (P, K), a (H, K), c (H,) or None, x (P, D), filter params; fp32 contiguous -> (P, H)."""
     P, K = z.shape
@@ -135,7 +142,8 @@ def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision):
         return out
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
     _multiplicative_layer_fwd_kernel[grid](
-        z, a, c if c is not None else b, x, w, b, gamma if gamma is not None else b,
+        z, *_weight_parts(a, precision), c if c is not None else b, x, w, b,
+        gamma if gamma is not None else b,
         mu if mu is not None else w, out, P, H, K, D=D, HAS_C=c is not None,
         GABOR=gamma is not None, MIXED=precision == "mixed",
     )
@@ -159,7 +167,8 @@ def multiplicative_layer_backward(grad, z, a, c, x, w, b, gamma, mu, need_dw, pr
     if P > 0:
         grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
         _multiplicative_layer_bwd_kernel[grid](
-            grad, z, a, c if c is not None else b, x, w, b, gamma if gamma is not None else b,
+            grad, z, *_weight_parts(a, precision), c if c is not None else b, x, w, b,
+            gamma if gamma is not None else b,
             mu if mu is not None else w, dlin, dx, pc, pw, pb, pg, pm, P, H, K, D=D,
             HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
             NEED_DW=bool(need_dw), BLOCK_D=block(D, 2),

@@ -28,6 +28,10 @@ def build(kernel, consts, num_warps=4, types=None):
     """``types``: pointer types other than ``*fp32``, by argument name."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     names = fn.arg_names
+    # a constexpr left out would be compiled as a pointer argument, silently
+    missing = [p.name for p in fn.params if p.is_constexpr and not p.has_default and p.name not in consts]
+    if missing:
+        sys.exit(f"{fn.__name__}: no value for constexpr {missing}")
     sig = {n: "constexpr" if n in consts else ("i32" if n in INTS else "*fp32") for n in names}
     sig.update(types or {})
     # pointers 16-byte aligned, as the launcher specialises them for torch's allocations
@@ -54,7 +58,7 @@ def main():
         build(M._mfn_stack_fwd_kernel, dict(flags, BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"]))
         # a middle layer (every input and output of the per-layer backward present)
         layer = dict(D=3, HAS_LIN=True, HAS_DZ=True, HAS_PREV_LIN=True, HEAD_TO_TRUNK=True, STORE_Z=True,
-                     HAS_C=True, GABOR=gabor, NEED_DW=True, MIXED=mixed, BLOCK_H=bh, BLOCK_O=16,
+                     SPLIT_Z=not mixed, HAS_C=True, GABOR=gabor, NEED_DW=True, MIXED=mixed, BLOCK_H=bh, BLOCK_O=16,
                      BLOCK_D=4, BLOCK_P=bwd["BLOCK_P"], BLOCK_N=bwd["BLOCK_N"])
         work = "*bf16" if mixed else "*fp32"
         build(M._mfn_stack_bwd_kernel, layer, types={"dlin_ptr": work, "zp_ptr": work, "z_ptr": work})

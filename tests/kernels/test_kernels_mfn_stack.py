@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fieldkern
+from fieldkern.kernels._common import _split_tf32, split_tf32
 from _kernel_helpers import compare_stack, needs_interpreter, stack_params
 
 pytestmark = needs_interpreter
@@ -94,15 +97,26 @@ def test_mfn_stack_half_inputs_computed_in_fp32():
     torch.testing.assert_close(out[1].float(), ref[1], rtol=2e-2, atol=2e-2)
 
 
-def test_mfn_stack_backward_in_chunks(monkeypatch):
+@pytest.mark.parametrize("hidden, n_buffers", [(24, 3), (136, 4)], ids=["cublas-path", "split-z"])
+def test_mfn_stack_backward_in_chunks(monkeypatch, hidden, n_buffers):
     """The backward walks the points in chunks of its work-buffer budget: force 3 chunks
-    (32 + 32 + 13 points) and a Gabor ReLU net with every parameter trainable."""
+    (32 + 32 + 13 points) and a Gabor ReLU net with every parameter trainable; at hidden
+    > 128 float32 takes the Triton GEMMs, whose ``z`` operand comes split (a fourth buffer)."""
     from fieldkern.kernels import mfn_stack as M
 
-    hidden = 24
-    monkeypatch.setattr(M, "BWD_WORKSPACE_BYTES", 4 * 4 * hidden * 32)
+    monkeypatch.setattr(M, "BWD_WORKSPACE_BYTES", n_buffers * 4 * hidden * 32)
+    launches = []
+    kernel = M._mfn_stack_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(M, "_mfn_stack_bwd_kernel", Spy())
     p = stack_params(3, hidden, 3, 2, gabor=True, trainable_w=True)
     compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
+    assert len(launches) == 3 * 3  # layers x chunks
 
 
 def test_mfn_stack_saves_for_backward_only_when_needed():
@@ -139,5 +153,33 @@ def test_backward_point_products(mixed):
         a = a.to(torch.bfloat16)
         b, w = b.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
     ref_sum, ref_rows = a.float().t() @ b, a.float() @ w
-    torch.testing.assert_close(M._points_sum(a, b, mixed), ref_sum, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(M._rows_matmul(a, w, mixed), ref_rows, rtol=1e-5, atol=1e-4)
+    b_split = (b, None) if mixed else split_tf32(b)
+    torch.testing.assert_close(M._points_sum(a, *b_split, mixed, 200), ref_sum, rtol=1e-5, atol=1e-4)
+    w_split = None if mixed else split_tf32(w)
+    torch.testing.assert_close(M._rows_matmul(a, w, w_split, mixed), ref_rows, rtol=1e-5, atol=1e-4)
+
+
+@triton.jit
+def _split_kernel(t_ptr, hi_ptr, lo_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    hi, lo = _split_tf32(tl.load(t_ptr + offs))
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+
+
+def test_split_tf32():
+    """Host split for the kernels' tf32x3 products: the parts add up exactly, the head has
+    TF32's 10 mantissa bits (rounded to nearest), the remainder is at most 2^-11 of t."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(4096, generator=g) * torch.logspace(-20, 20, 4096)
+    hi, lo = split_tf32(t)
+    assert torch.equal(hi + lo, t)
+    assert torch.all((hi.view(torch.int32) & 0x1FFF) == 0)
+    assert torch.all(lo.abs() <= t.abs() * 2.0 ** -11)
+    # round to nearest: no other 10-bit-mantissa value is closer
+    ulp = torch.ldexp(torch.ones_like(t), torch.frexp(hi)[1] - 11)
+    assert torch.all(lo.abs() <= ulp / 2)
+    # the kernels split their first operand in registers the same way
+    k_hi, k_lo = torch.empty_like(t), torch.empty_like(t)
+    _split_kernel[(1,)](t, k_hi, k_lo, BLOCK=t.numel())
+    assert torch.equal(k_hi, hi) and torch.equal(k_lo, lo)
