@@ -292,4 +292,7 @@ def _mfn_stack_triton(x, filter_weight, filter_bias, linear_weight, linear_bias,
         *params, head_mask, bool(residual), head_activation == "relu",
         int(detach_heads_below), get_precision(), save,
     )
-    return [out[i].reshape(*lead, out_features).to(x.dtype) for i in heads]
+    # unbind, not out[i] per head: its backward is one stack of the head gradients, where
+    # each select's backward would zero-fill and add a whole (L, P, O) tensor
+    per_layer = out.unbind(0)
+    return [per_layer[i].reshape(*lead, out_features).to(x.dtype) for i in heads]
