@@ -4,14 +4,17 @@
 trilinear interpolation and zero outside the box (the convention of
 :func:`fieldkern.cryoem.project_volume`).
 
-Design: one program per (image, run of ``BLOCK`` consecutive pixels). The program rotates
+Design: one program per (image, run of ``BLOCK`` consecutive pixels, or in the forward a
+``TILE_W``-wide rectangle of them, chosen by autotuning). The program rotates
 its pixels' ray origins once and walks the rays along z (sample ``k`` at origin + ``k`` times
 the third row of ``R``: three multiply-adds per step); the eight trilinear taps are
 gathered from the volume, whose paired copy (below) for D <= 160 (34 MB in float32) stays
 resident in an H100's 50 MB L2 across the whole batch. The sum along the ray lives in registers: extra
 memory is the output and one padded copy of the volume, O(B D^2 + D^3). (Square 16 x 16
-tiles were measured 1.3-1.9x slower than runs of 256 pixels along rows on an H100,
-bench/RESULTS.md.)
+tiles were measured 1.3-1.9x slower than runs of 256 pixels along rows on an H100, in a
+version with per-tap masks and no ray clipping, bench/RESULTS.md; the rectangles are back
+as candidates because the model below favours them; ray clipping also walks 5% fewer
+steps on 8 x 32 rectangles than on row runs at D = 128, numpy estimate.)
 
 Cheap taps: the launcher copies the volume once per call into a ``(D + 2)^3`` array with a
 one-voxel zero border, and the kernels work in its index coordinates. Each sample is
@@ -44,9 +47,9 @@ skips only ~1-3% of the steps (a row spans the whole image, so some lane is alwa
 the cube-inside-rotated-cube fraction per lane is ~81%, simulated with numpy); it matters
 for rotations that leave whole rows outside the box.
 
-The forward's ``BLOCK``/``num_warps`` are autotuned per ``D`` (one config under the
-interpreter; ``FIELDKERN_AUTOTUNE=0`` keeps the first, the previous fixed 256 pixels / 4
-warps). Padding, clipping and tuning together took the D = 128, B = 600 forward from 13.9
+The forward's ``BLOCK``/``num_warps``/``TILE_W`` are autotuned per ``D`` (one config under
+the interpreter, where a test forces the rectangles; ``FIELDKERN_AUTOTUNE=0`` keeps the
+first, the previous fixed 256 pixels / 4 warps). Padding, clipping and tuning together took the D = 128, B = 600 forward from 13.9
 to 11.0 ms on an H200 (bench/RESULTS.md).
 
 Backward (one kernel, constexpr switches for what is needed, fixed ``BLOCK``: the rotation
@@ -77,17 +80,36 @@ BLOCK = 64 if interpreting() else 256  # pixels (lanes) per program of the backw
 
 # First entry = the previous fixed launch (kept by FIELDKERN_AUTOTUNE=0). More lanes per
 # thread give each thread more independent gathers in flight; fewer lanes per program give
-# tighter per-program ray clipping.
-FWD_CANDIDATES = [triton.Config({"BLOCK": bl}, num_warps=w)
-                  for bl, w in ((256, 4), (128, 4), (256, 8), (512, 4), (512, 8))]
-_FWD_CONFIGS = configs(FWD_CANDIDATES, triton.Config({"BLOCK": 64}, num_warps=4))
+# tighter per-program ray clipping. ``TILE_W`` > 0: the program's pixels form a rectangle
+# ``TILE_W`` wide (``BLOCK / TILE_W`` rows), so a warp's 32 lanes cover e.g. 4 rows x 8
+# instead of 32 pixels of one row: ``bench/gather_model.py`` counts 38% fewer distinct
+# sectors per warp and step for that (a model; measured on a GPU by autotuning, as square
+# tiles were slower in an earlier, masked version of the kernel on an H100).
+FWD_CANDIDATES = [triton.Config({"BLOCK": bl, "TILE_W": tw}, num_warps=w)
+                  for bl, w, tw in ((256, 4, 0), (128, 4, 0), (256, 8, 0), (512, 4, 0), (512, 8, 0),
+                                    (256, 4, 8), (256, 4, 16), (128, 4, 8))]
+_FWD_CONFIGS = configs(FWD_CANDIDATES, triton.Config({"BLOCK": 64, "TILE_W": 0}, num_warps=4))
 
 
 @triton.jit
-def _tile_pixels(D, BLOCK: tl.constexpr):
-    """Flat pixel indices, mask and (x, y) of this program's pixels (program axis 1)."""
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < D * D, offs % D, offs // D
+def _tile_pixels(D, BLOCK: tl.constexpr, TILE_W: tl.constexpr):
+    """Flat pixel indices, mask and (x, y) of this program's pixels (program axis 1): a run
+    of ``BLOCK`` consecutive pixels in row-major order, or (``TILE_W`` > 0) a ``TILE_W`` x
+    ``BLOCK / TILE_W`` rectangle of the image's grid of such tiles."""
+    if TILE_W == 0:
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        pix = offs < D * D
+        xi = offs % D
+        yi = offs // D
+    else:
+        tile = tl.program_id(1)
+        n_x = tl.cdiv(D, TILE_W)
+        lane = tl.arange(0, BLOCK)
+        xi = (tile % n_x) * TILE_W + lane % TILE_W
+        yi = (tile // n_x) * (BLOCK // TILE_W) + lane // TILE_W
+        pix = (xi < D) & (yi < D)
+        offs = yi * D + xi
+    return offs, pix, xi, yi
 
 
 @triton.jit
@@ -206,10 +228,10 @@ def _in_box(qx, qy, qz, D):
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["D"])
 @triton.jit
-def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr):
+def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr, TILE_W: tl.constexpr):
     """``vol_ptr``: the x-paired zero-bordered volume (``_paired``)."""
     b = tl.program_id(0)
-    offs, pix, xi, yi = _tile_pixels(D, BLOCK)
+    offs, pix, xi, yi = _tile_pixels(D, BLOCK, TILE_W)
     px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
     k_start, k_end = _k_range(qx0, qy0, qz0, dx, dy, dz, pix, D)
     Dp = D + 2
@@ -236,7 +258,7 @@ def project_volume_bwd_kernel(
     x-paired ``(D + 2)^3 x 2`` buffer of the same layout (its border collects the weights of taps outside the box and is discarded)."""
     b = tl.program_id(0)
     tile = tl.program_id(1)
-    offs, pix, xi, yi = _tile_pixels(D, BLOCK)
+    offs, pix, xi, yi = _tile_pixels(D, BLOCK, 0)
     px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
     k_start, k_end = _k_range(qx0, qy0, qz0, dx, dy, dz, pix, D)
     g = tl.load(grad_out_ptr + b * D * D + offs, mask=pix, other=0.0).to(tl.float32)
@@ -366,6 +388,13 @@ def _paired(volume: torch.Tensor) -> torch.Tensor:
     return pairs
 
 
+def _n_programs(D: int, block: int, tile_w: int) -> int:
+    """Programs per image for ``_tile_pixels``."""
+    if tile_w == 0:
+        return triton.cdiv(D * D, block)
+    return triton.cdiv(D, tile_w) * triton.cdiv(D, block // tile_w)
+
+
 def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """``volume (D, D, D)`` (float32 or bfloat16), ``rotations (B, 3, 3)`` -> ``(B, D, D)`` float32."""
     D = volume.shape[0]
@@ -374,7 +403,7 @@ def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> tor
     out = torch.empty(B, D, D, device=volume.device, dtype=torch.float32)
     if B == 0:
         return out
-    grid = lambda meta: (B, triton.cdiv(D * D, meta["BLOCK"]))  # noqa: E731
+    grid = lambda meta: (B, _n_programs(D, meta["BLOCK"], meta["TILE_W"]))  # noqa: E731
     project_volume_fwd_kernel[grid](_paired(volume), rotations, out, D)
     return out
 

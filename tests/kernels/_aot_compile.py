@@ -73,8 +73,9 @@ def main():
         build(ML._multiplicative_layer_fwd_kernel, ml)
         build(ML._multiplicative_layer_bwd_kernel, dict(ml, NEED_DW=True, BLOCK_D=4))
     # the projector's paired taps: 8-byte loads of voxel pairs, 8-byte atomics in the scatter
-    ptx = build(PV.project_volume_fwd_kernel, dict(BLOCK=PV.BLOCK))
-    expect(ptx, "ld.global.v2.b32", "projector forward")
+    for tile_w in (0, 8):  # runs of a row, rectangles
+        ptx = build(PV.project_volume_fwd_kernel, dict(BLOCK=PV.BLOCK, TILE_W=tile_w))
+        expect(ptx, "ld.global.v2.b32", "projector forward")
     ptx = build(PV.project_volume_bwd_kernel, dict(NEED_VOLUME=True, NEED_ROTATION=True, BLOCK=PV.BLOCK))
     expect(ptx, "ld.global.v2.b32", "projector backward")
     expect(ptx, "red.global.gpu.relaxed.add.v2.f32", "projector backward")

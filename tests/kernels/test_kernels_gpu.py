@@ -236,7 +236,13 @@ def test_project_volume_deterministic_cuda():
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("index", range(5))
+def _projector_candidates():
+    from fieldkern.kernels import project_volume as PV
+
+    return range(len(PV.FWD_CANDIDATES))
+
+
+@pytest.mark.parametrize("index", _projector_candidates())
 def test_project_volume_every_forward_candidate(index):
     """Each autotune candidate of the projector's forward against the reference."""
     from fieldkern.cryoem import random_rotations
