@@ -13,6 +13,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def autotuning() -> bool:
+    """False under ``FIELDKERN_AUTOTUNE=0``: first candidates only, nothing timed."""
+    return os.environ.get("FIELDKERN_AUTOTUNE", "1") != "0"
+
+
 def configs(gpu_configs: list[triton.Config], interp_config: triton.Config) -> list[triton.Config]:
     """Autotune configs: the GPU list, or one small config under the interpreter (autotuning
     there would rerun every candidate in Python). ``FIELDKERN_AUTOTUNE=0`` keeps only the
@@ -20,7 +25,7 @@ def configs(gpu_configs: list[triton.Config], interp_config: triton.Config) -> l
     first call, which short jobs (tests, smoke runs) need not pay."""
     if interpreting():
         return [interp_config]
-    if os.environ.get("FIELDKERN_AUTOTUNE", "1") == "0":
+    if not autotuning():
         return gpu_configs[:1]
     return gpu_configs
 

@@ -31,6 +31,18 @@ Design (forward, ``_mfn_stack_fwd_kernel``):
 * Sines: the SFU's ``sin.approx`` after an explicit reduction to [-pi, pi]
   (``_common.sine``), not libdevice's ``sinf`` (see there; 1.6x on the 3D forward).
 
+Second forward (``_forward_layered``): the filter kernel for layer 0, then per layer the
+multiplicative-layer kernel (a pipelined GEMM, 64-128 wide tiles, with the filter in its
+epilogue; it also writes ``lin_i`` when saving) and the heads as ``addmm``, over chunks of
+points (``FWD_WORKSPACE_BYTES``). ``z_i`` makes a round trip through global memory, but
+the products run as plain pipelined GEMMs, where the fused kernel's small column blocks,
+two programs per SM (255 registers) and scratch reads leave it far below the tensor
+cores' rate (~10%, bench/RESULTS.md). Which is faster depends on the GPU, the width and
+the number of points, and was never measured: ``_forward_strategy`` times both on the
+first call per network shape and size and keeps the faster, as autotuning does for
+configs (fused without timing on the interpreter, under CUDA-graph capture and with
+``FIELDKERN_AUTOTUNE=0``).
+
 Backward (``mfn_stack_backward``): per chunk of points (work buffers bounded by
 ``BWD_WORKSPACE_BYTES``), top layer first,
 
@@ -66,6 +78,7 @@ import triton.language as tl
 
 from fieldkern.kernels._common import (
     IEEE,
+    autotuning,
     TF32X3,
     accumulate,
     block,
@@ -423,8 +436,82 @@ def _flags(head_mask, gamma, c, relu, residual, precision):
                 RELU=bool(relu), RESIDUAL=bool(residual), MIXED=precision == "mixed")
 
 
+#: Bytes of (points x H) float32 buffers the layer-by-layer forward holds at once (two
+#: ``z`` tiles); it walks the points in chunks that fit.
+FWD_WORKSPACE_BYTES = 256 << 20
+#: Pins the forward's strategy, "fused" or "layered" (tests, benchmarks); None: measured.
+FORWARD_STRATEGY = None
+_forward_choice: dict[tuple, str] = {}
+
+
+def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save, out, lin,
+                     hpre):
+    """The fused kernel's results, one launch per layer instead: the filter kernel for layer
+    0, then the multiplicative-layer kernel (a pipelined GEMM with the filter in its
+    epilogue, writing ``lin_i`` too when saving), the heads as ``addmm`` (float32 in both
+    precisions). ``z_i`` goes through global memory, in chunks of points bounded by
+    ``FWD_WORKSPACE_BYTES``."""
+    from fieldkern.kernels.filters import filter_forward
+    from fieldkern.kernels.multiplicative_layer import _weight_parts, multiplicative_layer_forward
+
+    P = x.shape[0]
+    L, H, _ = w.shape
+    a_parts = [_weight_parts(a[i], precision) for i in range(L - 1)]
+    chunk = max(1, FWD_WORKSPACE_BYTES // (2 * 4 * H))
+    for p0 in range(0, P, chunk):
+        p1 = min(P, p0 + chunk)
+        xs = x[p0:p1]
+        total = z = None
+        for i in range(L):
+            filt = (w[i], b[i], None if gamma is None else gamma[i], None if mu is None else mu[i])
+            if i == 0:
+                z = filter_forward(xs, *filt)
+            else:
+                z = multiplicative_layer_forward(z, a[i - 1], None if c is None else c[i - 1], xs, *filt,
+                                                 precision, lin=lin[i - 1, p0:p1] if save else None,
+                                                 a_parts=a_parts[i - 1])
+            if (head_mask >> i) & 1:
+                y = torch.addmm(d[i], z, u[i].t())
+                if relu:
+                    if save:
+                        hpre[i, p0:p1] = y
+                    y = y.clamp_min(0.0)
+                if residual:
+                    total = y if total is None else total + y
+                    y = total
+                out[i, p0:p1] = y
+
+
+def _forward_strategy(key, device, run):
+    """"fused" or "layered" for this network shape and size: on the first call per key
+    (the point count enters as its bit length), both run and are timed on the device and
+    the faster is kept, as autotuning does for kernel configs. Fused without timing where
+    nothing can be timed: off CUDA (the interpreter), during CUDA-graph capture, and with
+    ``FIELDKERN_AUTOTUNE=0``."""
+    if FORWARD_STRATEGY is not None:
+        return FORWARD_STRATEGY
+    if key in _forward_choice:
+        return _forward_choice[key]
+    if device.type != "cuda" or not autotuning() or torch.cuda.is_current_stream_capturing():
+        return "fused"
+    times = {}
+    for strategy in ("fused", "layered"):
+        run(strategy)  # compiles and autotunes its kernels
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(strategy)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        times[strategy] = best
+    _forward_choice[key] = min(times, key=times.get)
+    return _forward_choice[key]
+
+
 def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save):
-    """Launch the fused forward. Shapes: x (P, D); w (L, H, D); b (L, H); a (L-1, H, H);
+    """The forward, fused or layer by layer (``_forward_strategy``). Shapes: x (P, D); w (L, H, D); b (L, H); a (L-1, H, H);
     c (L-1, H) or None; u (L, O, H); d (L, O) (rows of layers without a head unused);
     gamma (L, H), mu (L, H, D) or None. All fp32 contiguous. Returns (L, P, O) fp32 (rows of
     layers without a head uninitialised) and, with ``save``, what the backward needs:
@@ -439,10 +526,26 @@ def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
     hpre = torch.empty((L, P, O) if save and relu else (0,), **f32)
     if P == 0:
         return out, lin, hpre
+
+    def run(strategy):
+        impl = _forward_layered if strategy == "layered" else _forward_fused
+        impl(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save, out, lin, hpre)
+
+    key = (P.bit_length(), H, D, L, O, head_mask, bool(residual), bool(relu), c is not None, gamma is not None,
+           precision, bool(save), x.device.index)
+    run(_forward_strategy(key, x.device, run))
+    return out, lin, hpre
+
+
+def _forward_fused(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save, out, lin, hpre):
+    """``_mfn_stack_fwd_kernel``: the whole stack in one launch (module docstring)."""
+    P, D = x.shape
+    L, H, _ = w.shape
+    O = u.shape[1]
     block_h = block(H, _MIN_BLOCK_H)
     # no config launches more programs than this (small P: fewer tiles than SMs)
     nprog = min(max_programs(x.device), triton.cdiv(P, _MIN_BLOCK_P))
-    scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), **f32)
+    scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), device=x.device, dtype=torch.float32)
     grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
     # float32: weights split for the kernel's tf32x3 products (``mm_split``), once per call
     (a, a_lo), (u, u_lo) = ((a, a), (u, u)) if precision == "mixed" else (split_tf32(a), split_tf32(u))
@@ -454,7 +557,6 @@ def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
         D=D, N_LAYERS=L, BLOCK_H=block_h, BLOCK_O=block(O), SAVE=bool(save),
         **_flags(head_mask, gamma, c, relu, residual, precision),
     )
-    return out, lin, hpre
 
 
 def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual,

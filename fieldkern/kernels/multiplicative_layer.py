@@ -33,11 +33,13 @@ from fieldkern.kernels._common import (
     split_tf32,
 )
 
-_CONFIGS = configs(
-    [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bp in (64, 128) for bn in (64, 128) for bk in (32, 64) for w in (4, 8) for s in (3, 4)],
-    triton.Config({"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4),
-)
+# (BLOCK_P, BLOCK_N, BLOCK_K, warps, stages). ptxas (sm_90, float32, triton 3.9): 128 / 255 /
+# 128 / 165 / 193 / 156 registers, no spills, 64-184 KiB of shared memory; the full grid of
+# 32 had ten that need more shared memory than an H100 has and could never launch.
+FWD_CANDIDATES = [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                  for bp, bn, bk, w, s in ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+                                           (64, 128, 32, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 8, 4))]
+_CONFIGS = configs(FWD_CANDIDATES, triton.Config({"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4))
 _BWD_CONFIGS = configs(
     [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
      for bp in (32, 64) for bn in (64, 128) for bk in (32, 64) for w in (4, 8)],
@@ -63,13 +65,15 @@ def _lin_tile(z_ptr, a_ptr, alo_ptr, c_ptr, offs_p, mask_p, offs_n, mask_n, K,
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=_KEY + ["SAVE_LIN"])
 @triton.jit
 def _multiplicative_layer_fwd_kernel(
-    z_ptr, a_ptr, alo_ptr, c_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, out_ptr, P, H, K,
+    z_ptr, a_ptr, alo_ptr, c_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, out_ptr, lin_ptr, P, H, K,
     D: tl.constexpr, HAS_C: tl.constexpr, GABOR: tl.constexpr, MIXED: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SAVE_LIN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """``out = (z A^T + c) * g(x)``; ``SAVE_LIN``: also ``lin = z A^T + c`` (the stack's
+    layer-by-layer forward keeps it for its backward)."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
@@ -78,8 +82,11 @@ def _multiplicative_layer_fwd_kernel(
                     HAS_C, MIXED, BLOCK_P, BLOCK_N, BLOCK_K)
     g = filter_values(x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, offs_p, mask_p, offs_n, mask_n,
                       D, GABOR)
-    tl.store(out_ptr + offs_p[:, None] * H + offs_n[None, :], lin * g,
-             mask=mask_p[:, None] & mask_n[None, :])
+    ptrs = offs_p[:, None] * H + offs_n[None, :]
+    mask = mask_p[:, None] & mask_n[None, :]
+    if SAVE_LIN:
+        tl.store(lin_ptr + ptrs, lin, mask=mask)
+    tl.store(out_ptr + ptrs, lin * g, mask=mask)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["NEED_DW"],
@@ -132,20 +139,24 @@ def _weight_parts(a, precision):
     return (a, a) if precision == "mixed" else split_tf32(a)
 
 
-def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision):
-    """z (P, K), a (H, K), c (H,) or None, x (P, D), filter params; fp32 contiguous -> (P, H)."""
+def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision, out=None, lin=None, a_parts=None):
+    """z (P, K), a (H, K), c (H,) or None, x (P, D), filter params; fp32 contiguous -> (P, H).
+    ``out``: a contiguous (P, H) float32 tensor to write into; ``lin``: one to receive
+    ``z A^T + c`` as well; ``a_parts``: ``a`` already as ``_weight_parts`` gives it."""
     P, K = z.shape
     H = a.shape[0]
     D = x.shape[1]
-    out = torch.empty((P, H), device=z.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty((P, H), device=z.device, dtype=torch.float32)
     if P == 0:
         return out
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
     _multiplicative_layer_fwd_kernel[grid](
-        z, *_weight_parts(a, precision), c if c is not None else b, x, w, b,
+        z, *(a_parts or _weight_parts(a, precision)), c if c is not None else b, x, w, b,
         gamma if gamma is not None else b,
-        mu if mu is not None else w, out, P, H, K, D=D, HAS_C=c is not None,
-        GABOR=gamma is not None, MIXED=precision == "mixed",
+        mu if mu is not None else w, out, lin if lin is not None else out, P, H, K, D=D,
+        HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
+        SAVE_LIN=lin is not None,
     )
     return out
 

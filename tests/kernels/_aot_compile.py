@@ -70,7 +70,7 @@ def main():
         build(F._filter_fwd_kernel, dict(D=3, GABOR=gabor, BLOCK_P=16, BLOCK_H=16))
         build(F._filter_bwd_kernel, dict(D=3, GABOR=gabor, NEED_DW=True, BLOCK_D=4, BLOCK_P=16, BLOCK_H=16))
         ml = dict(D=3, HAS_C=True, GABOR=gabor, MIXED=mixed, BLOCK_P=16, BLOCK_N=16, BLOCK_K=16)
-        build(ML._multiplicative_layer_fwd_kernel, ml)
+        build(ML._multiplicative_layer_fwd_kernel, dict(ml, SAVE_LIN=True))
         build(ML._multiplicative_layer_bwd_kernel, dict(ml, NEED_DW=True, BLOCK_D=4))
     # the projector's paired taps: 8-byte loads of voxel pairs, 8-byte atomics in the scatter
     for tile_w in (0, 8):  # runs of a row, rectangles

@@ -184,10 +184,13 @@ def _mfn_tuned_kernels():
     """Each autotuned mfn_stack kernel and its GPU candidates, by test id prefix."""
     from fieldkern.kernels import mfn_stack as M
 
+    from fieldkern.kernels import multiplicative_layer as ML
+
     return {"fwd": (M._mfn_stack_fwd_kernel, M.FWD_CANDIDATES),
             "bwd": (M._mfn_stack_bwd_kernel, M.BWD_CANDIDATES),
             "rows": (M._rows_matmul_kernel, M._ROWS_CANDIDATES),
-            "sum": (M._points_sum_kernel, M._SUM_CANDIDATES)}
+            "sum": (M._points_sum_kernel, M._SUM_CANDIDATES),
+            "layer": (ML._multiplicative_layer_fwd_kernel, ML.FWD_CANDIDATES)}
 
 
 def _candidate_params():
@@ -195,15 +198,33 @@ def _candidate_params():
             for which, (_, cands) in _mfn_tuned_kernels().items() for i in range(len(cands))]
 
 
+def test_mfn_stack_forward_strategy_timed_cuda(monkeypatch):
+    """On the first call per shape both forwards run and are timed; the faster is cached,
+    and the results are right either way."""
+    from fieldkern.kernels import mfn_stack as M
+
+    monkeypatch.setattr(M, "autotuning", lambda: True)  # FIELDKERN_AUTOTUNE=0 would skip timing
+    monkeypatch.setattr(M, "_forward_choice", {})
+    p = _cuda(stack_params(3, 128, 3, 1, False, trainable_w=True))
+    compare_stack(p, _x(20000, 3), rtol=1e-4, atol=1e-4, residual=True, head_activation="relu")
+    assert len(M._forward_choice) >= 1
+    assert set(M._forward_choice.values()) <= {"fused", "layered"}
+    print("forward strategy chosen:", M._forward_choice)
+
+
 @pytest.mark.parametrize("which, index", _candidate_params())
 def test_mfn_stack_every_autotune_candidate(which, index):
     """Autotuning may pick any candidate, while the other tests (FIELDKERN_AUTOTUNE=0) run
-    the first: force each one (stack forward, layer backward, the backward's two GEMMs) on
-    a wide, a 3D and an odd-width net."""
+    the first: force each one (stack forward, layer backward, the backward's two GEMMs, the
+    layer-by-layer forward's multiplicative-layer kernel) on a wide, a 3D and an odd-width net."""
+    from fieldkern.kernels import mfn_stack as M
+
     kernel, candidates = _mfn_tuned_kernels()[which]
     saved = kernel.configs
     kernel.configs = [candidates[index]]
     kernel.cache.clear()
+    # the forward's strategy: the fused kernel, or layer by layer for the layer kernel's candidates
+    strategy, M.FORWARD_STRATEGY = M.FORWARD_STRATEGY, "layered" if which == "layer" else "fused"
     try:
         for d, h, n_layers, gabor, relu in ((2, 256, 4, False, False), (3, 128, 3, True, True),
                                             (2, 100, 5, False, True)):
@@ -213,6 +234,7 @@ def test_mfn_stack_every_autotune_candidate(which, index):
     finally:
         kernel.configs = saved
         kernel.cache.clear()
+        M.FORWARD_STRATEGY = strategy
 
 
 def test_project_volume_deterministic_cuda():

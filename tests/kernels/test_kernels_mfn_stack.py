@@ -41,6 +41,50 @@ def test_mfn_stack_matches_reference(case):
                   detach_heads_below=detach)
 
 
+# the layer-by-layer forward (filter kernel, multiplicative-layer kernel, addmm heads), which
+# a GPU picks when it measures faster; its lin_i / ReLU pre-activations feed the backward
+LAYERED = [CASES[i] for i in (0, 1, 2, 4, 6, 7)]
+
+
+@pytest.mark.parametrize("case", LAYERED, ids=[f"case{CASES.index(c)}" for c in LAYERED])
+def test_mfn_stack_layered_forward(case, monkeypatch):
+    from fieldkern.kernels import mfn_stack as M
+
+    monkeypatch.setattr(M, "FORWARD_STRATEGY", "layered")
+    d, hidden, n_layers, out, gabor, residual, relu, detach, train_w, lin_b, heads = case
+    p = stack_params(d, hidden, n_layers, out, gabor, heads, lin_b, train_w)
+    compare_stack(p, _x(77, d), residual=residual, head_activation="relu" if relu else None,
+                  detach_heads_below=detach)
+
+
+def test_mfn_stack_layered_forward_in_chunks(monkeypatch):
+    """The layered forward's point chunks (32 + 32 + 13), saving for the backward, mixed
+    precision (bf16 products in the layers, float32 heads) against the fused kernel's."""
+    from fieldkern.kernels import mfn_stack as M
+
+    hidden = 24
+    monkeypatch.setattr(M, "FWD_WORKSPACE_BYTES", 2 * 4 * hidden * 32)
+    p = stack_params(3, hidden, 3, 2, gabor=True, trainable_w=True)
+    x = _x(77, 3)
+    compare_stack(p, x, residual=True, head_activation="relu")
+    with fieldkern.set_backend("triton"), fieldkern.ops.set_precision("mixed"):
+        monkeypatch.setattr(M, "FORWARD_STRATEGY", "layered")
+        layered = fieldkern.ops.mfn_stack(x, **p, residual=True)
+        monkeypatch.setattr(M, "FORWARD_STRATEGY", "fused")
+        fused = fieldkern.ops.mfn_stack(x, **p, residual=True)
+    for a_, b_ in zip(layered, fused):
+        torch.testing.assert_close(a_, b_, rtol=2e-2, atol=2e-2)
+
+
+def test_mfn_stack_forward_strategy_off_gpu():
+    """Nothing to time off CUDA: the fused kernel, without a cached choice."""
+    from fieldkern.kernels import mfn_stack as M
+
+    calls = []
+    assert M._forward_strategy(("k",), torch.device("cpu"), calls.append) == "fused"
+    assert calls == [] and ("k",) not in M._forward_choice
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n_points=st.integers(1, 130),
