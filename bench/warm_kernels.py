@@ -18,24 +18,29 @@ import torch
 import fieldkern
 from _bench_utils import PROBLEMS
 from fieldkern.kernels import mfn_stack as M
+from fieldkern.kernels import multiplicative_layer as ML
 
 
 def main(problem: str, precision: str, index: int) -> None:
     (d, h, s) = next((d, h, s) for name, d, h, s, *_ in PROBLEMS if name == problem)
-    fwd, bwd = M._mfn_stack_fwd_kernel, M._mfn_stack_bwd_kernel
+    fwd, bwd, layer = M._mfn_stack_fwd_kernel, M._mfn_stack_bwd_kernel, ML._multiplicative_layer_fwd_kernel
     backward = index < len(bwd.configs)
     fwd.configs = [fwd.configs[index % len(fwd.configs)]]
     bwd.configs = [bwd.configs[index % len(bwd.configs)]]
+    layer.configs = [layer.configs[index % len(layer.configs)]]
     torch.manual_seed(0)
     model = fieldkern.ResidualMFN(d, h, 1, n_scales=s, resolution=64).cuda()
     x = torch.rand(4096, d, device="cuda") - 0.5  # P % 16 == 0, like the benchmark grids
     with fieldkern.set_backend("triton"), fieldkern.ops.set_precision(precision):
-        with torch.no_grad():  # the forward without saving for a backward is its own variant
-            model(x)
-        if backward:
-            sum(y.square().mean() for y in model(x)).backward()
+        for strategy in ("fused", "layered"):  # both forwards, as their timing will run them
+            M.FORWARD_STRATEGY = strategy
+            with torch.no_grad():  # the forward without saving for a backward is its own variant
+                model(x)
+            if backward:
+                sum(y.square().mean() for y in model(x)).backward()
     torch.cuda.synchronize()
-    print(f"warm {problem} {precision} fwd={fwd.configs[0]} bwd={bwd.configs[0] if backward else '-'}")
+    print(f"warm {problem} {precision} fwd={fwd.configs[0]} layer={layer.configs[0]} "
+          f"bwd={bwd.configs[0] if backward else '-'}")
 
 
 if __name__ == "__main__":
