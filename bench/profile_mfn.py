@@ -75,16 +75,6 @@ def time_ms(fn, reps=20):
     return start.elapsed_time(end) / reps
 
 
-def _triton(call):
-    """Run a backward GEMM with the cuBLAS switch off (float32 at H <= 128 would take cuBLAS)."""
-    saved = M._use_cublas
-    M._use_cublas = lambda hidden, mixed: False
-    try:
-        return call()
-    finally:
-        M._use_cublas = saved
-
-
 def point_sum_products():
     print("### a^T b over n points, (n, H) x (n, H) -> (H, H)")
     for n, h in ((104857, 128), (262144, 128), (52428, 256), (262144, 256)):
@@ -102,8 +92,8 @@ def point_sum_products():
                     return out
                 res[f"slabs{m}"] = time_ms(slabs)
             res["dz mm (n,H)@(H,H)"] = time_ms(lambda: torch.mm(a, b[:h], **kw))
-            # the backward's own Triton GEMMs (tf32x3 / bf16), which replace cuBLAS except
-            # for float32 at H <= 128 (mfn_stack._use_cublas): settle that rule here
+            # the backward's own Triton GEMMs (tf32x3 / bf16) at the same shapes (float32
+            # picks between them and cuBLAS by timing, mfn_stack._backward_products)
             mixed = dtype == torch.bfloat16
             sq = b[:h].float().contiguous()
             M._points_sum_kernel.cache.clear()
@@ -111,8 +101,8 @@ def point_sum_products():
             # float32: the second operand split as the backward provides it (mm_split)
             b_hi, b_lo = (b, None) if mixed else split_tf32(b)
             sq_split = None if mixed else split_tf32(sq)
-            res["triton sum"] = time_ms(lambda: _triton(lambda: M._points_sum(a, b_hi, b_lo, mixed, h)))
-            res["triton rows"] = time_ms(lambda: _triton(lambda: M._rows_matmul(a, sq, sq_split, mixed)))
+            res["triton sum"] = time_ms(lambda: M._points_sum(a, b_hi, b_lo, mixed, False))
+            res["triton rows"] = time_ms(lambda: M._rows_matmul(a, sq, sq_split, mixed, False))
             flops = 2 * n * h * h
             print(f"n={n} H={h} {str(dtype)[6:]}: " + ", ".join(
                 f"{k} {v:.3f} ms ({flops / v / 1e9:.0f} TFLOPS)" for k, v in res.items()))

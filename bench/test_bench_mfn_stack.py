@@ -75,7 +75,7 @@ def test_bench_mfn_stack(benchmark, problem, impl, mode, device):
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         precision=precision,
         configs=_chosen_configs(mode) if impl.startswith("triton") else None,
-        forward_strategy=_forward_strategies() if impl.startswith("triton") else None,
+        strategies=_strategies() if impl.startswith("triton") else None,
     )
 
 
@@ -111,11 +111,13 @@ def _graphed_step(model, x, target, mode):
     return step
 
 
-def _forward_strategies():
-    """The mfn_stack forward strategies measured so far ("fused" / "layered"), by key."""
+def _strategies():
+    """What mfn_stack measured so far, by key: forward "fused" / "layered", float32
+    backward products "cublas" / "triton"."""
     from fieldkern.kernels import mfn_stack as M
 
-    return M.FORWARD_STRATEGY or {str(k): v for k, v in M._forward_choice.items()}
+    return {"forward": M.FORWARD_STRATEGY or {str(k): v for k, v in M._forward_choice.items()},
+            "backward_products": M.BACKWARD_PRODUCTS or {str(k): v for k, v in M._backward_choice.items()}}
 
 
 def _chosen_configs(mode):

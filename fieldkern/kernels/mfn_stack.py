@@ -53,8 +53,8 @@ Backward (``mfn_stack_backward``): per chunk of points (work buffers bounded by
    ``dlin_i = dz_i g_i`` and ``z_{i-1}`` (sines of layer i-1 recomputed);
 2. three GEMMs over the chunk's points: ``dA_i += dlin_i^T z_{i-1}``,
    ``dU_{i-1} += dh_{i-1}^T z_{i-1}``, ``dz_{i-1} = dlin_i A_i`` (``_points_sum_kernel`` /
-   ``_rows_matmul_kernel``: tf32x3 or bf16 on tensor cores; float32 at hidden <= 128 on
-   cuBLAS, which measured faster there than the GEMMs' previous version). In float32 each
+   ``_rows_matmul_kernel``: tf32x3 or bf16 on tensor cores; float32 may run on cuBLAS
+   instead, whichever ``_backward_products`` times faster on the first call). In float32 each
    GEMM's second operand arrives split into TF32 head and remainder (``mm_split``): the
    weights ``A_i`` split on the host, ``z_{i-1}`` written split by the layer kernel (a
    fourth work buffer), and the top layer's own ``z`` goes first in ``(z^T dh)^T`` with
@@ -336,7 +336,7 @@ def _mfn_stack_bwd_kernel(
 # The backward's products over points, as Triton GEMMs so that float32 runs on tensor
 # cores as tf32x3 (cuBLAS float32 is SIMT FMA: 37-54 TFLOPS on an H200, 0.18-0.75 ms per
 # product at 2^18 points, bench/RESULTS.md) and mixed as bf16, both with fp32 results;
-# float32 at hidden <= 128 stays on cuBLAS (``_use_cublas``).
+# float32 may take cuBLAS instead (``_backward_products``).
 _ROWS_CANDIDATES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                     for bm, bn, bk, w in ((128, 128, 32, 8), (128, 64, 32, 4), (64, 128, 32, 4))]
 _SUM_CANDIDATES = [triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=3)
@@ -389,19 +389,50 @@ def _points_sum_kernel(a_ptr, b_ptr, blo_ptr, part_ptr, M, NA, NB, SLAB, MIXED: 
              mask=(offs_a[:, None] < NA) & (offs_b[None, :] < NB))
 
 
-def _use_cublas(hidden, mixed):
-    """float32 at H <= 128 keeps cuBLAS: measured on an H200 (bench/RESULTS.md), 3D hidden
-    128 fwd+bwd took 4.4 ms with cuBLAS's SIMT products and 6.9 ms with these kernels, while
-    at hidden 256 these cut 2D fwd+bwd from 13.1 to 10.9 ms (and mixed from 8.2 to 7.7).
-    Both timings predate the pre-split operands (``mm_split``), not yet timed:
-    ``bench/profile_mfn.py`` compares the two at the backward's shapes."""
-    return not mixed and hidden <= 128
+#: Pins the float32 backward's products, "cublas" or "triton" (tests, benchmarks); None:
+#: measured (``_backward_products``).
+BACKWARD_PRODUCTS = None
+_backward_choice: dict[tuple, str] = {}
 
 
-def _rows_matmul(a, b, b_split, mixed):
-    """(M, K) @ (K, N) -> (M, N) float32 for a weight ``b``; ``b_split``: its ``split_tf32``
-    parts, which the float32 Triton GEMM takes instead (None elsewhere)."""
-    if _use_cublas(a.shape[1], mixed):
+def _default_products(hidden):
+    """Without a timing: cuBLAS at H <= 128. Measured on an H200 (bench/RESULTS.md), before
+    the pre-split operands (``mm_split``): 3D hidden 128 fwd+bwd took 4.4 ms with cuBLAS's
+    SIMT products and 6.9 ms with the Triton GEMMs, while at hidden 256 these cut 2D
+    fwd+bwd from 13.1 to 10.9 ms."""
+    return "cublas" if hidden <= 128 else "triton"
+
+
+def _backward_products(key, device, hidden, run):
+    """"cublas" or "triton" for the float32 backward's products: on the first call per key
+    both backwards run and are timed on the device, the faster is kept (as for the
+    forward's strategy); ``_default_products`` where nothing can be timed."""
+    if BACKWARD_PRODUCTS is not None:
+        return BACKWARD_PRODUCTS
+    if key in _backward_choice:
+        return _backward_choice[key]
+    if device.type != "cuda" or not autotuning() or torch.cuda.is_current_stream_capturing():
+        return _default_products(hidden)
+    times = {}
+    for products in ("cublas", "triton"):
+        run(products)  # compiles and autotunes
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(products)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        times[products] = best
+    _backward_choice[key] = min(times, key=times.get)
+    return _backward_choice[key]
+
+
+def _rows_matmul(a, b, b_split, mixed, cublas):
+    """(M, K) @ (K, N) -> (M, N) float32 for a weight ``b``, by cuBLAS or the Triton GEMM;
+    ``b_split``: ``b``'s ``split_tf32`` parts, which the float32 Triton GEMM takes instead."""
+    if cublas:
         return torch.mm(a, b)
     M, K = a.shape
     N = b.shape[1]
@@ -412,12 +443,13 @@ def _rows_matmul(a, b, b_split, mixed):
     return c
 
 
-def _points_sum(a, b, b_lo, mixed, hidden):
-    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB) (``b_lo``: the ``split_tf32``
-    remainder of ``b`` for the float32 Triton GEMM, ``b`` being its head; None elsewhere):
-    the sum over points split into slabs (parallelism; a (H, H) result alone is one or
-    four tiles), the slab partials summed in a fixed order (deterministic)."""
-    if _use_cublas(hidden, mixed):
+def _points_sum(a, b, b_lo, mixed, cublas):
+    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB), by cuBLAS or the Triton GEMM
+    (``b_lo``: the ``split_tf32`` remainder of ``b`` for the float32 Triton GEMM, ``b``
+    being its head; None elsewhere): the sum over points split into slabs (parallelism; a
+    (H, H) result alone is one or four tiles), the slab partials summed in a fixed order
+    (deterministic)."""
+    if cublas:
         return torch.mm(a.t(), b)
     M, NA = a.shape
     NB = b.shape[1]
@@ -569,9 +601,24 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
     Per chunk of points, top layer first: the layer kernel does everything elementwise
     (sines recomputed, never stored) and writes ``dlin_i`` and ``z_{i-1}``; then three
     GEMMs: ``dA_i += dlin_i^T z_{i-1}``, ``dU_{i-1} += dh_{i-1}^T z_{i-1}`` and
-    ``dz_{i-1} = dlin_i A_i`` (float32 as tf32x3, or on cuBLAS at hidden <= 128; mixed
-    with bf16 operands, the work buffers being bf16 then, as their products round them to
-    bf16 anyway)."""
+    ``dz_{i-1} = dlin_i A_i`` (float32 as tf32x3 Triton GEMMs or on cuBLAS, whichever
+    ``_backward_products`` measured faster; mixed: Triton GEMMs with bf16 operands, the
+    work buffers being bf16 then, as their products round them to bf16 anyway)."""
+    args = (grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual, relu,
+            detach_heads_below, need_dw, need_da, precision)
+    if precision == "mixed":
+        return _backward(*args, cublas=False)
+    P, D = x.shape
+    L, H, _ = w.shape
+    key = (P.bit_length(), H, D, L, u.shape[1], head_mask, bool(residual), bool(relu), detach_heads_below,
+           bool(need_dw), bool(need_da), c is not None, gamma is not None, x.device.index)
+    products = _backward_products(key, x.device, H, lambda p: _backward(*args, cublas=p == "cublas"))
+    return _backward(*args, cublas=products == "cublas")
+
+
+def _backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual, relu,
+              detach_heads_below, need_dw, need_da, precision, cublas):
+    """``mfn_stack_backward`` with its products on cuBLAS (``cublas``) or the Triton GEMMs."""
     P, D = x.shape
     L, H, _ = w.shape
     O = u.shape[1]
@@ -598,7 +645,7 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
     # dz = dlin A here, once; z_{i-1} of dA = dlin^T z_{i-1} and dU = dh^T z_{i-1} from the
     # layer kernel, which writes head and remainder (one more work buffer); the top
     # layer's own z goes first in (z^T dh)^T, with the top head's dh split here
-    split = not mixed and not _use_cublas(H, mixed)
+    split = not mixed and not cublas
     a_split = split_tf32(a) if split and L > 1 else None
     top_dh = split_tf32(dh_all[L - 1]) if split and L - 1 in heads else None
     work_dtype = torch.bfloat16 if mixed else torch.float32
@@ -615,9 +662,9 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
 
         def head_sum(i, z, z_lo):  # dU_i += dh_i^T z_i
             if split and z_lo is None:  # the top layer's own z, not split: (z^T dh)^T
-                du[i] += _points_sum(z, top_dh[0][p0:p1], top_dh[1][p0:p1], mixed, H).t()
+                du[i] += _points_sum(z, top_dh[0][p0:p1], top_dh[1][p0:p1], mixed, cublas).t()
             else:
-                du[i] += _points_sum(dh_all[i, p0:p1], z, z_lo, mixed, H)
+                du[i] += _points_sum(dh_all[i, p0:p1], z, z_lo, mixed, cublas)
 
         for i in reversed(range(L)):
             has_head = i in heads
@@ -651,10 +698,10 @@ def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head
                 if i - 1 in heads:
                     head_sum(i - 1, zprev, zprev_lo if split else None)
                 if need_da:
-                    da[i - 1] += _points_sum(dlin, zprev, zprev_lo if split else None, mixed, H)
+                    da[i - 1] += _points_sum(dlin, zprev, zprev_lo if split else None, mixed, cublas)
                 zprev = zprev_lo = None
                 dz = _rows_matmul(dlin, a[i - 1], None if a_split is None else (a_split[0][i - 1], a_split[1][i - 1]),
-                                  mixed)
+                                  mixed, cublas)
             dlin = z = None
     # fixed-order reduction over the program rows: deterministic
     total = part.sum(0)

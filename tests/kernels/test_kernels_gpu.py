@@ -198,18 +198,31 @@ def _candidate_params():
             for which, (_, cands) in _mfn_tuned_kernels().items() for i in range(len(cands))]
 
 
-def test_mfn_stack_forward_strategy_timed_cuda(monkeypatch):
-    """On the first call per shape both forwards run and are timed; the faster is cached,
-    and the results are right either way."""
+def test_mfn_stack_strategies_timed_cuda(monkeypatch):
+    """On the first call per shape both forwards, and both kinds of float32 backward
+    products, run and are timed; the faster are cached, and the results are right."""
     from fieldkern.kernels import mfn_stack as M
 
     monkeypatch.setattr(M, "autotuning", lambda: True)  # FIELDKERN_AUTOTUNE=0 would skip timing
     monkeypatch.setattr(M, "_forward_choice", {})
+    monkeypatch.setattr(M, "_backward_choice", {})
     p = _cuda(stack_params(3, 128, 3, 1, False, trainable_w=True))
     compare_stack(p, _x(20000, 3), rtol=1e-4, atol=1e-4, residual=True, head_activation="relu")
-    assert len(M._forward_choice) >= 1
+    assert len(M._forward_choice) >= 1 and len(M._backward_choice) == 1
     assert set(M._forward_choice.values()) <= {"fused", "layered"}
-    print("forward strategy chosen:", M._forward_choice)
+    assert set(M._backward_choice.values()) <= {"cublas", "triton"}
+    print("chosen:", M._forward_choice, M._backward_choice)
+
+
+@pytest.mark.parametrize("products", ["cublas", "triton"])
+def test_mfn_stack_backward_products_cuda(products, monkeypatch):
+    """Both float32 product paths of the backward, at the benchmark widths."""
+    from fieldkern.kernels import mfn_stack as M
+
+    monkeypatch.setattr(M, "BACKWARD_PRODUCTS", products)
+    for d, h, n_layers in ((3, 128, 3), (2, 256, 4)):
+        p = _cuda(stack_params(d, h, n_layers, 1, False, trainable_w=True))
+        compare_stack(p, _x(4099, d), rtol=1e-4, atol=1e-4, residual=True, head_activation="relu")
 
 
 @pytest.mark.parametrize("which, index", _candidate_params())

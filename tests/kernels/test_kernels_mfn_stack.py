@@ -76,13 +76,27 @@ def test_mfn_stack_layered_forward_in_chunks(monkeypatch):
         torch.testing.assert_close(a_, b_, rtol=2e-2, atol=2e-2)
 
 
-def test_mfn_stack_forward_strategy_off_gpu():
-    """Nothing to time off CUDA: the fused kernel, without a cached choice."""
+def test_mfn_stack_strategies_off_gpu():
+    """Nothing to time off CUDA: the fused forward and the width rule for the backward's
+    products, without a cached choice."""
     from fieldkern.kernels import mfn_stack as M
 
     calls = []
     assert M._forward_strategy(("k",), torch.device("cpu"), calls.append) == "fused"
-    assert calls == [] and ("k",) not in M._forward_choice
+    assert M._backward_products(("k",), torch.device("cpu"), 128, calls.append) == "cublas"
+    assert M._backward_products(("k",), torch.device("cpu"), 200, calls.append) == "triton"
+    assert calls == [] and ("k",) not in M._forward_choice and ("k",) not in M._backward_choice
+
+
+@pytest.mark.parametrize("products", ["cublas", "triton"])
+def test_mfn_stack_backward_products(products, monkeypatch):
+    """Both float32 product paths of the backward at a width where the rule picks cuBLAS
+    (the GPU may measure the Triton GEMMs faster and take them)."""
+    from fieldkern.kernels import mfn_stack as M
+
+    monkeypatch.setattr(M, "BACKWARD_PRODUCTS", products)
+    p = stack_params(3, 40, 3, 2, gabor=True, trainable_w=True)
+    compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -198,9 +212,9 @@ def test_backward_point_products(mixed):
         b, w = b.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
     ref_sum, ref_rows = a.float().t() @ b, a.float() @ w
     b_split = (b, None) if mixed else split_tf32(b)
-    torch.testing.assert_close(M._points_sum(a, *b_split, mixed, 200), ref_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(M._points_sum(a, *b_split, mixed, False), ref_sum, rtol=1e-5, atol=1e-4)
     w_split = None if mixed else split_tf32(w)
-    torch.testing.assert_close(M._rows_matmul(a, w, w_split, mixed), ref_rows, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(M._rows_matmul(a, w, w_split, mixed, False), ref_rows, rtol=1e-5, atol=1e-4)
 
 
 @triton.jit
