@@ -40,8 +40,8 @@ two programs per SM (255 registers) and scratch reads leave it far below the ten
 cores' rate (~10%, bench/RESULTS.md). Which is faster depends on the GPU, the width and
 the number of points, and was never measured: ``_forward_strategy`` times both on the
 first call per network shape and size and keeps the faster, as autotuning does for
-configs (fused without timing on the interpreter, under CUDA-graph capture and with
-``FIELDKERN_AUTOTUNE=0``).
+configs (fused without timing on the interpreter, under CUDA-graph capture, with
+``FIELDKERN_AUTOTUNE=0`` and under ``torch.use_deterministic_algorithms``).
 
 Backward (``mfn_stack_backward``): per chunk of points (work buffers bounded by
 ``BWD_WORKSPACE_BYTES``), top layer first,
@@ -411,7 +411,7 @@ def _backward_products(key, device, hidden, run):
         return BACKWARD_PRODUCTS
     if key in _backward_choice:
         return _backward_choice[key]
-    if device.type != "cuda" or not autotuning() or torch.cuda.is_current_stream_capturing():
+    if not _can_time(device):
         return _default_products(hidden)
     times = {}
     for products in ("cublas", "triton"):
@@ -514,17 +514,24 @@ def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, 
                 out[i, p0:p1] = y
 
 
+def _can_time(device):
+    """Whether a strategy may be chosen by timing: on CUDA, outside CUDA-graph capture, with
+    autotuning on, and not under ``torch.use_deterministic_algorithms`` (a timing can pick
+    differently in another process, and the paths differ in the last bits)."""
+    return (device.type == "cuda" and autotuning() and not torch.are_deterministic_algorithms_enabled()
+            and not torch.cuda.is_current_stream_capturing())
+
+
 def _forward_strategy(key, device, run):
     """"fused" or "layered" for this network shape and size: on the first call per key
     (the point count enters as its bit length), both run and are timed on the device and
     the faster is kept, as autotuning does for kernel configs. Fused without timing where
-    nothing can be timed: off CUDA (the interpreter), during CUDA-graph capture, and with
-    ``FIELDKERN_AUTOTUNE=0``."""
+    ``_can_time`` says no."""
     if FORWARD_STRATEGY is not None:
         return FORWARD_STRATEGY
     if key in _forward_choice:
         return _forward_choice[key]
-    if device.type != "cuda" or not autotuning() or torch.cuda.is_current_stream_capturing():
+    if not _can_time(device):
         return "fused"
     times = {}
     for strategy in ("fused", "layered"):

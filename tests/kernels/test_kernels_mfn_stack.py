@@ -241,3 +241,18 @@ def test_split_tf32():
     k_hi, k_lo = torch.empty_like(t), torch.empty_like(t)
     _split_kernel[(1,)](t, k_hi, k_lo, BLOCK=t.numel())
     assert torch.equal(k_hi, hi) and torch.equal(k_lo, lo)
+
+
+def test_mfn_stack_strategies_fixed_when_deterministic(monkeypatch):
+    """Under torch.use_deterministic_algorithms nothing is chosen by timing, even where a
+    device could time (another process could choose differently)."""
+    from fieldkern.kernels import mfn_stack as M
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not M._can_time(torch.device("cuda"))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert M._can_time(torch.device("cuda")) == M.autotuning()
