@@ -413,19 +413,7 @@ def _backward_products(key, device, hidden, run):
         return _backward_choice[key]
     if not _can_time(device):
         return _default_products(hidden)
-    times = {}
-    for products in ("cublas", "triton"):
-        run(products)  # compiles and autotunes
-        best = float("inf")
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(products)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end))
-        times[products] = best
-    _backward_choice[key] = min(times, key=times.get)
+    _backward_choice[key] = _fastest(("cublas", "triton"), run)
     return _backward_choice[key]
 
 
@@ -514,6 +502,24 @@ def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, 
                 out[i, p0:p1] = y
 
 
+def _fastest(options, run):
+    """The option whose ``run(option)`` takes least device time: each runs once untimed
+    (compilation, autotuning of its kernels), then three times timed; the best of three."""
+    times = {}
+    for option in options:
+        run(option)
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(option)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        times[option] = best
+    return min(times, key=times.get)
+
+
 def _can_time(device):
     """Whether a strategy may be chosen by timing: on CUDA, outside CUDA-graph capture, with
     autotuning on, and not under ``torch.use_deterministic_algorithms`` (a timing can pick
@@ -533,19 +539,7 @@ def _forward_strategy(key, device, run):
         return _forward_choice[key]
     if not _can_time(device):
         return "fused"
-    times = {}
-    for strategy in ("fused", "layered"):
-        run(strategy)  # compiles and autotunes its kernels
-        best = float("inf")
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(strategy)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end))
-        times[strategy] = best
-    _forward_choice[key] = min(times, key=times.get)
+    _forward_choice[key] = _fastest(("fused", "layered"), run)
     return _forward_choice[key]
 
 

@@ -132,3 +132,18 @@ def projection_both_paths(volume, rotations, grad_out):
         (out * grad_out).sum().backward()
         results.append((out.detach(), v.grad, r.grad))
     return results
+
+
+def spy_launches(monkeypatch, module, name):
+    """Replace the kernel ``module.name`` by a wrapper that records each launch's grid and
+    launches it; returns the list of grids."""
+    launches = []
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, Spy())
+    return launches

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fieldkern
 from fieldkern.kernels._common import _split_tf32, split_tf32
-from _kernel_helpers import compare_stack, needs_interpreter, stack_params
+from _kernel_helpers import compare_stack, needs_interpreter, spy_launches, stack_params
 
 pytestmark = needs_interpreter
 
@@ -163,15 +163,7 @@ def test_mfn_stack_backward_in_chunks(monkeypatch, hidden, n_buffers):
     from fieldkern.kernels import mfn_stack as M
 
     monkeypatch.setattr(M, "BWD_WORKSPACE_BYTES", n_buffers * 4 * hidden * 32)
-    launches = []
-    kernel = M._mfn_stack_bwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(M, "_mfn_stack_bwd_kernel", Spy())
+    launches = spy_launches(monkeypatch, M, "_mfn_stack_bwd_kernel")
     p = stack_params(3, hidden, 3, 2, gabor=True, trainable_w=True)
     compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
     assert len(launches) == 3 * 3  # layers x chunks

@@ -6,7 +6,7 @@ Tolerances (float32 both sides, compared as |a - b| <= ATOL + RTOL * max|b|): th
 
 import pytest
 import torch
-from _kernel_helpers import close, needs_interpreter, projection_both_paths, smooth_volume
+from _kernel_helpers import close, needs_interpreter, projection_both_paths, smooth_volume, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -184,15 +184,7 @@ def test_deterministic_volume_gradient(D, B, edge, deterministic_algorithms, mon
     and the exact axis-aligned / 45-degree ones whose samples sit on voxel faces."""
     from fieldkern.kernels import project_volume as PV
 
-    launches = []
-    gather = PV.project_volume_bwd_gather_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return gather[grid]
-
-    monkeypatch.setattr(PV, "project_volume_bwd_gather_kernel", Spy())
+    launches = spy_launches(monkeypatch, PV, "project_volume_bwd_gather_kernel")
     volume = smooth_volume(D, seed=D)
     if edge:
         rotations = torch.stack([_EDGE_ROTATIONS[n] for n in _EDGE_ROTATIONS if n != "tiny"]).float()
