@@ -251,4 +251,12 @@ def test_bench_project_volume(benchmark, problem, impl, mode, device):
         peak_memory_bytes=peak,
         peak_memory_note=note,
         device=torch.cuda.get_device_name() if CUDA else "cpu",
+        volume_gradient_method=_volume_gradient_methods() if impl.startswith("triton") else None,
     )
+
+
+def _volume_gradient_methods():
+    """The scatter / gather choices the Triton backward timed so far, by key."""
+    from fieldkern.kernels import project_volume as PV
+
+    return {str(k): v for k, v in PV._volume_gradient_choice.items()}

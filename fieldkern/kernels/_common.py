@@ -18,6 +18,32 @@ def autotuning() -> bool:
     return os.environ.get("FIELDKERN_AUTOTUNE", "1") != "0"
 
 
+def fastest(options, run):
+    """The option whose ``run(option)`` takes least device time: each runs once untimed
+    (compilation, autotuning of its kernels), then three times timed; the best of three."""
+    times = {}
+    for option in options:
+        run(option)
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(option)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        times[option] = best
+    return min(times, key=times.get)
+
+
+def can_time(device):
+    """Whether a strategy may be chosen by timing: on CUDA, outside CUDA-graph capture, with
+    autotuning on, and not under ``torch.use_deterministic_algorithms`` (a timing can pick
+    differently in another process, and the paths differ in the last bits)."""
+    return (device.type == "cuda" and autotuning() and not torch.are_deterministic_algorithms_enabled()
+            and not torch.cuda.is_current_stream_capturing())
+
+
 def configs(gpu_configs: list[triton.Config], interp_config: triton.Config) -> list[triton.Config]:
     """Autotune configs: the GPU list, or one small config under the interpreter (autotuning
     there would rerun every candidate in Python). ``FIELDKERN_AUTOTUNE=0`` keeps only the
@@ -47,12 +73,10 @@ def max_programs(device: torch.device, per_sm: int = 2) -> int:
 # mixed mode rounds the operands to bf16 and multiplies in fp32: the same products (a bf16
 # product is exact in fp32), only the accumulation order differs.
 _EMULATE_BF16_DOT = tl.constexpr(interpreting())
-# float32 products (the ``FP32`` argument of ``mm``): "tf32x3" splits each operand into a
-# TF32 head and a TF32 remainder and sums three tensor-core products (error at fp32
-# rounding level, unlike plain TF32); "ieee" is the FMA path. Which is faster depends on
-# the kernel's register pressure: measured per kernel (bench/RESULTS.md). Products with a
-# weight matrix as the second operand use ``mm_split`` instead (below).
-TF32X3 = tl.constexpr("tf32x3")
+# float32 products: on tensor cores as tf32x3 through ``mm_split`` (each operand split
+# into a TF32 head and remainder, three products summed in fp32: error at fp32 rounding
+# level, unlike plain TF32); the FMA path ("ieee", the ``FP32`` argument of ``mm``) where a
+# product is too small for tensor cores to pay (the backward layer kernel's head term).
 IEEE = tl.constexpr("ieee")
 
 
@@ -147,7 +171,7 @@ def cosine(s):
 @triton.jit
 def mm(a, b, MIXED: tl.constexpr, FP32: tl.constexpr):
     """``a @ b`` with fp32 accumulation: bf16 operands (``MIXED``), else fp32 products
-    computed as ``FP32`` says (``TF32X3`` or ``IEEE``; both accurate to fp32 rounding)."""
+    computed as ``FP32`` says (``IEEE``: the FMA path)."""
     if MIXED:
         if _EMULATE_BF16_DOT:
             r = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),

@@ -78,12 +78,12 @@ import triton.language as tl
 
 from fieldkern.kernels._common import (
     IEEE,
-    autotuning,
-    TF32X3,
+    can_time,
     accumulate,
     block,
     configs,
     cosine,
+    fastest,
     filter_args,
     filter_backward,
     filter_values,
@@ -411,9 +411,9 @@ def _backward_products(key, device, hidden, run):
         return BACKWARD_PRODUCTS
     if key in _backward_choice:
         return _backward_choice[key]
-    if not _can_time(device):
+    if not can_time(device):
         return _default_products(hidden)
-    _backward_choice[key] = _fastest(("cublas", "triton"), run)
+    _backward_choice[key] = fastest(("cublas", "triton"), run)
     return _backward_choice[key]
 
 
@@ -502,44 +502,18 @@ def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, 
                 out[i, p0:p1] = y
 
 
-def _fastest(options, run):
-    """The option whose ``run(option)`` takes least device time: each runs once untimed
-    (compilation, autotuning of its kernels), then three times timed; the best of three."""
-    times = {}
-    for option in options:
-        run(option)
-        best = float("inf")
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(option)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end))
-        times[option] = best
-    return min(times, key=times.get)
-
-
-def _can_time(device):
-    """Whether a strategy may be chosen by timing: on CUDA, outside CUDA-graph capture, with
-    autotuning on, and not under ``torch.use_deterministic_algorithms`` (a timing can pick
-    differently in another process, and the paths differ in the last bits)."""
-    return (device.type == "cuda" and autotuning() and not torch.are_deterministic_algorithms_enabled()
-            and not torch.cuda.is_current_stream_capturing())
-
-
 def _forward_strategy(key, device, run):
     """"fused" or "layered" for this network shape and size: on the first call per key
     (the point count enters as its bit length), both run and are timed on the device and
     the faster is kept, as autotuning does for kernel configs. Fused without timing where
-    ``_can_time`` says no."""
+    ``can_time`` says no."""
     if FORWARD_STRATEGY is not None:
         return FORWARD_STRATEGY
     if key in _forward_choice:
         return _forward_choice[key]
-    if not _can_time(device):
+    if not can_time(device):
         return "fused"
-    _forward_choice[key] = _fastest(("fused", "layered"), run)
+    _forward_choice[key] = fastest(("fused", "layered"), run)
     return _forward_choice[key]
 
 

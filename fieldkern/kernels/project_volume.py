@@ -58,11 +58,13 @@ gradient's partial buffer is sized by it) walks the same rays:
   samples with relaxed ``tl.atomic_add`` into an x-paired padded float32 buffer (four
   8-byte atomics per sample), whose two slots per voxel are added afterwards (float32
   atomics: the summation order, hence the last bits, vary run to run).
-  Under ``torch.use_deterministic_algorithms(True)`` a separate kernel gathers instead
-  (``project_volume_bwd_gather_kernel``): one thread per voxel walks the images in order
-  and sums the samples within one voxel of it (64 candidates per image, ~8 with weight),
-  bitwise repeatable; about 8x the arithmetic of the scatter and no atomics (GPU speed not
-  yet measured);
+  A separate kernel gathers instead (``project_volume_bwd_gather_kernel``): one thread
+  per voxel walks the images in order and sums the samples within one voxel of it (64
+  candidates per image, ~8 with weight), bitwise repeatable; about 8x the arithmetic of
+  the scatter and no atomics. It runs under ``torch.use_deterministic_algorithms(True)``,
+  and otherwise when it times faster than the scatter on the first call per D and batch
+  size (neither has been timed on a GPU; the scatter's atomics took ~75 of the 86 ms of
+  a D = 128, B = 600 forward+backward on an H200);
 - rotation gradient: ``dL/dR[i, j] = sum dI * dV/dq_j * p_i`` through the spatial gradient of
   the trilinear interpolant; each program reduces its tile to 9 numbers written to a
   ``(B, n_tiles, 9)`` buffer that is summed in a fixed order afterwards (deterministic).
@@ -74,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import configs, interpreting
+from fieldkern.kernels._common import can_time, configs, fastest, interpreting
 
 BLOCK = 64 if interpreting() else 256  # pixels (lanes) per program of the backward
 
@@ -408,20 +410,39 @@ def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> tor
     return out
 
 
+_volume_gradient_choice: dict[tuple, str] = {}
+
+
 def project_volume_backward(
     volume: torch.Tensor, rotations: torch.Tensor, grad_out: torch.Tensor,
     need_volume: bool, need_rotation: bool, deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`project_volume_forward` w.r.t. the volume and the rotations
-    (float32). ``deterministic``: the volume gradient by the gather kernel (no atomics,
-    bitwise repeatable) instead of the scatter with float32 atomics."""
+    (float32). The volume gradient comes from the scatter with float32 atomics or from the
+    gather kernel (no atomics, bitwise repeatable): the gather when ``deterministic``, else
+    whichever is faster, timed on the first call per ``D`` and batch size (its bit length;
+    the scatter where nothing can be timed, ``_common.can_time``)."""
+    gather = deterministic
+    if need_volume and not deterministic and can_time(volume.device):
+        key = (volume.shape[0], rotations.shape[0].bit_length(), need_rotation, volume.dtype, volume.device.index)
+        if key not in _volume_gradient_choice:
+            _volume_gradient_choice[key] = fastest(
+                ("scatter", "gather"),
+                lambda m: _backward(volume, rotations, grad_out, need_volume, need_rotation, m == "gather"))
+        gather = _volume_gradient_choice[key] == "gather"
+    return _backward(volume, rotations, grad_out, need_volume, need_rotation, gather)
+
+
+def _backward(volume, rotations, grad_out, need_volume, need_rotation, gather):
+    """``project_volume_backward`` with the volume gradient by the gather kernel (``gather``)
+    or the scatter."""
     D = volume.shape[0]
     B = rotations.shape[0]
     rotations = rotations.to(torch.float32).contiguous()
     grad_out = grad_out.to(torch.float32).contiguous()
     n_tiles = triton.cdiv(D * D, BLOCK)
     dev = volume.device
-    scatter = need_volume and not deterministic
+    scatter = need_volume and not gather
     grad_pairs = torch.zeros(D + 2, D + 2, D + 2, 2, device=dev, dtype=torch.float32) if scatter else None
     partial = torch.empty(B, n_tiles, 9, device=dev, dtype=torch.float32) if need_rotation else None
     if B > 0 and (scatter or need_rotation):

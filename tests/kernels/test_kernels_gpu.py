@@ -201,9 +201,10 @@ def _candidate_params():
 def test_mfn_stack_strategies_timed_cuda(monkeypatch):
     """On the first call per shape both forwards, and both kinds of float32 backward
     products, run and are timed; the faster are cached, and the results are right."""
+    from fieldkern.kernels import _common
     from fieldkern.kernels import mfn_stack as M
 
-    monkeypatch.setattr(M, "autotuning", lambda: True)  # FIELDKERN_AUTOTUNE=0 would skip timing
+    monkeypatch.setattr(_common, "autotuning", lambda: True)  # FIELDKERN_AUTOTUNE=0 would skip timing
     monkeypatch.setattr(M, "_forward_choice", {})
     monkeypatch.setattr(M, "_backward_choice", {})
     p = _cuda(stack_params(3, 128, 3, 1, False, trainable_w=True))
@@ -269,6 +270,27 @@ def test_project_volume_deterministic_cuda():
     close("d volume (gather)", runs[0], gv_ref, rtol=1e-3, atol=1e-4)
     close("d volume (gather vs atomics)", runs[0], gv_ref_atomic, rtol=1e-4, atol=1e-5)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_project_volume_gradient_timed_cuda(monkeypatch):
+    """The volume gradient's method (scatter or gather) timed on the first call and cached;
+    both gradients right."""
+    from fieldkern.cryoem import random_rotations
+    from fieldkern.kernels import _common
+    from fieldkern.kernels import project_volume as PV
+
+    monkeypatch.setattr(_common, "autotuning", lambda: True)  # FIELDKERN_AUTOTUNE=0 would skip timing
+    monkeypatch.setattr(PV, "_volume_gradient_choice", {})
+    D, B = 48, 40
+    volume = smooth_volume(D, seed=3, device="cuda")
+    rotations = random_rotations(B, generator=torch.Generator().manual_seed(3)).cuda()
+    grad_out = torch.randn(B, D, D, device="cuda")
+    (_, gv, gr), (_, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
+    close("d volume", gv, gv_ref, rtol=1e-3, atol=1e-3)
+    close("d rotations", gr, gr_ref, rtol=1e-3, atol=1e-3)
+    assert set(PV._volume_gradient_choice.values()) <= {"scatter", "gather"}
+    assert len(PV._volume_gradient_choice) == 1
+    print("volume gradient method chosen:", PV._volume_gradient_choice)
 
 
 def _projector_candidates():

@@ -238,13 +238,13 @@ def test_split_tf32():
 def test_mfn_stack_strategies_fixed_when_deterministic(monkeypatch):
     """Under torch.use_deterministic_algorithms nothing is chosen by timing, even where a
     device could time (another process could choose differently)."""
-    from fieldkern.kernels import mfn_stack as M
+    from fieldkern.kernels import _common
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert not M._can_time(torch.device("cuda"))
+        assert not _common.can_time(torch.device("cuda"))
     finally:
         torch.use_deterministic_algorithms(before)
-    assert M._can_time(torch.device("cuda")) == M.autotuning()
+    assert _common.can_time(torch.device("cuda")) == _common.autotuning()

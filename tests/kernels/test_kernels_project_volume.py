@@ -196,3 +196,34 @@ def test_deterministic_volume_gradient(D, B, edge, deterministic_algorithms, mon
     again = projection_both_paths(volume, rotations, grad_out)[0][1]
     assert torch.equal(gv, again)
     assert len(launches) == 2  # the gather kernel, not the atomics, made both
+
+
+@pytest.mark.parametrize("faster", ["scatter", "gather"])
+def test_volume_gradient_method_chosen_by_timing(faster, monkeypatch):
+    """Where a device can time, the volume gradient comes from whichever of scatter and
+    gather times faster (here: a stand-in timing naming ``faster``), cached per D and
+    batch size; the results match the reference either way."""
+    from fieldkern.kernels import project_volume as PV
+
+    monkeypatch.setattr(PV, "can_time", lambda device: True)
+    tried = []
+
+    def fake_fastest(options, run):
+        for option in options:
+            tried.append(option)
+            run(option)
+        return faster
+
+    monkeypatch.setattr(PV, "fastest", fake_fastest)
+    monkeypatch.setattr(PV, "_volume_gradient_choice", {})
+    D, B = 10, 3
+    volume = smooth_volume(D)
+    rotations = random_rotations(B, generator=torch.Generator().manual_seed(4)).float()
+    grad_out = torch.randn(B, D, D, generator=torch.Generator().manual_seed(5))
+    launches = spy_launches(monkeypatch, PV, "project_volume_bwd_gather_kernel")
+    (out, gv, gr), (out_ref, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
+    close("d volume", gv, gv_ref, RTOL, ATOL)
+    close("d rotations", gr, gr_ref, 1e-4, 1e-4)
+    assert tried == ["scatter", "gather"] and list(PV._volume_gradient_choice.values()) == [faster]
+    # one gather launch while timing, and one more for the result if the gather won
+    assert len(launches) == 1 + (faster == "gather")
