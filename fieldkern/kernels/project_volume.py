@@ -254,13 +254,13 @@ def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr,
 @triton.jit
 def project_volume_bwd_kernel(
     vol_ptr, rot_ptr, grad_out_ptr, grad_vol_ptr, grad_rot_partial_ptr, D, n_tiles,
-    NEED_VOLUME: tl.constexpr, NEED_ROTATION: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_VOLUME: tl.constexpr, NEED_ROTATION: tl.constexpr, BLOCK: tl.constexpr, TILE_W: tl.constexpr,
 ):
     """``vol_ptr``: the x-paired zero-bordered volume (``_paired``); ``grad_vol_ptr``: an
     x-paired ``(D + 2)^3 x 2`` buffer of the same layout (its border collects the weights of taps outside the box and is discarded)."""
     b = tl.program_id(0)
     tile = tl.program_id(1)
-    offs, pix, xi, yi = _tile_pixels(D, BLOCK, 0)
+    offs, pix, xi, yi = _tile_pixels(D, BLOCK, TILE_W)
     px, py, qx0, qy0, qz0, dx, dy, dz = _ray_setup(rot_ptr, b, xi, yi, D)
     k_start, k_end = _k_range(qx0, qy0, qz0, dx, dy, dz, pix, D)
     g = tl.load(grad_out_ptr + b * D * D + offs, mask=pix, other=0.0).to(tl.float32)
@@ -420,29 +420,36 @@ def project_volume_backward(
     """Gradients of :func:`project_volume_forward` w.r.t. the volume and the rotations
     (float32). The volume gradient comes from the scatter with float32 atomics or from the
     gather kernel (no atomics, bitwise repeatable): the gather when ``deterministic``, else
-    whichever is faster, timed on the first call per ``D`` and batch size (its bit length;
-    the scatter where nothing can be timed, ``_common.can_time``)."""
-    gather = deterministic
+    whichever of ``VOLUME_GRADIENT_METHODS`` is faster, timed on the first call per ``D``
+    and batch size (its bit length; the scatter where nothing can be timed,
+    ``_common.can_time``)."""
+    method = "gather" if deterministic else "scatter"
     if need_volume and not deterministic and can_time(volume.device):
         key = (volume.shape[0], rotations.shape[0].bit_length(), need_rotation, volume.dtype, volume.device.index)
         if key not in _volume_gradient_choice:
             _volume_gradient_choice[key] = fastest(
-                ("scatter", "gather"),
-                lambda m: _backward(volume, rotations, grad_out, need_volume, need_rotation, m == "gather"))
-        gather = _volume_gradient_choice[key] == "gather"
-    return _backward(volume, rotations, grad_out, need_volume, need_rotation, gather)
+                VOLUME_GRADIENT_METHODS,
+                lambda m: _backward(volume, rotations, grad_out, need_volume, need_rotation, m))
+        method = _volume_gradient_choice[key]
+    return _backward(volume, rotations, grad_out, need_volume, need_rotation, method)
 
 
-def _backward(volume, rotations, grad_out, need_volume, need_rotation, gather):
-    """``project_volume_backward`` with the volume gradient by the gather kernel (``gather``)
-    or the scatter."""
+#: How the backward may make the volume gradient: the scatter walking runs of a row or
+#: 8-pixel-wide rectangles (as the forward's ``TILE_W`` candidates), or the gather kernel.
+VOLUME_GRADIENT_METHODS = ("scatter", "scatter_tiled", "gather")
+
+
+def _backward(volume, rotations, grad_out, need_volume, need_rotation, method):
+    """``project_volume_backward`` with the volume gradient made as ``method`` says
+    (``VOLUME_GRADIENT_METHODS``; the rotation gradient walks rows unless tiled)."""
     D = volume.shape[0]
     B = rotations.shape[0]
     rotations = rotations.to(torch.float32).contiguous()
     grad_out = grad_out.to(torch.float32).contiguous()
-    n_tiles = triton.cdiv(D * D, BLOCK)
+    tile_w = 8 if method == "scatter_tiled" else 0
+    n_tiles = _n_programs(D, BLOCK, tile_w)
     dev = volume.device
-    scatter = need_volume and not gather
+    scatter = need_volume and method != "gather"
     grad_pairs = torch.zeros(D + 2, D + 2, D + 2, 2, device=dev, dtype=torch.float32) if scatter else None
     partial = torch.empty(B, n_tiles, 9, device=dev, dtype=torch.float32) if need_rotation else None
     if B > 0 and (scatter or need_rotation):
@@ -452,7 +459,7 @@ def _backward(volume, rotations, grad_out, need_volume, need_rotation, gather):
             grad_pairs if scatter else dummy,
             partial if need_rotation else dummy,
             D, n_tiles,
-            NEED_VOLUME=scatter, NEED_ROTATION=need_rotation, BLOCK=BLOCK,
+            NEED_VOLUME=scatter, NEED_ROTATION=need_rotation, BLOCK=BLOCK, TILE_W=tile_w,
         )
     grad_volume = None
     if scatter:

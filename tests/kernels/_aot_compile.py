@@ -76,7 +76,7 @@ def main():
     for tile_w in (0, 8):  # runs of a row, rectangles
         ptx = build(PV.project_volume_fwd_kernel, dict(BLOCK=PV.BLOCK, TILE_W=tile_w))
         expect(ptx, "ld.global.v2.b32", "projector forward")
-    ptx = build(PV.project_volume_bwd_kernel, dict(NEED_VOLUME=True, NEED_ROTATION=True, BLOCK=PV.BLOCK))
+    ptx = build(PV.project_volume_bwd_kernel, dict(NEED_VOLUME=True, NEED_ROTATION=True, BLOCK=PV.BLOCK, TILE_W=8))
     expect(ptx, "ld.global.v2.b32", "projector backward")
     expect(ptx, "red.global.gpu.relaxed.add.v2.f32", "projector backward")
     build(PV.project_volume_bwd_gather_kernel, dict(BLOCK_V=PV.BLOCK_VOXELS, REACH=1.733))
