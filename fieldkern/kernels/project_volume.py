@@ -62,8 +62,8 @@ gradient's partial buffer is sized by it) walks the same rays:
   per voxel walks the images in order and sums the samples within one voxel of it (64
   candidates per image, ~8 with weight), bitwise repeatable; about 8x the arithmetic of
   the scatter and no atomics. It runs under ``torch.use_deterministic_algorithms(True)``,
-  and otherwise when it times faster than the scatter on the first call per D and batch
-  size (neither has been timed on a GPU; the scatter's atomics took ~75 of the 86 ms of
+  and otherwise when it times faster than the scatter (over row runs or rectangles) on
+  the first call per D and batch size (neither has been timed on a GPU; the scatter's atomics took ~75 of the 86 ms of
   a D = 128, B = 600 forward+backward on an H200);
 - rotation gradient: ``dL/dR[i, j] = sum dI * dV/dq_j * p_i`` through the spatial gradient of
   the trilinear interpolant; each program reduces its tile to 9 numbers written to a
