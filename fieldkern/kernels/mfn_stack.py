@@ -96,6 +96,8 @@ from fieldkern.kernels._common import (
     split_tf32,
     _split_tf32,
 )
+from fieldkern.kernels.filters import filter_forward
+from fieldkern.kernels.multiplicative_layer import multiplicative_layer_forward
 
 
 def _config(bp, warps, bn, bk=None):
@@ -471,12 +473,9 @@ def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, 
     epilogue, writing ``lin_i`` too when saving), the heads as ``addmm`` (float32 in both
     precisions). ``z_i`` goes through global memory, in chunks of points bounded by
     ``FWD_WORKSPACE_BYTES``."""
-    from fieldkern.kernels.filters import filter_forward
-    from fieldkern.kernels.multiplicative_layer import _weight_parts, multiplicative_layer_forward
-
     P = x.shape[0]
     L, H, _ = w.shape
-    a_parts = [_weight_parts(a[i], precision) for i in range(L - 1)]
+    a_hi, a_lo = (a, a) if precision == "mixed" else split_tf32(a)  # the layer kernel's mm_split
     chunk = max(1, FWD_WORKSPACE_BYTES // (2 * 4 * H))
     for p0 in range(0, P, chunk):
         p1 = min(P, p0 + chunk)
@@ -489,7 +488,7 @@ def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, 
             else:
                 z = multiplicative_layer_forward(z, a[i - 1], None if c is None else c[i - 1], xs, *filt,
                                                  precision, lin=lin[i - 1, p0:p1] if save else None,
-                                                 a_parts=a_parts[i - 1])
+                                                 a_parts=(a_hi[i - 1], a_lo[i - 1]))
             if (head_mask >> i) & 1:
                 y = torch.addmm(d[i], z, u[i].t())
                 if relu:
