@@ -57,7 +57,7 @@ bench() {  # name, time limit, pytest args...
   return $rc
 }
 if has mfn; then
-  bench mfn 150 bench/test_bench_mfn_stack.py -k "not compile"
+  bench mfn 240 bench/test_bench_mfn_stack.py -k "not compile"  # first calls time both forwards and both product paths
 fi
 has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference or fourier"
 if has epoch; then
