@@ -16,3 +16,7 @@ for path in sys.argv[1:]:
         mem = info.get("peak_memory_bytes")
         print(f"{b['name']:<70} {b['stats']['mean'] * 1e3:9.3f} ms  "
               f"{rate or 0:10.4g}/s  {(mem or 0) / 2**20:9.1f} MiB  {info.get('precision', '')}")
+        # what the first calls chose by timing (mfn_stack strategies, projector gradient)
+        for k in ("strategies", "volume_gradient_method"):
+            if info.get(k):
+                print(f"    {k}: {info[k]}")
