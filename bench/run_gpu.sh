@@ -5,14 +5,15 @@
 # Usage: OUT=/some/dir bash bench/run_gpu.sh [steps...]
 #   steps (default all): candidates (every mfn_stack autotune candidate vs the reference,
 #   ~3 min), tests (the device test module, first configs), sanity (two of those), mfn,
-#   compile, project, epoch (bench/epoch_speed.py), profile (bench/profile_mfn.py, 3D)
+#   compile, project, epoch (bench/epoch_speed.py), accuracy (bench/accuracy.py),
+#   profile (bench/profile_mfn.py, 3D)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/bench"
 OUT=${OUT:-/tmp/fieldkern_gpu}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
-steps=${*:-candidates tests mfn project epoch compile}
+steps=${*:-candidates tests mfn project accuracy epoch compile}
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; flush_logs; }
 # logs gathered into one file after every step: a run cut short still returns them
@@ -65,6 +66,10 @@ if has epoch; then
   timeout 90 python bench/epoch_speed.py > "$OUT/epoch_speed.txt" 2>&1; tail -n 8 "$OUT/epoch_speed.txt"
 fi
 has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"
+if has accuracy; then  # the device's errors against the reference, every mfn_stack path
+  stamp "accuracy"
+  FIELDKERN_AUTOTUNE=0 timeout 120 python bench/accuracy.py > "$OUT/accuracy.txt" 2>&1; tail -n 10 "$OUT/accuracy.txt"
+fi
 if has profile; then
   stamp "profile"
   timeout 60 python bench/profile_mfn.py 3d_h128_s3 > "$OUT/profile.txt" 2>&1; grep -E "^(memory|###|n=)" "$OUT/profile.txt"
