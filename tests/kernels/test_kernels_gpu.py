@@ -183,7 +183,6 @@ def test_project_volume_cuda(D, B):
 def _mfn_tuned_kernels():
     """Each autotuned mfn_stack kernel and its GPU candidates, by test id prefix."""
     from fieldkern.kernels import mfn_stack as M
-
     from fieldkern.kernels import multiplicative_layer as ML
 
     return {"fwd": (M._mfn_stack_fwd_kernel, M.FWD_CANDIDATES),
@@ -273,8 +272,8 @@ def test_project_volume_deterministic_cuda():
 
 
 def test_project_volume_gradient_timed_cuda(monkeypatch):
-    """The volume gradient's method (scatter or gather) timed on the first call and cached;
-    both gradients right."""
+    """The volume gradient's method (scatter over rows or rectangles, or gather) timed on
+    the first call and cached; both gradients right."""
     from fieldkern.cryoem import random_rotations
     from fieldkern.kernels import _common
     from fieldkern.kernels import project_volume as PV
@@ -288,7 +287,7 @@ def test_project_volume_gradient_timed_cuda(monkeypatch):
     (_, gv, gr), (_, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
     close("d volume", gv, gv_ref, rtol=1e-3, atol=1e-3)
     close("d rotations", gr, gr_ref, rtol=1e-3, atol=1e-3)
-    assert set(PV._volume_gradient_choice.values()) <= {"scatter", "gather"}
+    assert set(PV._volume_gradient_choice.values()) <= set(PV.VOLUME_GRADIENT_METHODS)
     assert len(PV._volume_gradient_choice) == 1
     print("volume gradient method chosen:", PV._volume_gradient_choice)
 
