@@ -1,8 +1,10 @@
-"""Helpers shared by the kernel files: interpreter detection, autotune configs, block sizes."""
+"""Helpers shared by the kernel files: interpreter detection, autotune configs, timed choices
+between strategies, block sizes, sines, split tf32x3 products, filters."""
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -20,10 +22,20 @@ def autotuning() -> bool:
 
 def fastest(options, run):
     """The option whose ``run(option)`` takes least device time: each runs once untimed
-    (compilation, autotuning of its kernels), then three times timed; the best of three."""
+    (compilation, autotuning of its kernels), then three times timed; the best of three.
+    An option whose first run raises (a kernel the compiler or the device cannot take) is
+    left out with a warning, as autotuning leaves out configs that do not fit; if every
+    option fails, the last error is raised."""
     times = {}
+    error = None
     for option in options:
-        run(option)
+        try:
+            run(option)
+        except Exception as exc:  # noqa: BLE001 - reported, and re-raised if nothing works
+            warnings.warn(f"fieldkern: {option!r} could not run here ({type(exc).__name__}: {exc}); "
+                          "choosing among the others", RuntimeWarning, stacklevel=2)
+            error = exc
+            continue
         best = float("inf")
         for _ in range(3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -33,6 +45,8 @@ def fastest(options, run):
             end.synchronize()
             best = min(best, start.elapsed_time(end))
         times[option] = best
+    if not times:
+        raise error
     return min(times, key=times.get)
 
 

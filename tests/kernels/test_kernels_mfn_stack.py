@@ -248,3 +248,33 @@ def test_mfn_stack_strategies_fixed_when_deterministic(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before)
     assert _common.can_time(torch.device("cuda")) == _common.autotuning()
+
+
+def test_fastest_skips_an_option_that_fails(monkeypatch):
+    """A strategy that cannot run (compiler, resources) is left out of the timing with a
+    warning; if none can run, the error surfaces."""
+    from fieldkern.kernels import _common
+
+    class Event:  # stand-in CUDA events: every run takes 1 ms
+        def __init__(self, **kw):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+
+    def run(option):
+        if option == "broken":
+            raise RuntimeError("out of resources")
+
+    with pytest.warns(RuntimeWarning, match="broken"):
+        assert _common.fastest(("broken", "works"), run) == "works"
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="out of resources"):
+        _common.fastest(("broken",), run)
