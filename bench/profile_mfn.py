@@ -100,9 +100,9 @@ def point_sum_products():
             M._rows_matmul_kernel.cache.clear()
             # float32: the second operand split as the backward provides it (mm_split)
             b_hi, b_lo = (b, None) if mixed else split_tf32(b)
-            sq_split = None if mixed else split_tf32(sq)
+            sq_hi, sq_lo = (sq, None) if mixed else split_tf32(sq)
             res["triton sum"] = time_ms(lambda: M._points_sum(a, b_hi, b_lo, mixed, False))
-            res["triton rows"] = time_ms(lambda: M._rows_matmul(a, sq, sq_split, mixed, False))
+            res["triton rows"] = time_ms(lambda: M._rows_matmul(a, sq_hi, sq_lo, mixed, False))
             flops = 2 * n * h * h
             print(f"n={n} H={h} {str(dtype)[6:]}: " + ", ".join(
                 f"{k} {v:.3f} ms ({flops / v / 1e9:.0f} TFLOPS)" for k, v in res.items()))

@@ -50,6 +50,17 @@ def fastest(options, run):
     return min(times, key=times.get)
 
 
+def timed_choice(cache, key, device, options, run, default):
+    """The choice cached for ``key``; else, where ``can_time``, the ``fastest`` option, cached;
+    else ``default`` (not cached: a later call may be able to time)."""
+    if key in cache:
+        return cache[key]
+    if not can_time(device):
+        return default
+    cache[key] = fastest(options, run)
+    return cache[key]
+
+
 def can_time(device):
     """Whether a strategy may be chosen by timing: on CUDA, outside CUDA-graph capture, with
     autotuning on, and not under ``torch.use_deterministic_algorithms`` (a timing can pick

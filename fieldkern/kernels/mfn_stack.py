@@ -78,12 +78,10 @@ import triton.language as tl
 
 from fieldkern.kernels._common import (
     IEEE,
-    can_time,
     accumulate,
     block,
     configs,
     cosine,
-    fastest,
     filter_args,
     filter_backward,
     filter_values,
@@ -94,6 +92,7 @@ from fieldkern.kernels._common import (
     mm_split,
     sine,
     split_tf32,
+    timed_choice,
     _split_tf32,
 )
 from fieldkern.kernels.filters import filter_forward
@@ -411,25 +410,20 @@ def _backward_products(key, device, hidden, run):
     forward's strategy); ``_default_products`` where nothing can be timed."""
     if BACKWARD_PRODUCTS is not None:
         return BACKWARD_PRODUCTS
-    if key in _backward_choice:
-        return _backward_choice[key]
-    if not can_time(device):
-        return _default_products(hidden)
-    _backward_choice[key] = fastest(("cublas", "triton"), run)
-    return _backward_choice[key]
+    return timed_choice(_backward_choice, key, device, ("cublas", "triton"), run, _default_products(hidden))
 
 
-def _rows_matmul(a, b, b_split, mixed, cublas):
-    """(M, K) @ (K, N) -> (M, N) float32 for a weight ``b``, by cuBLAS or the Triton GEMM;
-    ``b_split``: ``b``'s ``split_tf32`` parts, which the float32 Triton GEMM takes instead."""
+def _rows_matmul(a, b, b_lo, mixed, cublas):
+    """(M, K) @ (K, N) -> (M, N) float32 for a weight ``b``, by cuBLAS or the Triton GEMM
+    (``b_lo``: the ``split_tf32`` remainder of ``b`` for the float32 Triton GEMM, ``b``
+    being its head; None elsewhere)."""
     if cublas:
         return torch.mm(a, b)
     M, K = a.shape
     N = b.shape[1]
-    b_hi, b_lo = b_split if b_split is not None else (b, b)
     c = torch.empty((M, N), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _rows_matmul_kernel[grid](a, b_hi, b_lo, c, M, N, K, MIXED=mixed)
+    _rows_matmul_kernel[grid](a, b, b if b_lo is None else b_lo, c, M, N, K, MIXED=mixed)
     return c
 
 
@@ -505,15 +499,10 @@ def _forward_strategy(key, device, run):
     """"fused" or "layered" for this network shape and size: on the first call per key
     (the point count enters as its bit length), both run and are timed on the device and
     the faster is kept, as autotuning does for kernel configs. Fused without timing where
-    ``can_time`` says no."""
+    ``_common.can_time`` says no."""
     if FORWARD_STRATEGY is not None:
         return FORWARD_STRATEGY
-    if key in _forward_choice:
-        return _forward_choice[key]
-    if not can_time(device):
-        return "fused"
-    _forward_choice[key] = fastest(("fused", "layered"), run)
-    return _forward_choice[key]
+    return timed_choice(_forward_choice, key, device, ("fused", "layered"), run, "fused")
 
 
 def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save):
@@ -620,7 +609,7 @@ def _backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, re
     # layer kernel, which writes head and remainder (one more work buffer); the top
     # layer's own z goes first in (z^T dh)^T, with the top head's dh split here
     split = not mixed and not cublas
-    a_split = split_tf32(a) if split and L > 1 else None
+    a_hi, a_lo = split_tf32(a) if split else (a, None)
     top_dh = split_tf32(dh_all[L - 1]) if split and L - 1 in heads else None
     work_dtype = torch.bfloat16 if mixed else torch.float32
     # at most three (points x H) buffers alive at once: dz_i (or z_i), dlin_i, z_{i-1}, and
@@ -674,8 +663,7 @@ def _backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, re
                 if need_da:
                     da[i - 1] += _points_sum(dlin, zprev, zprev_lo if split else None, mixed, cublas)
                 zprev = zprev_lo = None
-                dz = _rows_matmul(dlin, a[i - 1], None if a_split is None else (a_split[0][i - 1], a_split[1][i - 1]),
-                                  mixed, cublas)
+                dz = _rows_matmul(dlin, a_hi[i - 1], None if a_lo is None else a_lo[i - 1], mixed, cublas)
             dlin = z = None
     # fixed-order reduction over the program rows: deterministic
     total = part.sum(0)

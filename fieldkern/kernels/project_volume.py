@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import can_time, configs, fastest, interpreting
+from fieldkern.kernels._common import configs, interpreting, timed_choice
 
 BLOCK = 64 if interpreting() else 256  # pixels (lanes) per program of the backward
 
@@ -420,6 +420,9 @@ def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> tor
     return out
 
 
+#: How the backward may make the volume gradient: the scatter walking runs of a row or
+#: 8-pixel-wide rectangles (as the forward's ``TILE_W`` candidates), or the gather kernel.
+VOLUME_GRADIENT_METHODS = ("scatter", "scatter_tiled", "gather")
 _volume_gradient_choice: dict[tuple, str] = {}
 
 
@@ -434,19 +437,12 @@ def project_volume_backward(
     and batch size (its bit length; the scatter where nothing can be timed,
     ``_common.can_time``)."""
     method = "gather" if deterministic else "scatter"
-    if need_volume and not deterministic and can_time(volume.device):
+    if need_volume and not deterministic:
         key = (volume.shape[0], rotations.shape[0].bit_length(), need_rotation, volume.dtype, volume.device.index)
-        if key not in _volume_gradient_choice:
-            _volume_gradient_choice[key] = fastest(
-                VOLUME_GRADIENT_METHODS,
-                lambda m: _backward(volume, rotations, grad_out, need_volume, need_rotation, m))
-        method = _volume_gradient_choice[key]
+        method = timed_choice(_volume_gradient_choice, key, volume.device, VOLUME_GRADIENT_METHODS,
+                              lambda m: _backward(volume, rotations, grad_out, need_volume, need_rotation, m),
+                              method)
     return _backward(volume, rotations, grad_out, need_volume, need_rotation, method)
-
-
-#: How the backward may make the volume gradient: the scatter walking runs of a row or
-#: 8-pixel-wide rectangles (as the forward's ``TILE_W`` candidates), or the gather kernel.
-VOLUME_GRADIENT_METHODS = ("scatter", "scatter_tiled", "gather")
 
 
 def _backward(volume, rotations, grad_out, need_volume, need_rotation, method):

@@ -205,8 +205,8 @@ def test_backward_point_products(mixed):
     ref_sum, ref_rows = a.float().t() @ b, a.float() @ w
     b_split = (b, None) if mixed else split_tf32(b)
     torch.testing.assert_close(M._points_sum(a, *b_split, mixed, False), ref_sum, rtol=1e-5, atol=1e-4)
-    w_split = None if mixed else split_tf32(w)
-    torch.testing.assert_close(M._rows_matmul(a, w, w_split, mixed, False), ref_rows, rtol=1e-5, atol=1e-4)
+    w_split = (w, None) if mixed else split_tf32(w)
+    torch.testing.assert_close(M._rows_matmul(a, *w_split, mixed, False), ref_rows, rtol=1e-5, atol=1e-4)
 
 
 @triton.jit

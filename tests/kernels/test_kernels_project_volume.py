@@ -204,9 +204,10 @@ def test_volume_gradient_method_chosen_by_timing(faster, monkeypatch):
     or rectangles) and gather times faster (here: a stand-in timing naming ``faster``),
     cached per D and batch size; the results match the reference either way (D = 12: the
     rectangles' edge tiles are partly outside the image)."""
+    from fieldkern.kernels import _common
     from fieldkern.kernels import project_volume as PV
 
-    monkeypatch.setattr(PV, "can_time", lambda device: True)
+    monkeypatch.setattr(_common, "can_time", lambda device: True)
     tried = []
 
     def fake_fastest(options, run):
@@ -215,7 +216,7 @@ def test_volume_gradient_method_chosen_by_timing(faster, monkeypatch):
             run(option)
         return faster
 
-    monkeypatch.setattr(PV, "fastest", fake_fastest)
+    monkeypatch.setattr(_common, "fastest", fake_fastest)
     monkeypatch.setattr(PV, "_volume_gradient_choice", {})
     D, B = 12, 2
     volume = smooth_volume(D)
