@@ -33,18 +33,24 @@ from fieldkern.kernels._common import (
     split_tf32,
 )
 
-# (BLOCK_P, BLOCK_N, BLOCK_K, warps, stages). ptxas (sm_90, float32, triton 3.9): 128 / 255 /
-# 128 / 165 / 193 / 156 registers, no spills, 64-184 KiB of shared memory; the full grid of
-# 32 had ten that need more shared memory than an H100 has and could never launch.
+# (BLOCK_P, BLOCK_N, BLOCK_K, warps, stages). ptxas (sm_90, float32, H 128, triton 3.9 / 3.6):
+# 192-255 registers, 64-180 KiB of shared memory, no spills but (128, 128, 32): 336 / 272
+# bytes (``python tests/kernels/_aot_compile.py --candidates``); the full grid of 32 had ten
+# that need more shared memory than an H100 has and could never launch.
 FWD_CANDIDATES = [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                   for bp, bn, bk, w, s in ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 8, 3),
                                            (64, 128, 32, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 8, 4))]
 _CONFIGS = configs(FWD_CANDIDATES, triton.Config({"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4))
-_BWD_CONFIGS = configs(
-    [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-     for bp in (32, 64) for bn in (64, 128) for bk in (32, 64) for w in (4, 8)],
-    triton.Config({"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4),
-)
+# (BLOCK_P, BLOCK_N, BLOCK_K, warps). The backward holds the filter's sine, cosine and
+# envelope beside the lin tile, so it spills where the forward does not. Of the 16 in the
+# grid (32, 64) x (64, 128) x (32, 64) x (4, 8), these spill at most 120 bytes per thread
+# (sm_90, triton 3.9 and 3.6, both precisions); the others 0.2-3.5 KB, and one needs
+# 228 KiB of shared memory, more than an H100 block may have. First: no spills (the one
+# ``FIELDKERN_AUTOTUNE=0`` keeps).
+BWD_CANDIDATES = [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+                  for bp, bn, bk, w in ((32, 64, 32, 8), (32, 64, 64, 8), (32, 128, 32, 8), (64, 64, 32, 8),
+                                        (32, 64, 32, 4))]
+_BWD_CONFIGS = configs(BWD_CANDIDATES, triton.Config({"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4))
 _KEY = ["H", "K", "D", "HAS_C", "GABOR", "MIXED"]
 
 

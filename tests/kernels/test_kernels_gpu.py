@@ -92,6 +92,33 @@ def test_filters_and_layer_cuda(gabor):
         compare_op(fieldkern.ops.multiplicative_layer, (z, a, None, x, w, b), rtol=1e-4, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("index", range(5))
+def test_multiplicative_layer_every_backward_candidate(index):
+    """The standalone layer's backward candidates (the stack has its own kernels), each forced."""
+    from fieldkern.kernels import multiplicative_layer as ML
+
+    assert len(ML.BWD_CANDIDATES) == 5
+    kernel = ML._multiplicative_layer_bwd_kernel
+    saved = kernel.configs
+    kernel.configs = [ML.BWD_CANDIDATES[index]]
+    kernel.cache.clear()
+    try:
+        g = torch.Generator(device="cuda").manual_seed(index)
+        n, d, h, k = 3001, 3, 200, 130  # widths that are not multiples of the blocks
+        leaf = lambda t: t.requires_grad_()  # noqa: E731
+        x = leaf(torch.rand(n, d, device="cuda", generator=g) - 0.5)
+        w = leaf(torch.randn(h, d, device="cuda", generator=g) * 30)
+        b, c = (leaf(torch.randn(h, device="cuda", generator=g)) for _ in range(2))
+        gamma = leaf(torch.rand(h, device="cuda", generator=g) * 5)
+        mu = leaf(torch.rand(h, d, device="cuda", generator=g) - 0.5)
+        z = leaf(torch.randn(n, k, device="cuda", generator=g))
+        a = leaf(torch.randn(h, k, device="cuda", generator=g) / 11)
+        compare_op(fieldkern.ops.multiplicative_layer, (z, a, c, x, w, b, gamma, mu), rtol=1e-4, atol=1e-4)
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
+
 def test_forward_float32_is_not_tf32():
     """Forward only, one tile per point: TF32 would be ~1e-3 off, fp32 stays ~1e-6."""
     p = _cuda(stack_params(2, 256, 4, 1, freq=50.0))
