@@ -35,7 +35,7 @@ if has candidates; then
   t "every and (fwd0 or fwd1 or fwd2)" 1 & t "every and (fwd3 or fwd4 or fwd5)" 2 &
   t "every and (bwd0 or bwd1 or rows0 or rows1)" 3 & t "every and (bwd2 or bwd3 or rows2)" 4 &
   t "every and (sum0 or sum1 or sum2 or sum3 or sum4)" 5 & t "every and project" 6 &
-  t "every and (layer0 or layer1 or layer2 or layer3 or layer4 or layer5)" 10 &
+  t "every and (layer0 or layer1 or layer2 or layer3 or layer4 or layer5 or backward_candidate)" 10 &
 fi
 if has sanity; then  # two of the device tests (wide 2D and 3D ReLU nets), first configs
   t "not every and mfn_stack and (case0 or case1)" 9 &
