@@ -169,6 +169,14 @@ def test_bad_coordinates_are_rejected_by_name():
         model(torch.ones(10, 2, dtype=torch.int64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         model([[0.0, 0.0]])
+    # numpy-built coordinates are float64: named, not torch's "mat1 and mat2" error
+    with pytest.raises(TypeError, match=r"x must have the parameters' dtype torch.float32, got torch.float64"):
+        model(torch.rand(10, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must have the parameters' dtype"):
+        model(torch.rand(10, 2).bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the operands itself
+        assert model(torch.rand(10, 2).bfloat16())[0].shape == (10, 1)
+    assert model.double()(torch.rand(10, 2, dtype=torch.float64))[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize(

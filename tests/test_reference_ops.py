@@ -141,7 +141,17 @@ def test_argument_checks_name_the_argument():
         ops.multiplicative_layer(torch.rand(5, 3), torch.rand(3, 3), None, x, w, b)
     with pytest.raises(ValueError, match="linear_weight must have shape"):
         ops.multiplicative_layer(torch.rand(4, 5), torch.rand(3, 3), None, x, w, b)
+    with pytest.raises(TypeError, match="x must have the parameters' dtype torch.float32, got torch.float64"):
+        ops.fourier_filter(x.double(), w, b)
+    with pytest.raises(TypeError, match="bias must have the parameters' dtype"):
+        ops.fourier_filter(x, w, b.double())
+    with pytest.raises(TypeError, match="z must have the parameters' dtype"):
+        ops.multiplicative_layer(torch.rand(4, 3, dtype=torch.float64), torch.rand(3, 3), None, x, w, b)
+    with pytest.raises(ValueError, match=r"weight must have shape \(hidden, in_features\)"):
+        ops.fourier_filter(x, torch.rand(3), b)
     kwargs = stack_args(2, 2, 3, 1, gabor=False)
+    with pytest.raises(TypeError, match=r"x must have the parameters' dtype torch.float64, got torch.float32"):
+        ops.mfn_stack(torch.rand(4, 2), **kwargs)
     with pytest.raises(ValueError, match="head_activation"):
         ops.mfn_stack(torch.rand(4, 2, dtype=torch.float64), **kwargs, head_activation="gelu")
     kwargs["linear_weight"] = []

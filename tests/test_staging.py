@@ -147,3 +147,14 @@ def test_trainable_frequencies_follow_the_stage(data):
 def test_bad_stage(stage):
     with pytest.raises(ValueError, match="stage"):
         ResidualMFN(2, 8, 1, 3, 16).set_stage(stage)
+
+
+def test_stage_loss_rejects_a_target_that_would_broadcast():
+    """mse_loss broadcasts: a (N,) target against (N, 1) outputs is an N x N error, silently."""
+    model = ResidualMFN(2, 8, 1, 2, 16)
+    ys = model(torch.rand(6, 2) - 0.5)
+    with pytest.raises(ValueError, match=r"target must have the outputs' shape \(6, 1\), got \(6,\)"):
+        model.stage_loss(ys, torch.rand(6))
+    with pytest.raises(TypeError, match="outputs must be the list"):
+        model.stage_loss(ys[-1], torch.rand(6, 1))
+    assert model.stage_loss(ys, torch.rand(6, 1)).dim() == 0

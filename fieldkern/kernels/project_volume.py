@@ -248,6 +248,10 @@ def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr,
             v0, v1 = _tap_pair(vol_ptr, base + (cz * plane + cy * Dp))
             wyz = (fy if cy else 1.0 - fy) * (fz if cz else 1.0 - fz)
             acc += ((1.0 - fx) * wyz) * v0 + (fx * wyz) * v1
+    # A NaN or inf in the rotation (a diverged pose) makes the image NaN, as in the
+    # reference: its samples are clamped into the box and would give a plausible image.
+    # The ray origins hold all nine entries.
+    acc += 0.0 * (qx0 + qy0 + qz0)
     tl.store(out_ptr + b * D * D + offs, acc, mask=pix)
 
 

@@ -84,7 +84,7 @@ class _FilterNetwork(nn.Module):
         self._detach_heads_below = 0
 
     def _run(self, x: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
-        check_coordinates(x, self.in_features)
+        check_coordinates(x, self.in_features, dtype=self.filters[0].weight.dtype)
         tensors = [f.filter_tensors() for f in self.filters[:n_layers]]
         head_weight: list[torch.Tensor | None] = [None] * n_layers
         head_bias: list[torch.Tensor | None] = [None] * n_layers
@@ -208,6 +208,15 @@ class _MultiscaleNetwork(_FilterNetwork):
         earlier heads' terms train those heads on detached features).
         """
         loss_fn = loss_fn or torch.nn.functional.mse_loss
+        if isinstance(outputs, torch.Tensor):
+            raise TypeError("outputs must be the list model(x) returns (one tensor per scale), got a tensor")
+        # the losses broadcast: a (N,) target against (N, 1) outputs would give an N x N error
+        for k, y in enumerate(outputs):
+            if y.shape != target.shape:
+                raise ValueError(
+                    f"target must have the outputs' shape {tuple(y.shape)}, got {tuple(target.shape)} "
+                    f"(output {k})"
+                )
         if self._stage is None or self._stage_mode == "fair":
             return sum(loss_fn(y, target) for y in outputs)
         return loss_fn(outputs[-1], target)

@@ -20,21 +20,38 @@ def check_floating(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_coordinates(x: torch.Tensor, in_features: int, name: str = "x") -> None:
+def check_coordinates(x: torch.Tensor, in_features: int, name: str = "x",
+                      dtype: torch.dtype | None = None) -> None:
+    """``(..., in_features)`` floating coordinates; with ``dtype``, of the parameters' dtype
+    (numpy-built coordinates are float64 while models are float32)."""
     check_floating(name, x)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(
             f"{name} must have shape (..., {in_features}) (one coordinate per input "
             f"feature), got {tuple(x.shape)}"
         )
+    check_dtype(name, x, dtype)
 
 
-def check_shape(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+def check_dtype(name: str, t: torch.Tensor | None, dtype: torch.dtype | None) -> None:
+    """``t`` of the parameters' ``dtype`` (None: no check). Autocast regions are left to
+    autocast, which casts the operands itself."""
+    if t is None or dtype is None or t.dtype == dtype or torch.is_autocast_enabled(t.device.type):
+        return
+    raise TypeError(
+        f"{name} must have the parameters' dtype {dtype}, got {t.dtype} "
+        f"(convert it with .to({dtype}), or the parameters with .to({t.dtype}))"
+    )
+
+
+def check_shape(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
+                dtype: torch.dtype | None = None) -> None:
     if t is None:
         return
     check_floating(name, t)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    check_dtype(name, t, dtype)
 
 
 def check_volume(name: str, v: object) -> int:

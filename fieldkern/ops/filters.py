@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 
 from fieldkern.backend import resolve
-from fieldkern.ops._checks import check_coordinates, check_shape
+from fieldkern.ops._checks import check_coordinates, check_floating, check_shape
 
 
 def _check_filter_args(x, weight, bias, gamma=None, mu=None):
+    check_floating("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (hidden, in_features), got {tuple(weight.shape)}")
     hidden, in_features = weight.shape
-    check_coordinates(x, in_features)
-    check_shape("weight", weight, (hidden, in_features))
-    check_shape("bias", bias, (hidden,))
-    check_shape("gamma", gamma, (hidden,))
-    check_shape("mu", mu, (hidden, in_features))
+    dtype = weight.dtype
+    check_coordinates(x, in_features, dtype=dtype)
+    check_shape("bias", bias, (hidden,), dtype)
+    check_shape("gamma", gamma, (hidden,), dtype)
+    check_shape("mu", mu, (hidden, in_features), dtype)
 
 
 def gabor_envelope_reference(x, gamma, mu):

@@ -14,7 +14,7 @@ import torch
 
 from fieldkern.backend import resolve
 from fieldkern.ops._precision import get_precision
-from fieldkern.ops._checks import check_coordinates, check_shape
+from fieldkern.ops._checks import check_coordinates, check_floating, check_shape
 from fieldkern.ops.filters import fourier_filter_reference, gabor_filter_reference
 from fieldkern.ops.multiplicative_layer import multiplicative_layer_reference
 
@@ -88,17 +88,21 @@ def _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
         raise ValueError("gabor_gamma and gabor_mu must be given together or both be None")
     if head_activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"head_activation must be one of {HEAD_ACTIVATIONS}, got {head_activation!r}")
+    check_floating("filter_weight[0]", filter_weight[0])
+    if filter_weight[0].dim() != 2:
+        raise ValueError(f"filter_weight[0] must have shape (hidden, in_features), got {tuple(filter_weight[0].shape)}")
     hidden, in_features = filter_weight[0].shape
-    check_coordinates(x, in_features)
+    dtype = filter_weight[0].dtype
+    check_coordinates(x, in_features, dtype=dtype)
     for i in range(n_layers):
-        check_shape(f"filter_weight[{i}]", filter_weight[i], (hidden, in_features))
-        check_shape(f"filter_bias[{i}]", filter_bias[i], (hidden,))
+        check_shape(f"filter_weight[{i}]", filter_weight[i], (hidden, in_features), dtype)
+        check_shape(f"filter_bias[{i}]", filter_bias[i], (hidden,), dtype)
         if gabor_gamma is not None:
-            check_shape(f"gabor_gamma[{i}]", gabor_gamma[i], (hidden,))
-            check_shape(f"gabor_mu[{i}]", gabor_mu[i], (hidden, in_features))
+            check_shape(f"gabor_gamma[{i}]", gabor_gamma[i], (hidden,), dtype)
+            check_shape(f"gabor_mu[{i}]", gabor_mu[i], (hidden, in_features), dtype)
     for i in range(n_layers - 1):
-        check_shape(f"linear_weight[{i}]", linear_weight[i], (hidden, hidden))
-        check_shape(f"linear_bias[{i}]", linear_bias[i], (hidden,))
+        check_shape(f"linear_weight[{i}]", linear_weight[i], (hidden, hidden), dtype)
+        check_shape(f"linear_bias[{i}]", linear_bias[i], (hidden,), dtype)
     heads = [w for w in head_weight if w is not None]
     if not heads:
         raise ValueError("head_weight must have at least one head")
@@ -108,8 +112,8 @@ def _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
             if head_bias[i] is not None:
                 raise ValueError(f"head_bias[{i}] is given for a layer without a head")
             continue
-        check_shape(f"head_weight[{i}]", head_weight[i], (out_features, hidden))
-        check_shape(f"head_bias[{i}]", head_bias[i], (out_features,))
+        check_shape(f"head_weight[{i}]", head_weight[i], (out_features, hidden), dtype)
+        check_shape(f"head_bias[{i}]", head_bias[i], (out_features,), dtype)
 
 
 def mfn_stack(

@@ -6,7 +6,7 @@ import torch
 
 from fieldkern.backend import resolve
 from fieldkern.ops._precision import get_precision
-from fieldkern.ops._checks import check_floating, check_shape
+from fieldkern.ops._checks import check_dtype, check_floating, check_shape
 from fieldkern.ops.filters import (
     _check_filter_args,
     fourier_filter_reference,
@@ -48,8 +48,9 @@ def multiplicative_layer(
     _check_filter_args(x, weight, bias, gamma, mu)
     hidden = weight.shape[0]
     check_floating("z", z)
-    check_shape("linear_weight", linear_weight, (hidden, z.shape[-1]))
-    check_shape("linear_bias", linear_bias, (hidden,))
+    check_dtype("z", z, weight.dtype)
+    check_shape("linear_weight", linear_weight, (hidden, z.shape[-1]), weight.dtype)
+    check_shape("linear_bias", linear_bias, (hidden,), weight.dtype)
     if z.shape[:-1] != x.shape[:-1]:
         raise ValueError(
             f"z and x must have the same leading shape, got {tuple(z.shape)} and {tuple(x.shape)}"

@@ -58,7 +58,10 @@ def _project_block(volume: torch.Tensor, rotations: torch.Tensor, z_lo: int, z_h
         padding_mode="zeros",
         align_corners=False,
     )  # (1, 1, b, nz, D*D)
-    return out[0, 0].sum(1).reshape(b, D, D)
+    # grid_sample gives zeros for NaN sample positions: a non-finite rotation (a diverged
+    # pose) would project to a plausible empty image instead of NaN
+    poison = 0.0 * rotations.sum((1, 2))
+    return out[0, 0].sum(1).reshape(b, D, D) + poison[:, None, None]
 
 
 def _block_sizes(D: int, B: int, chunk_size: int | None, slice_chunk: int | None, max_points: int):

@@ -94,6 +94,22 @@ def test_bfloat16_volume_storage_accumulates_in_float32():
     close("bf16 storage", out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter on NaN
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rotation_gives_a_nan_image(bad):
+    """A diverged pose must not project to a plausible (empty) image: NaN on both paths,
+    the other images unchanged."""
+    volume = smooth_volume(6)
+    R = random_rotations(3, generator=torch.Generator().manual_seed(2)).float()
+    good = ops.project_volume(volume, R)
+    R[1, 2, 0] = bad
+    for backend in ("torch", "triton"):
+        with fieldkern.set_backend(backend):
+            out = ops.project_volume(volume, R)
+        assert out[1].isnan().all(), backend
+        close(backend, out[[0, 2]], good[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
 def test_empty_batch():
     with fieldkern.set_backend("triton"):
         assert ops.project_volume(torch.zeros(4, 4, 4), torch.zeros(0, 3, 3)).shape == (0, 4, 4)
