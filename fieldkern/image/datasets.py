@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fieldkern.image._checks import check_count, check_layout, check_pixels, check_size, to_numpy
+
 # Photographs bundled with scikit-image, in the order they are used.
 NATURAL_IMAGES = (
     "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -67,19 +69,32 @@ def to_float(img) -> np.ndarray:
 
 
 def resize(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Lanczos-resample ``(H, W, C)`` float image to ``size`` (int: square) -> ``(h, w, C)``.
+    """Lanczos-resample an image in [0, 1] to ``size`` (int: square, or ``(h, w)``).
+
+    ``(H, W, C)`` channels last (``C`` 1 to 4) -> ``(h, w, C)``; a grey ``(H, W)`` ->
+    ``(h, w)``. Numpy arrays or torch tensors; returns float32 numpy. A last axis longer
+    than 4 (e.g. a channels-first ``(C, H, W)`` array) raises ValueError, as do values
+    outside [0, 1] (the result is clipped to [0, 1], which would silently flatten them).
 
     Works per channel in float ("F" mode), so no 8-bit quantisation is introduced. Pillow's
     Lanczos filter widens its kernel when downsampling, i.e. it low-passes (antialiases).
     """
     from PIL import Image
 
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = check_size("size", size)
+    a = to_numpy(img)
+    check_layout("img", a)
+    check_pixels("img", a)
+    a = a.astype(np.float32, copy=False)
+    grey = a.ndim == 2
+    if grey:
+        a = a[..., None]
     channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c])).resize((w, h), Image.Resampling.LANCZOS))
-        for c in range(img.shape[-1])
+        np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c])).resize((w, h), Image.Resampling.LANCZOS))
+        for c in range(a.shape[-1])
     ]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+    out = np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+    return out[..., 0] if grey else out
 
 
 def square(img: np.ndarray, size: int) -> np.ndarray:
@@ -99,7 +114,9 @@ def natural_images(n: int, size: int = 512, seed: int = 0) -> tuple[list[np.ndar
     """
     from skimage import data
 
-    if not 1 <= n <= len(NATURAL_IMAGES):
+    n = check_count("n", n)
+    size = check_count("size", size)
+    if n > len(NATURAL_IMAGES):
         raise ValueError(f"natural has {len(NATURAL_IMAGES)} images, asked for {n}")
     names = list(NATURAL_IMAGES[:n])
     return [square(to_float(getattr(data, name)()), size) for name in names], names
@@ -124,6 +141,9 @@ def text_image(size: int = 512, seed: int = 0, n_words: int | None = None) -> np
     """
     from PIL import Image, ImageDraw, ImageFont
 
+    size = check_count("size", size)
+    if n_words is not None:
+        n_words = check_count("n_words", n_words, minimum=0)
     rng = np.random.default_rng(seed)
     fonts = _font_paths()
     dark = rng.random() < 0.5
@@ -146,8 +166,8 @@ def text_image(size: int = 512, seed: int = 0, n_words: int | None = None) -> np
 
 def text_images(n: int, size: int = 512, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
     """``n`` text images; image ``i`` uses seed ``(seed, i)`` so prefixes agree across ``n``."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    n = check_count("n", n)
+    size = check_count("size", size)
     seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(n)]
     return [text_image(size, s) for s in seeds], [f"text_{seed}_{i:02d}" for i in range(n)]
 
@@ -179,7 +199,8 @@ def load_images(path: str | os.PathLike, size: int | None = None) -> tuple[list[
     Args:
         path: a file or a folder.
         size: if given, each image is centre-cropped to a square and Lanczos-resized to
-            ``size x size`` (the experiment's evaluation resolution).
+            ``size x size`` (the experiment's evaluation resolution); smaller images are
+            upsampled (``examples/image_fit.py`` refuses them instead).
 
     Returns:
         Images ``(H, W, 1 or 3)`` float32 in [0, 1] and their file stems.
@@ -187,7 +208,10 @@ def load_images(path: str | os.PathLike, size: int | None = None) -> tuple[list[
     Raises:
         ImageLoadError: the path does not exist, a folder has no image files, or a file
             cannot be decoded.
+        ValueError, TypeError: ``size`` is not an int >= 1.
     """
+    if size is not None:
+        size = check_count("size", size)
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)

@@ -30,6 +30,7 @@ from fieldkern._files import check_writable, write_atomic  # noqa: F401 - check_
 from fieldkern.coords import grid_coordinates
 from fieldkern.distributed import DistContext
 from fieldkern.image import metrics
+from fieldkern.image._checks import check_layout, check_pixels, to_numpy
 from fieldkern.image.methods import Method, Preset
 from fieldkern.train import Callback, StageSchedule, run_stages, stage_setter
 
@@ -120,7 +121,9 @@ def fit_image(
 
     Args:
         method: one of :data:`fieldkern.image.METHODS`.
-        image: evaluation image ``(eval_size, eval_size, C)`` float in [0, 1]; it is
+        image: evaluation image ``(eval_size, eval_size, C)`` (``C`` 1 to 4, channels
+            last) or grey ``(eval_size, eval_size)``, read as ``C = 1``; numpy or torch,
+            values in [0, 1] (ValueError otherwise, e.g. for an 8-bit 0..255 image). It is
             Lanczos-downsampled to ``preset.train_size`` for training.
         preset: sizes, iterations, schedule, learning rate.
         device: torch device; on CUDA the models take the Triton path automatically.
@@ -133,9 +136,18 @@ def fit_image(
     """
     from fieldkern.image.datasets import resize
 
+    image = to_numpy(image)
+    check_layout("image", image)
+    if image.ndim == 2:
+        image = image[..., None]
     if image.shape[:2] != (preset.eval_size, preset.eval_size):
         raise ValueError(f"image must be {preset.eval_size}x{preset.eval_size} for preset "
                          f"{preset.name!r}, got {image.shape[:2]}")
+    # Checked before training: a 0..255 image trains without complaint and only shows up
+    # as a PSNR of about -40 dB at the end.
+    check_pixels("image", image)
+    if image.dtype not in (np.float32, np.float64):
+        image = image.astype(np.float32)
     device = torch.device(device)
     start = time.perf_counter()
     train_image = resize(image, preset.train_size)
@@ -177,6 +189,9 @@ def fit_image(
     model.eval()
     eval_outputs = evaluate(model, preset.eval_size, device)
     train_outputs = evaluate(model, n, device)
+    # The metrics refuse non-finite input; name the run that diverged, not a metric argument.
+    if not all(np.isfinite(a).all() for a in [*eval_outputs, *train_outputs, *snapshots.outputs.values()]):
+        raise FloatingPointError(f"{method.name} on {image_name}: the trained model's outputs are not finite")
     mad = stage_outputs = final_train = None
     if method.staged:
         stages = range(preset.n_scales - 1)

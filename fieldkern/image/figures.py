@@ -24,7 +24,7 @@ from fieldkern.image.metrics import magnitude_spectrum
 
 def _display(img: np.ndarray) -> np.ndarray:
     img = np.clip(img, 0.0, 1.0)
-    return img[..., 0] if img.shape[-1] == 1 else img
+    return img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
 
 
 def _safe(name: str) -> str:
@@ -50,7 +50,8 @@ def write_figures(out_dir: Path, results, methods, images, preset) -> list[Path]
         if not row or not row[0].eval_outputs:
             continue
         tag = _safe(row[0].image)
-        grey = "gray" if image.shape[-1] == 1 else None
+        # fit_image reads a grey (H, W) image as (H, W, 1); draw it the same way.
+        grey = "gray" if image.ndim == 2 or image.shape[-1] == 1 else None
 
         # Per-scale reconstructions.
         fig, axes = plt.subplots(len(row), n_scales + 1, figsize=(2.2 * (n_scales + 1), 2.2 * len(row)),

@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fieldkern.image._checks import check_count
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -39,6 +41,10 @@ class Preset:
     sape_frequencies: int = 256
 
     def __post_init__(self):
+        # Stored as Python ints: numpy integers (a sweep over np.arange) would otherwise
+        # reach the model constructors and grid_coordinates, which want int.
+        for name in ("hidden", "n_scales", "iterations", "train_size", "eval_size", "sape_frequencies"):
+            object.__setattr__(self, name, check_count(f"preset {self.name!r}: {name}", getattr(self, name)))
         if len(self.stage_fractions) != self.n_scales - 1:
             raise ValueError(f"preset {self.name!r}: need {self.n_scales - 1} stage fractions")
         if self.train_size < 2 * self.n_scales:

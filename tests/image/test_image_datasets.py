@@ -95,3 +95,31 @@ def test_image_and_train_packages_import_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_resize_grey_keeps_its_layout_and_rejects_channels_first():
+    grey = np.full((8, 6), 0.25, np.float32)
+    out = datasets.resize(grey, (4, 3))
+    assert out.shape == (4, 3)  # not (4, 3, 6): the columns are not channels
+    np.testing.assert_allclose(out, 0.25, atol=1e-6)
+    with pytest.raises(ValueError, match=r"channels last.*\(3, 16, 16\)"):
+        datasets.resize(np.zeros((3, 16, 16), np.float32), 8)
+    with pytest.raises(ValueError, match=r"img values must lie in \[0, 1\]"):
+        datasets.resize(np.full((8, 8, 3), 255.0, np.float32), 4)
+
+
+def test_sizes_and_counts_take_numpy_integers_and_reject_the_rest(tmp_path):
+    img = np.full((8, 8, 3), 0.5, np.float32)
+    assert datasets.resize(img, np.int64(4)).shape == (4, 4, 3)
+    assert datasets.natural_images(np.int64(1), size=np.int64(8))[0][0].shape == (8, 8, 3)
+    with pytest.raises(TypeError, match="size must be an int, got True"):
+        datasets.resize(img, True)
+    with pytest.raises(TypeError, match="size must be an int, got 4.0"):
+        datasets.resize(img, 4.0)
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        datasets.text_images(1, size=0)  # used to return a (0, 0, 3) image
+
+    Image.fromarray(np.zeros((10, 10), np.uint8), "L").save(tmp_path / "a.png")
+    assert datasets.load_images(tmp_path / "a.png", size=np.int64(4))[0][0].shape == (4, 4, 1)
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        datasets.load_images(tmp_path / "a.png", size=0)

@@ -113,3 +113,25 @@ def test_unavailable_device(example, tmp_path, capsys):
     err = capsys.readouterr().err
     _assert_failed_cleanly(rc, err, out)
     assert "CUDA is not available" in err
+
+
+def test_image_smaller_than_the_evaluation_size_is_refused(example, tmp_path, capsys):
+    Image.fromarray(np.zeros((20, 40), np.uint8), "L").save(tmp_path / "small.png")
+    out = tmp_path / "run"
+    rc = example.main(["--preset", "tiny", "--image", str(tmp_path / "small.png"), "--methods", "sape",
+                       "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    _assert_failed_cleanly(rc, err, out)
+    assert "evaluates at 32x32" in err and "small (20x40)" in err and "not upsampled" in err
+
+
+def test_more_images_asked_for_than_the_folder_holds(example, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8), "L").save(folder / "only.png")
+    out = tmp_path / "run"
+    rc = example.main(["--preset", "tiny", "--image", str(folder), "--n-images", "3", "--methods", "sape",
+                       "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    _assert_failed_cleanly(rc, err, out)
+    assert f"--n-images 3: {folder} holds only 1 image(s)" in err

@@ -139,3 +139,67 @@ def test_presets_and_lookup_errors():
         get_method("nerf")
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("huge")
+
+
+def test_fit_image_rejects_8bit_range_and_nan_before_training():
+    method = METHODS["sape"]
+    with pytest.raises(ValueError, match=r"image values must lie in \[0, 1\].*divide 8-bit images by 255"):
+        fit_image(method, _image() * 255, PRESET, progress=False)
+    nan = _image()
+    nan[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="image holds NaN"):
+        fit_image(method, nan, PRESET, progress=False)
+
+
+def test_fit_image_reads_grey_hw_as_one_channel():
+    method = METHODS["sape"]
+    grey = _image(1)
+    flat = fit_image(method, grey[..., 0], PRESET, progress=False)
+    ref = fit_image(method, grey, PRESET, progress=False)
+    assert flat.eval_outputs[-1].shape == (16, 16, 1)
+    assert flat.psnr == ref.psnr and flat.psnr_train == ref.psnr_train
+    with pytest.raises(ValueError, match=r"channels last.*\(3, 16, 16\)"):
+        fit_image(method, torch.from_numpy(_image()).permute(2, 0, 1), PRESET, progress=False)
+
+
+def test_fit_image_names_the_run_whose_outputs_are_not_finite():
+    class Poison(Callback):
+        def __init__(self, model):
+            self.model = model
+
+        def on_train_end(self, n_steps):
+            with torch.no_grad():
+                self.model.mlp[-1].bias.fill_(float("nan"))
+
+    method = METHODS["sape"]
+    model = method.build(3, PRESET)
+    with pytest.raises(FloatingPointError, match="sape on poisoned: .* not finite"):
+        fit_image(method, _image(), PRESET, model=model, callbacks=[Poison(model)], image_name="poisoned",
+                  progress=False)
+
+
+def test_preset_stores_numpy_integers_as_int_and_rejects_bad_counts():
+    p = Preset("np", hidden=np.int64(8), n_scales=np.int64(4), iterations=np.int64(20), train_size=np.int64(16),
+               eval_size=np.int64(16), sape_frequencies=np.int64(8))
+    fields = (p.hidden, p.n_scales, p.iterations, p.train_size, p.eval_size, p.sape_frequencies)
+    assert fields == (8, 4, 20, 16, 16, 8) and all(type(v) is int for v in fields)
+    with pytest.raises(ValueError, match="preset 'bad': hidden must be >= 1, got 0"):
+        Preset("bad", hidden=0, n_scales=4, iterations=20, train_size=16, eval_size=16)
+    with pytest.raises(TypeError, match="preset 'bad': iterations must be an int, got 20.0"):
+        Preset("bad", hidden=8, n_scales=4, iterations=20.0, train_size=16, eval_size=16)
+
+
+def test_figures_draw_a_grey_hw_image_in_grey(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from fieldkern.image import figures
+
+    cmaps = []
+    original = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, img, **kw: cmaps.append(kw.get("cmap")) or original(ax, img, **kw))
+    method = METHODS["sape"]
+    grey = _image(1)[..., 0]
+    result = fit_image(method, grey, PRESET, progress=False)
+    figures.write_figures(tmp_path, [[result]], [method], [grey], PRESET)
+    assert cmaps and set(cmaps) == {"gray"}

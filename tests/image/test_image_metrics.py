@@ -64,3 +64,30 @@ def test_hann_window_diagnostic():
     assert spec[0, 0, 0].item() == pytest.approx(c * 255 * n / 4)
     with pytest.raises(ValueError, match="window"):
         magnitude_spectrum(np.zeros((n, n, 1)), window="kaiser")
+
+
+def test_metrics_reject_empty_and_non_finite_input():
+    ok = np.zeros((4, 4, 1))
+    nan = np.full((4, 4, 1), np.nan)
+    with pytest.raises(ValueError, match="empty"):
+        psnr(np.zeros((0, 4, 3)), np.zeros((0, 4, 3)))
+    with pytest.raises(ValueError, match="prediction holds NaN"):
+        psnr(nan, ok)
+    with pytest.raises(ValueError, match="target holds NaN or inf"):
+        psnr(ok, np.full((4, 4, 1), np.inf))
+    with pytest.raises(ValueError, match="before holds NaN"):
+        spectrum_mad(nan, ok)
+    with pytest.raises(ValueError, match="after is empty"):
+        spectrum_mad(ok, np.zeros((4, 0, 1)))
+
+
+def test_spectrum_layouts_grey_and_channels_first():
+    rng = np.random.default_rng(0)
+    grey = rng.random((6, 8))
+    # (H, W) is one grey channel, not W channels of H x 1 images.
+    torch.testing.assert_close(magnitude_spectrum(grey), magnitude_spectrum(grey[..., None]))
+    assert spectrum_mad(grey, grey[..., None]) == 0.0
+    with pytest.raises(ValueError, match=r"channels last.*\(3, 8, 8\)"):
+        magnitude_spectrum(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match=r"image must have shape \(H, W\) or \(H, W, C\)"):
+        magnitude_spectrum(np.zeros(8))

@@ -1,0 +1,68 @@
+"""Argument checks of the image experiment, in the style of :mod:`fieldkern.ops._checks`.
+
+Images here are ``(H, W)`` (grey) or channels-last ``(H, W, C)`` with ``C`` at most
+:data:`MAX_CHANNELS`, intensities in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+# Grey, grey + alpha, RGB, RGBA. A larger last axis is almost always a channels-first
+# (C, H, W) array, which would otherwise be read as an image C pixels wide with W channels.
+MAX_CHANNELS = 4
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """An integer (Python or numpy, not bool) ``>= minimum``; returns it as a Python int."""
+    # bool is an Integral, but True as a size is a bug, not a request for 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def check_size(name: str, size: object) -> tuple[int, int]:
+    """``size`` or ``(height, width)``, each an int >= 1; returns ``(height, width)``."""
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2:
+            raise ValueError(f"{name} must be an int or a (height, width) pair, got {size!r}")
+        return check_count(f"{name}[0]", size[0]), check_count(f"{name}[1]", size[1])
+    n = check_count(name, size)
+    return n, n
+
+
+def to_numpy(a: object) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def check_layout(name: str, a: np.ndarray) -> None:
+    """``(H, W)`` or ``(H, W, C)``, channels last, ``1 <= C <= MAX_CHANNELS``, not empty."""
+    shape = tuple(a.shape)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (H, W) or (H, W, C), got {shape}")
+    if a.ndim == 3 and a.shape[-1] > MAX_CHANNELS:
+        raise ValueError(
+            f"{name} must be channels last, (H, W, C) with C <= {MAX_CHANNELS} (grey, grey + alpha, RGB, "
+            f"RGBA), got shape {shape}; move the channel axis of a (C, H, W) array last first"
+        )
+    if 0 in shape:  # numpy or torch, whose .size is a method
+        raise ValueError(f"{name} is empty, shape {shape}")
+
+
+def check_pixels(name: str, a: np.ndarray) -> None:
+    """Finite values in [0, 1]."""
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds NaN or inf values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} values must lie in [0, 1] (as load_images and the built-in datasets return them), "
+            f"got values in [{lo:.4g}, {hi:.4g}]; divide 8-bit images by 255"
+        )
