@@ -212,3 +212,12 @@ def test_bacon_needs_room_for_its_quantised_bands():
         BACON(2, 8, 1, 4, 6)
     with pytest.raises(ValueError, match="n_scales"):
         BACON(2, 8, 1, 0, 16)
+
+
+def test_non_finite_hyper_parameters_and_frequency_shapes_are_refused():
+    with pytest.raises(ValueError, match="input_scale must be a positive finite number, got inf"):
+        MFN(2, 8, 1, 3, input_scale=float("inf"))
+    with pytest.raises(ValueError, match="gamma_rate must be a positive finite number, got nan"):
+        GaborFilter(2, 8, gamma_rate=float("nan"))
+    with pytest.raises(ValueError, match=r"weight must have shape \(8, 2\), got \(1, 2\)"):
+        FourierFilter(2, 8).set_frequencies(torch.rand(1, 2))  # copy_ would broadcast the row

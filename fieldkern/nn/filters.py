@@ -51,6 +51,9 @@ class FourierFilter(nn.Module):
     @torch.no_grad()
     def set_frequencies(self, weight: torch.Tensor) -> None:
         """Overwrite the frequencies in place, ``(out_features, in_features)``."""
+        # copy_ would broadcast a single row to every filter
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            raise ValueError(f"weight must have shape {tuple(self.weight.shape)}, got {tuple(weight.shape)}")
         self.weight.copy_(weight)
 
     def filter_tensors(self) -> dict[str, torch.Tensor | None]:
@@ -85,8 +88,9 @@ class GaborFilter(FourierFilter):
         gamma_rate: float = 0.25,
     ):
         super().__init__(in_features, out_features, max_frequency, trainable_frequencies)
-        if gamma_concentration <= 0 or gamma_rate <= 0:
-            raise ValueError("gamma_concentration and gamma_rate must be positive")
+        for name, value in (("gamma_concentration", gamma_concentration), ("gamma_rate", gamma_rate)):
+            if not 0 < value < math.inf:  # NaN fails too
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         gamma = torch.distributions.Gamma(
             torch.full((out_features,), float(gamma_concentration)), torch.tensor(float(gamma_rate))
         ).sample()

@@ -129,8 +129,8 @@ class MFN(_FilterNetwork):
     ):
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
-        if not input_scale > 0:
-            raise ValueError(f"input_scale must be positive, got {input_scale!r}")
+        if not 0 < input_scale < math.inf:
+            raise ValueError(f"input_scale must be a positive finite number, got {input_scale!r}")
         _check_features(in_features=in_features, hidden_features=hidden_features)
         freqs = finit.mfn_frequencies(hidden_features, in_features, n_layers, input_scale)
         super().__init__(
