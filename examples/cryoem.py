@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from fieldkern.cryoem import experiment
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--structure", default="4ake", help="4ake | 1ol5 | PATH.pdb | PATH.cif | PATH.mrc (default 4ake)")
+    p.add_argument("--structure", default="4ake", help="4ake | 1ol5 | PATH.pdb | PATH.cif | PATH.mrc | PATH.map (default 4ake; "
+                        "a map brings its own box and pixel size)")
     p.add_argument("--particles", metavar="STAR", help="reconstruct this RELION particle set instead of simulating")
     p.add_argument("--reference", metavar="MRC", help="ground-truth map for FSC with --particles")
     p.add_argument("--preset", choices=tuple(experiment.PRESETS), default="quick",
@@ -53,10 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reference and not args.particles:
         p.error("--reference needs --particles")
+    if args.particles:  # a particle set brings its own box, pixel size, count and noise
+        given = [f"--{n.replace('_', '-')}" for n in ("box", "apix", "n_particles", "snr") if getattr(args, n) is not None]
+        if given:
+            p.error(f"{', '.join(given)}: simulation settings, which do not apply to --particles")
     for name in ("box", "n_particles", "epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.particles and experiment.is_map(args.structure):
+        try:
+            experiment.check_map_geometry(args.structure, args.box, args.apix)
+        except ValueError as exc:
+            p.error(str(exc))
     return args
 
 

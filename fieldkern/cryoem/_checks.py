@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
+import numpy as np
+import torch
 
 # The tensor checks the ops need live with the ops (the layer below); re-exported here.
 from fieldkern.ops._checks import (  # noqa: F401
@@ -57,3 +60,86 @@ def check_vectors(name: str, v: object, n: int = 3) -> None:
     check_floating(name, v)
     if v.dim() < 1 or v.shape[-1] != n:
         raise ValueError(f"{name} must have shape (..., {n}), got {tuple(v.shape)}")
+
+
+def check_count(name: str, n: object, minimum: int = 1) -> int:
+    """An int >= ``minimum``. numpy integers count (parameter sweeps over ``np.arange``
+    give them); bools do not, although Python treats them as ints."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
+        what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {what}, got {n!r}")
+    return int(n)
+
+
+def check_finite_number(name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x}")
+    return x
+
+
+def _as_numpy(a: object) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def check_finite(name: str, a: object, where: str = "", hint: str = "") -> None:
+    """No NaN or inf in a number, array or tensor. On a CUDA tensor this waits for the
+    device: callers in per-step paths check only CPU values."""
+    if isinstance(a, torch.Tensor):
+        ok = bool(torch.isfinite(a).all())
+    else:
+        arr = np.asarray(a)
+        if arr.dtype.kind not in "fc":  # no float64 copy of a large float32 map
+            arr = arr.astype(np.float64)
+        ok = bool(np.isfinite(arr).all())
+    if not ok:
+        raise ValueError(f"{where}{name} holds NaN or inf values{hint}")
+
+
+#: Above this a "voltage" is almost surely in volts (microscopes for single particles run at
+#: 100-300 kV, and the CTF takes kV).
+MAX_VOLTAGE_KV = 1000.0
+#: Real defocus values are thousands of A; 0 < |df| < 100 is almost surely micrometres.
+MIN_DEFOCUS_ANGSTROM = 100.0
+
+
+def check_voltage_kv(name: str, a: object, where: str = "") -> None:
+    v = _as_numpy(a).astype(np.float64, copy=False).reshape(-1)
+    high = v[v > MAX_VOLTAGE_KV]
+    if high.size:
+        raise ValueError(
+            f"{where}{name} must be the acceleration voltage in kV (e.g. 300), got {high[0]:g}: "
+            f"above {MAX_VOLTAGE_KV:g} kV it looks like volts"
+        )
+    low = v[~(v > 0)]
+    if low.size:
+        raise ValueError(f"{where}{name} must be a positive voltage in kV, got {low[0]:g}")
+
+
+def check_defocus_angstrom(name: str, a: object, where: str = "") -> None:
+    d = np.abs(_as_numpy(a).astype(np.float64, copy=False).reshape(-1))
+    bad = d[(d > 0) & (d < MIN_DEFOCUS_ANGSTROM)]
+    if bad.size:
+        raise ValueError(
+            f"{where}{name} must be in Angstrom (e.g. 15000 for 1.5 um), got {bad[0]:g}: "
+            f"0 < |defocus| < {MIN_DEFOCUS_ANGSTROM:g} A looks like micrometres"
+        )
+
+
+def check_amplitude_contrast(name: str, a: object, where: str = "") -> None:
+    w = _as_numpy(a).astype(np.float64, copy=False).reshape(-1)
+    bad = w[~((w >= 0) & (w <= 1))]
+    if bad.size:
+        raise ValueError(f"{where}{name} (amplitude contrast) must lie in [0, 1], got {bad[0]:g}")
+
+
+def check_ndim(name: str, ndim: object, x: torch.Tensor) -> int:
+    """``ndim`` trailing axes of ``x`` to transform: a positive int <= ``x.dim()``."""
+    ndim = check_count(name, ndim)
+    if x.dim() < ndim:
+        raise ValueError(f"{name} = {ndim} needs a tensor with at least {ndim} axes, got shape {tuple(x.shape)}")
+    return ndim

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fieldkern.cryoem._checks import check_volume
+from fieldkern.cryoem._checks import check_count, check_finite, check_volume
 from fieldkern.cryoem.fourier import fourier_crop, fourier_shift
 from fieldkern.cryoem.projection import transform_volume
 from fieldkern.cryoem.rotations import axis_angle_to_matrix, matmul3, super_fibonacci_rotations
@@ -185,6 +185,10 @@ def align_volume(
         :class:`AlignmentResult`: aligned map, transform ``out(r) = V(M^T (r - t))``, score.
         Seconds on 2 CPU cores at D = 32-64 with the defaults.
     """
+    n_rotations = check_count("n_rotations", n_rotations)
+    n_candidates = check_count("n_candidates", n_candidates)
+    max_iter = check_count("max_iter", max_iter)
+    chunk = check_count("chunk", chunk)
     with _intra_op_threads(1):
         return _align_volume(
             volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk
@@ -208,6 +212,9 @@ def _align_volume(
 
     v64 = volume.detach().to(torch.float64).cpu()
     r64 = reference.detach().to(torch.float64).cpu()
+    # A NaN map scores 0 everywhere and would come back as a finite all-zero "alignment".
+    check_finite("volume", v64)
+    check_finite("reference", r64)
     v_s, r_s = fourier_crop(v64, s_size, 3), fourier_crop(r64, s_size, 3)
     v_r, r_r = fourier_crop(v64, r_size, 3), fourier_crop(r64, r_size, 3)
     ref_s_f = torch.fft.rfftn(_normalise(r_s))

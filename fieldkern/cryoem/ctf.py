@@ -31,7 +31,14 @@ import math
 
 import torch
 
-from fieldkern.cryoem._checks import check_box_size, check_images, check_positive
+from fieldkern.cryoem._checks import (
+    check_box_size,
+    check_defocus_angstrom,
+    check_finite,
+    check_images,
+    check_positive,
+    check_voltage_kv,
+)
 from fieldkern.cryoem.fourier import fft2_centered, ifft2_centered
 
 #: RELION's wavelength constants (A * sqrt(V) and 1/V).
@@ -67,13 +74,29 @@ def _param(name: str, x, device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must be real, got {x.dtype}")
-        return x.to(device=device, dtype=torch.float64)
-    if isinstance(x, bool):
-        raise TypeError(f"{name} must be a number or tensor, got bool")
-    try:
-        return torch.as_tensor(x, dtype=torch.float64, device=device)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"{name} must be a number, sequence or tensor, got {type(x).__name__}") from e
+        t = x
+    else:
+        if isinstance(x, bool):
+            raise TypeError(f"{name} must be a number or tensor, got bool")
+        try:
+            # built on the host first, so numbers and sequences are checked without a device sync
+            t = torch.as_tensor(x, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a number, sequence or tensor, got {type(x).__name__}") from e
+    if t.device.type == "cpu":
+        # Values on a GPU are not checked: that would stall every training batch on a sync.
+        _check_values(name, t)
+    return t.to(device=device, dtype=torch.float64)
+
+
+def _check_values(name: str, t: torch.Tensor) -> None:
+    """NaN/inf and the unit mistakes that still give a plausible-looking CTF (V for kV,
+    um for A), which would otherwise pass silently into the images or the loss."""
+    check_finite(name, t)
+    if name == "volt":
+        check_voltage_kv(name, t)
+    elif name in ("dfu", "dfv"):
+        check_defocus_angstrom(name, t)
 
 
 def evaluate_ctf(
@@ -92,7 +115,7 @@ def evaluate_ctf(
 
     The parameters (same units as :func:`ctf`) broadcast against each other to a batch
     shape ``S``; ``kx``/``ky`` (shape ``F``) broadcast against ``S + (1,) * len(F)``.
-    Returns ``S + F``.
+    Returns ``S + F``. The parameters are checked as in :func:`ctf`.
     """
     device = kx.device
     p = [
@@ -162,6 +185,10 @@ def ctf(
 
     Index ``[..., i, j]`` is frequency ``((j - D//2), (i - D//2)) / (D apix)`` (x, y); the
     formula is in the module docstring. ``CTF[..., D//2, D//2] = -w``.
+
+    Raises ValueError for NaN/inf parameters, ``volt`` above 1000 (volts, not kV) and
+    ``0 < |dfu|, |dfv| < 100`` (micrometres, not A); parameters held in GPU tensors skip
+    these value checks (they would need a device sync).
     """
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -192,6 +219,16 @@ def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ctf must be at least the image size {D}, got {P}")
     if ctf.device != images.device:
         raise ValueError(f"ctf must be on the images' device {images.device}, got {ctf.device}")
+    try:
+        batch = torch.broadcast_shapes(images.shape[:-2], ctf.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"ctf's batch shape {tuple(ctf.shape[:-2])} must broadcast against the images' "
+            f"{tuple(images.shape[:-2])} (one CTF per image, or one for all)"
+        ) from None
+    if math.prod(batch) == 0:
+        # FFT backends reject empty batches (MKL: "inconsistent configuration")
+        return images.new_zeros((*batch, D, D))
     x = images
     if P > D:
         lo = P // 2 - D // 2

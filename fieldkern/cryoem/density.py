@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fieldkern.cryoem._checks import check_box_size, check_positive
+from fieldkern.cryoem._checks import check_box_size, check_finite, check_finite_number, check_positive
 
 #: Short names of the packaged structures (see fieldkern/data/pdb/README.md).
 STRUCTURES = {"4ake": "4ake_chainA_adk_open.pdb", "1ol5": "1ol5.pdb"}
@@ -96,9 +96,15 @@ def load_atoms(
     import gemmi  # heavy, optional dependency: import on use
 
     path = _resolve(structure)
-    st = gemmi.read_structure(str(path))
-    if len(st) == 0:
-        raise ValueError(f"{path} holds no model")
+    try:
+        st = gemmi.read_structure(str(path))
+    except (RuntimeError, ValueError) as e:  # gemmi's messages leave out the file
+        raise ValueError(f"{path}: could not be read as a PDB/mmCIF structure ({e})") from e
+    # gemmi reads text without records (or binary junk) as an empty structure: say so,
+    # rather than blame the hydrogen/water filters below
+    if len(st) == 0 or not any(len(res) for chain in st[0] for res in chain):
+        raise ValueError(f"{path}: could not be read as a structure (no atom records found; "
+                         f"is it a PDB or mmCIF file?)")
     st.remove_alternative_conformations()
     infer = _pdb_lacks_elements(path)
     xyz, zs = [], []
@@ -167,6 +173,7 @@ def density_from_structure(
     D = check_box_size("box", box)
     apix = check_positive("apix", apix)
     resolution = 2.0 * apix if resolution is None else check_positive("resolution", resolution)
+    bfactor = check_finite_number("bfactor", bfactor)
     if bfactor < 0:
         raise ValueError(f"bfactor must be >= 0, got {bfactor}")
     if not dtype.is_floating_point:
@@ -180,6 +187,7 @@ def density_from_structure(
         c0 = torch.as_tensor(center, dtype=torch.float64).reshape(-1)
         if c0.numel() != 3:
             raise ValueError(f"center must be (x, y, z) in A, got {center!r}")
+        check_finite("center", c0)
     rel = xyz_t - c0
     r_max = float(rel.norm(dim=1).max())
     limit = (D // 2 - 1) * apix

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fieldkern._files import write_atomic
+from fieldkern.cryoem._checks import check_finite
 from fieldkern.cryoem.alignment import align_volume
 from fieldkern.cryoem.fsc import fourier_shell_correlation, resolution
 from fieldkern.cryoem.io import ParticleDataset, load_particles, read_mrc, write_mrc, write_particles_star
@@ -126,10 +127,13 @@ def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, parti
                  dist: DistContext | None = None) -> ExperimentData:
     """Simulate a particle set (or read ``particles``) and load it.
 
-    ``structure``: ``"4ake"``, ``"1ol5"``, a PDB/mmCIF path, or an ``.mrc`` map to simulate from.
+    ``structure``: ``"4ake"``, ``"1ol5"``, a PDB/mmCIF path, or an ``.mrc``/``.map`` map to
+    simulate from (its header's box and voxel size replace ``preset.box``/``preset.apix``;
+    see :func:`check_map_geometry`).
     ``particles``: a RELION STAR file to reconstruct instead; its poses are taken as the
-    truth only for reporting pose changes, and ``reference`` (an ``.mrc`` map) serves as the
-    ground truth for FSC if given.
+    truth only for reporting pose changes, and ``reference`` (an MRC map) serves as the
+    ground truth for FSC if given. Maps holding NaN/inf or without a voxel size in their
+    header raise ValueError naming the file.
 
     With a data-parallel ``dist``, rank 0 simulates (or reads) as above; the other ranks
     then open the same STAR file lazily (memory-mapped: :class:`Reconstruction` reads only
@@ -161,16 +165,16 @@ def _prepare_data(structure, out_dir, preset, seed, particles, reference, progre
         ds = load_particles(particles)
         gt = None
         if reference is not None:
-            gt, ref_apix = read_mrc(reference)
-            if gt.shape[0] != ds.box:
-                raise ValueError(f"reference map {reference} has box {gt.shape[0]}, the particles {ds.box}")
+            gt, ref_apix = read_map(reference, "reference map")
+            if tuple(gt.shape) != (ds.box,) * 3:
+                raise ValueError(f"reference map {reference} has shape {tuple(gt.shape)}, the particles box {ds.box}")
             if abs(ref_apix - ds.apix) > 1e-3 * ds.apix:
                 raise ValueError(f"reference map {reference} has {ref_apix} A/pixel, the particles {ds.apix}")
         return ExperimentData(ds, gt, ds.rotations, str(particles), False, {"particles": str(particles)})
     data_dir = out_dir / "data"
     source = structure
-    if str(structure).lower().endswith(".mrc"):
-        volume, apix = read_mrc(structure)
+    if is_map(structure):
+        volume, apix = read_map(structure, "map")
         structure_arg, box, apix_arg = volume, None, apix
     else:
         structure_arg, box, apix_arg = structure, preset.box, preset.apix
@@ -182,6 +186,54 @@ def _prepare_data(structure, out_dir, preset, seed, particles, reference, progre
     gt, _ = read_mrc(sim.volume_path)
     return ExperimentData(ds, gt, sim.rotations, str(source), True,
                           {"particles": str(sim.star_path), "ground_truth_input": str(sim.volume_path)})
+
+
+#: File endings read as MRC maps (EMDB distributes ``.map``); anything else goes to gemmi.
+MAP_SUFFIXES = (".mrc", ".map")
+
+
+def is_map(structure) -> bool:
+    """Whether ``structure`` names an MRC map (by its ending, any case) rather than a model."""
+    return str(structure).lower().endswith(MAP_SUFFIXES)
+
+
+def read_map(path, what: str = "map") -> tuple[torch.Tensor, float]:
+    """:func:`read_mrc` for a map that must be usable as a volume: finite values and a voxel
+    size in the header. ``what`` names the map's role in the messages."""
+    volume, apix = read_mrc(path)
+    if not apix > 0:
+        raise ValueError(
+            f"{what} {path}: the header has no voxel size ({apix:g} A); set it in the file "
+            f"(e.g. mrcfile: mrc.voxel_size = 1.25)"
+        )
+    check_finite(f"{what} {path}", volume)
+    return volume, apix
+
+
+def check_map_geometry(path, box: int | None = None, apix: float | None = None) -> None:
+    """Refuse a ``box``/``apix`` that differs from the header of the map ``path``: a map
+    brings its own box and voxel size, and silently replacing what the user asked for
+    (``--box``/``--apix``) would reconstruct something else. Reads only the header; a file
+    that cannot be read is left for :func:`prepare_data` to report."""
+    import mrcfile
+
+    if box is None and apix is None:
+        return
+    try:
+        with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
+            h_box, h_apix = int(mrc.header.nx), float(mrc.voxel_size.x)
+    except (OSError, ValueError):
+        return
+    if not h_apix > 0:
+        raise ValueError(f"map {path}: the header has no voxel size ({h_apix:g} A)"
+                         f"{', and --apix cannot replace it' if apix is not None else ''}; "
+                         f"set it in the file (e.g. mrcfile: mrc.voxel_size = 1.25)")
+    if (box is not None and box != h_box) or (apix is not None and abs(apix - h_apix) > 1e-4 * h_apix):
+        given = ", ".join(f"{k} {v:g}" for k, v in (("--box", box), ("--apix", apix)) if v is not None)
+        raise ValueError(
+            f"{given}: with a map as --structure the box and pixel size come from the map's "
+            f"header ({path}: box {h_box}, {h_apix:g} A/pixel); leave them out or give those values"
+        )
 
 
 def initial_poses(true_rotations: torch.Tensor, mode: str, preset: Preset, seed: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fieldkern.cryoem._checks import check_box_size, check_floating, check_tensor
+from fieldkern.cryoem._checks import check_box_size, check_floating, check_ndim, check_tensor
 
 
 def _dims(ndim: int) -> tuple[int, ...]:
@@ -23,14 +23,14 @@ def _dims(ndim: int) -> tuple[int, ...]:
 def fftn_centered(x: torch.Tensor, ndim: int) -> torch.Tensor:
     """Centred DFT over the last ``ndim`` axes (complex result, same shape)."""
     check_tensor("x", x)
-    dims = _dims(ndim)
+    dims = _dims(check_ndim("ndim", ndim, x))
     return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
 
 
 def ifftn_centered(f: torch.Tensor, ndim: int) -> torch.Tensor:
     """Inverse of :func:`fftn_centered` (complex result; take ``.real`` for real signals)."""
     check_tensor("f", f)
-    dims = _dims(ndim)
+    dims = _dims(check_ndim("ndim", ndim, f))
     return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(f, dim=dims), dim=dims), dim=dims)
 
 
@@ -95,7 +95,13 @@ def fourier_crop(x: torch.Tensor, size: int, ndim: int) -> torch.Tensor:
     mean value. ``size == D`` returns ``x`` unchanged.
     """
     check_floating("x", x)
-    D = x.shape[-1]
+    ndim = check_ndim("ndim", ndim, x)
+    axes = tuple(x.shape[-ndim:])
+    # D is read from the last axis: unequal or odd axes would be cropped wrongly, silently
+    if len(set(axes)) != 1 or axes[0] % 2 or axes[0] < 2:
+        raise ValueError(f"x must have {ndim} equal, even trailing axes (..., D{', D' * (ndim - 1)}), "
+                         f"got {tuple(x.shape)}")
+    D = axes[0]
     size = check_box_size("size", size)
     if size > D:
         raise ValueError(f"size must be <= the current size {D}, got {size}")

@@ -14,7 +14,12 @@ projector is measured in ``tests/cryoem/test_fourier_slice.py``.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+from fieldkern.cryoem._checks import check_rotations, check_volume
 
 
 def _gridding_correction(D: int, padded: int, device, dtype) -> torch.Tensor:
@@ -24,18 +29,40 @@ def _gridding_correction(D: int, padded: int, device, dtype) -> torch.Tensor:
     return s[:, None, None] * s[None, :, None] * s[None, None, :]
 
 
+#: Dtypes the FFTs do not take (on the CPU at all, on GPUs only for power-of-two sizes):
+#: computed in float32 instead.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def padded_size(oversampling, D: int) -> int:
+    """``P = oversampling * D``, checked: ``oversampling`` a real number >= 1 that makes
+    ``P`` an even integer (every integer does, D being even)."""
+    if isinstance(oversampling, bool) or not isinstance(oversampling, numbers.Real):
+        raise TypeError(f"oversampling must be a number >= 1, got {type(oversampling).__name__}")
+    P = float(oversampling) * D
+    if not (oversampling >= 1 and math.isfinite(P) and P == round(P) and round(P) % 2 == 0):
+        raise ValueError(
+            f"oversampling must be a number >= 1 that makes the padded size oversampling * D an "
+            f"even integer (any int does), got {oversampling!r} (padded size {P:g} for D = {D})"
+        )
+    return round(P)
+
+
 def volume_spectrum(volume: torch.Tensor, oversampling: int = 2) -> torch.Tensor:
     """Centred 3D spectrum of the zero-padded, gridding-corrected volume.
 
     Args:
-        volume: ``(D, D, D)`` indexed ``[z, y, x]``, even D.
-        oversampling: padded size ``P = oversampling * D``.
+        volume: ``(D, D, D)`` indexed ``[z, y, x]``, even D; float16/bfloat16 volumes are
+            transformed in float32.
+        oversampling: padded size ``P = oversampling * D`` (see :func:`padded_size`).
 
     Returns:
         complex ``(P, P, P)``, zero frequency at index ``P // 2``.
     """
-    D = volume.shape[0]
-    P = oversampling * D
+    D = check_volume("volume", volume)
+    P = padded_size(oversampling, D)
+    if volume.dtype in _LOW_PRECISION:
+        volume = volume.float()
     corrected = volume / _gridding_correction(D, P, volume.device, volume.dtype)
     start = (P - D) // 2  # puts index D//2 of the volume at index P//2 of the box
     padded = torch.nn.functional.pad(corrected, (start, P - D - start) * 3)
@@ -57,6 +84,9 @@ def _sample_plane(spectrum: torch.Tensor, rotations: torch.Tensor, k: torch.Tens
     taps = torch.nn.functional.grid_sample(
         channels, grid.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True,
     )[0]  # (2, B, n, n)
+    # grid_sample gives zeros at NaN positions: a non-finite rotation (a diverged pose)
+    # would give a plausible empty slice; NaN instead, as the real-space projector
+    taps = taps + 0.0 * rotations.sum((1, 2)).to(taps.dtype)[:, None, None]
     return torch.complex(taps[0], taps[1])
 
 
@@ -87,5 +117,16 @@ def central_slices(spectrum: torch.Tensor, rotations: torch.Tensor, D: int) -> t
 
 
 def project_volume_fourier(volume: torch.Tensor, rotations: torch.Tensor, oversampling: int = 2) -> torch.Tensor:
-    """Fourier-slice projections ``(B, D, D)`` of ``volume (D, D, D)`` under ``rotations (B, 3, 3)``."""
-    return slice_spectrum(volume_spectrum(volume, oversampling), rotations, volume.shape[0])
+    """Fourier-slice projections ``(B, D, D)`` of ``volume (D, D, D)`` under ``rotations (B, 3, 3)``.
+
+    Returns the volume's dtype, as the real-space projector does (float16/bfloat16 are
+    computed in float32).
+    """
+    D = check_volume("volume", volume)
+    B = check_rotations("rotations", rotations)
+    padded_size(oversampling, D)  # checked even when there is nothing to project
+    if B == 0:
+        # FFT backends reject empty batches; the real-space path returns (0, D, D) too
+        return volume.new_zeros(0, D, D)
+    out = slice_spectrum(volume_spectrum(volume, oversampling), rotations, D)
+    return out.to(volume.dtype)

@@ -23,6 +23,8 @@ centre, i.e. translating the image by ``+origin`` centres it
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -30,7 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fieldkern.cryoem._checks import check_positive
+from fieldkern.cryoem._checks import (
+    check_amplitude_contrast,
+    check_count,
+    check_defocus_angstrom,
+    check_finite,
+    check_finite_number,
+    check_positive,
+    check_voltage_kv,
+)
 from fieldkern.cryoem.ctf import ctf as _ctf
 from fieldkern.cryoem.rotations import relion_euler_to_matrix
 
@@ -66,11 +76,19 @@ def write_mrc(
 
     apix = check_positive("apix", apix)
     path = Path(path)
-    arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if isinstance(data, torch.Tensor):
+        if not data.dtype.is_floating_point:
+            raise TypeError(f"data must be floating point, got {data.dtype}")
+        # numpy has no bfloat16; the file holds float32 anyway
+        arr = data.detach().to("cpu", torch.float32).numpy()
+    else:
+        arr = np.asarray(data)
     if arr.ndim not in (2, 3):
         raise ValueError(f"data must be 2D or 3D, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"data must be floating point, got {arr.dtype}")
+    # mrcfile only warns, and the NaN map then surfaces far away (as "n/a" resolutions)
+    check_finite("data", arr, where=f"{path}: ")
     if stack is None:
         stack = path.suffix.lower() == ".mrcs"
     with mrcfile.new(path, overwrite=overwrite) as mrc:
@@ -97,17 +115,21 @@ def read_mrc(path: str | PathLike) -> tuple[torch.Tensor, float]:
 
     Maps come back ``(D, D, D)`` in ``[z, y, x]`` order whatever the file's axis order; stacks
     ``(N, D, D)``; a single image ``(D, D)``. ``apix`` is the header's x voxel size
-    (0.0 if the header has none).
+    (0.0 if the header has none). The data come back as stored, NaN included: callers that
+    need finite maps check. A file mrcfile cannot read raises ValueError naming the path.
     """
     import mrcfile
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MRC file {str(path)!r} not found")
-    with mrcfile.open(path, mode="r", permissive=False) as mrc:
-        data = np.array(mrc.data, dtype=np.float32)
-        perm = _zyx_order(mrc) if data.ndim == 3 and mrc.is_volume() else None
-        apix = float(mrc.voxel_size.x)
+    try:
+        with mrcfile.open(path, mode="r", permissive=False) as mrc:
+            data = np.array(mrc.data, dtype=np.float32)
+            perm = _zyx_order(mrc) if data.ndim == 3 and mrc.is_volume() else None
+            apix = float(mrc.voxel_size.x)
+    except ValueError as e:  # mrcfile's messages ("Map ID string not found", ...) leave out the file
+        raise ValueError(f"{path}: not a readable MRC file, truncated or corrupt? ({e})") from e
     if perm is not None:
         data = np.ascontiguousarray(data.transpose(perm))
     return torch.from_numpy(data), apix
@@ -138,6 +160,10 @@ def write_particles_star(
 ) -> Path:
     """Write a RELION 3.1 particle STAR file (one optics group).
 
+    Raises TypeError/ValueError naming the argument for a str (not a list) of image names,
+    arrays whose length differs from the number of names, NaN/inf values, ``apix <= 0`` or
+    a non-integer ``box``.
+
     Args:
         image_names: N strings ``"000001@particles.mrcs"`` (paths relative to the STAR file).
         euler_deg: ``(N, 3)`` RELION ``(rot, tilt, psi)`` degrees.
@@ -154,36 +180,57 @@ def write_particles_star(
     import starfile
 
     path = Path(path)
-    names = [str(s) for s in image_names]
+    # A str is a sequence too: each character would become an image name.
+    if isinstance(image_names, (str, bytes)) or not isinstance(image_names, Iterable):
+        raise TypeError(
+            f"image_names must be a sequence of str such as ['000001@particles.mrcs', ...], "
+            f"got {type(image_names).__name__}"
+        )
+    names = list(image_names)
+    wrong = [s for s in names if not isinstance(s, str)]
+    if wrong:
+        raise TypeError(f"image_names must hold str, got {type(wrong[0]).__name__} {wrong[0]!r}")
     n = len(names)
+    apix = check_positive("apix", apix)
+    box = check_count("box", box)
 
-    def col(x, name):
-        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        a = np.broadcast_to(a.astype(np.float64), (n,))
-        if a.shape != (n,):
-            raise ValueError(f"{name} must have {n} values, got shape {a.shape}")
+    def values(x, name, shape):
+        """float64 array of ``shape`` (a scalar is repeated), checked before numpy or pandas
+        fail on it with messages that do not name the argument."""
+        a = x.detach().to("cpu", torch.float64).numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if a.ndim == 0 and len(shape) == 1:
+            a = np.full(shape, a)
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (one row per image name), got {a.shape}")
+        try:
+            a = a.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must hold numbers, got {a.dtype}") from e
+        check_finite(name, a)
         return a
 
-    eul = euler_deg.detach().cpu().numpy() if isinstance(euler_deg, torch.Tensor) else np.asarray(euler_deg)
-    if eul.shape != (n, 3):
-        raise ValueError(f"euler_deg must have shape ({n}, 3), got {eul.shape}")
-    sh = (
-        np.zeros((n, 2))
-        if shifts_A is None
-        else (shifts_A.detach().cpu().numpy() if isinstance(shifts_A, torch.Tensor) else np.asarray(shifts_A))
-    )
-    if sh.shape != (n, 2):
-        raise ValueError(f"shifts_A must have shape ({n}, 2), got {sh.shape}")
+    def col(x, name):
+        return values(x, name, (n,))
+
+    eul = values(euler_deg, "euler_deg", (n, 3))
+    sh = np.zeros((n, 2)) if shifts_A is None else values(shifts_A, "shifts_A", (n, 2))
+    volt, cs, w = (check_finite_number(k, v) for k, v in (("volt", volt), ("cs", cs), ("w", w)))
+    extra = {}
+    for k, v in (extra_columns or {}).items():
+        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if a.shape != (n,):
+            raise ValueError(f"extra_columns[{k!r}] must have {n} values (one per image name), got shape {a.shape}")
+        extra[k] = a
     optics = pd.DataFrame(
         {
             "rlnOpticsGroupName": ["opticsGroup1"],
             "rlnOpticsGroup": [1],
             "rlnMicrographOriginalPixelSize": [float(apix)],
-            "rlnVoltage": [float(volt)],
-            "rlnSphericalAberration": [float(cs)],
-            "rlnAmplitudeContrast": [float(w)],
+            "rlnVoltage": [volt],
+            "rlnSphericalAberration": [cs],
+            "rlnAmplitudeContrast": [w],
             "rlnImagePixelSize": [float(apix)],
-            "rlnImageSize": [int(box)],
+            "rlnImageSize": [box],
             "rlnImageDimensionality": [2],
         }
     )
@@ -203,8 +250,8 @@ def write_particles_star(
             "rlnCtfBfactor": col(bfactor, "bfactor"),
         }
     )
-    for k, v in (extra_columns or {}).items():
-        particles[k] = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    for k, a in extra.items():
+        particles[k] = a
     starfile.write({"optics": optics, "particles": particles}, path, float_format=_float_repr)
     # RELION 3.1 writes its table version before each block; add it for fidelity.
     text = path.read_text().replace("\ndata_", f"\n{STAR_VERSION_LINE}\n\ndata_")
@@ -360,6 +407,15 @@ def _resolve_stack(file: str, star_dir: Path, data_dir: Path | None) -> Path:
     raise FileNotFoundError(f"particle stack {file!r} not found (tried {', '.join(map(str, cands))})")
 
 
+def _numbers(column, name: str, star: Path, where: str = "data_particles") -> np.ndarray:
+    """A STAR column as float64; pandas' error ("could not convert string to float: 'abc'")
+    names neither the file nor the column."""
+    try:
+        return column.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{star}: column {name} of {where} holds a value that is not a number ({e})") from e
+
+
 def _missing(table, names, where: str, star: Path) -> None:
     miss = [c for c in names if c not in table.columns]
     if miss:
@@ -393,7 +449,10 @@ def load_particles(
     Raises ValueError (naming the problem) for missing columns, unknown optics groups,
     optics groups with different pixel or image sizes, image numbers beyond a stack's
     length, stacks whose image size differs from the STAR's ``rlnImageSize`` or from each
-    other, non-square or odd-sized images, and NaN/inf pixels.
+    other, non-square or odd-sized images, NaN/inf pixels, stacks mrcfile cannot read
+    (truncated, corrupt), non-numeric or NaN/inf values (naming the column), voltages
+    outside (0, 1000] kV, amplitude contrast outside [0, 1] and defocus values that look
+    like micrometres (0 < |defocus| < 100 A).
     """
     import mrcfile
     import starfile
@@ -436,9 +495,9 @@ def load_particles(
 
     def per_particle(name: str, default=None, required: bool = True) -> np.ndarray | None:
         if name in parts.columns:
-            return parts[name].to_numpy(dtype=np.float64)
+            return _numbers(parts[name], name, star)
         if table is not None and name in table.columns:
-            return table.loc[groups, name].to_numpy(dtype=np.float64)
+            return _numbers(table.loc[groups, name], name, star, "data_optics")
         if default is not None:
             return np.full(n, float(default))
         if required:
@@ -471,6 +530,8 @@ def load_particles(
                 f"{star}: particles have different pixel sizes {sorted(set(px.tolist()))[:5]}; not supported"
             )
         apix = float(px[0])
+        if not (math.isfinite(apix) and apix > 0):
+            raise ValueError(f"{star}: the pixel size in the file is {apix:g}, not a positive number; pass apix=")
     apix = check_positive("apix", apix)
     star_box = per_particle("rlnImageSize", required=False)
 
@@ -488,8 +549,13 @@ def load_particles(
 
     D = None
     for k, f in enumerate(order):
-        with mrcfile.mmap(files[f], mode="r") as mrc:
-            shape = mrc.data.shape
+        try:
+            with mrcfile.mmap(files[f], mode="r") as mrc:
+                shape = mrc.data.shape
+        except ValueError as e:  # e.g. numpy's "mmap length is greater than file size"
+            raise ValueError(
+                f"particle stack {files[f]} could not be read as an MRC stack (truncated or corrupt?): {e}"
+            ) from e
         if len(shape) == 2:
             shape = (1, *shape)
         if len(shape) != 3:
@@ -516,7 +582,7 @@ def load_particles(
         )
 
     if all(c in parts.columns for c in POSE_COLUMNS):
-        euler = torch.from_numpy(parts[list(POSE_COLUMNS)].to_numpy(dtype=np.float64))
+        euler = torch.from_numpy(np.stack([_numbers(parts[c], c, star) for c in POSE_COLUMNS], 1))
         rotations = relion_euler_to_matrix(euler)
     else:
         euler, rotations = None, None
@@ -527,16 +593,26 @@ def load_particles(
     else:
         shifts = np.zeros((n, 2))
 
+    dfu, dfv, dfang = (_numbers(parts[c], c, star) for c in CTF_PARTICLE_COLUMNS)
     for name, a in (
-        ("rlnDefocusU/V/Angle", parts[list(CTF_PARTICLE_COLUMNS)].to_numpy(dtype=np.float64)),
+        ("rlnDefocusU", dfu),
+        ("rlnDefocusV", dfv),
+        ("rlnDefocusAngle", dfang),
         ("rlnVoltage", volt),
         ("rlnSphericalAberration", cs),
         ("rlnAmplitudeContrast", w),
         ("rlnAngleRot/Tilt/Psi", euler if euler is not None else np.zeros(1)),
         ("rlnOrigin", shifts),
     ):
-        if not np.isfinite(np.asarray(a)).all():
-            raise ValueError(f"{star}: {name} holds NaN or inf values")
+        # starfile fills the fields of a row cut short with NaN
+        check_finite(name, a, where=f"{star}: ", hint=" (or empty fields: is the file cut short?)")
+    # Checked here, naming the file, not at the first ds.ctf() of a training run; the
+    # unit checks catch values that would still give a plausible but wrong CTF.
+    where = f"{star}: "
+    check_voltage_kv("rlnVoltage", volt, where)
+    check_amplitude_contrast("rlnAmplitudeContrast", w, where)
+    check_defocus_angstrom("rlnDefocusU", dfu, where)
+    check_defocus_angstrom("rlnDefocusV", dfv, where)
 
     stack = ImageStack([files[f] for f in order], file_index, slice_index, D, invert)
     if lazy:
@@ -549,9 +625,9 @@ def load_particles(
 
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731  (a writable copy)
     params = CTFParams(
-        dfu=t(parts["rlnDefocusU"].to_numpy(dtype=np.float64)),
-        dfv=t(parts["rlnDefocusV"].to_numpy(dtype=np.float64)),
-        dfang=t(parts["rlnDefocusAngle"].to_numpy(dtype=np.float64)),
+        dfu=t(dfu),
+        dfv=t(dfv),
+        dfang=t(dfang),
         volt=t(volt),
         cs=t(cs),
         w=t(w),

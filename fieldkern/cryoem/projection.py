@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fieldkern import ops
-from fieldkern.cryoem._checks import check_box_size, check_rotations, check_volume
+from fieldkern.cryoem._checks import check_box_size, check_rotations, check_tensor, check_volume
 from fieldkern.cryoem.fourier_slice import project_volume_fourier
 from fieldkern.ops.project_volume import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_POINTS,
@@ -69,11 +69,16 @@ def project_volume(
             ``"fourier"`` takes central slices of the ``oversampling``-times zero-padded
             spectrum (:mod:`fieldkern.cryoem.fourier_slice`): one 3D FFT, then O(D^2) per
             image; within ~2% of the real-space result on smooth maps (tested).
+        oversampling: ``"fourier"`` only: a number >= 1 making ``oversampling * D`` an
+            even integer (any int does).
+
+    Both methods return the volume's dtype (the Fourier path computes float16/bfloat16 in float32).
     """
     check_volume("volume", volume)
     check_rotations("rotations", rotations)
     if method == "fourier":
-        return project_volume_fourier(volume, rotations.to(volume.dtype), oversampling)
+        # rotations are cast to the spectrum's dtype there (float32 for a half volume)
+        return project_volume_fourier(volume, rotations, oversampling)
     if method != "real":
         raise ValueError(f"method must be one of {PROJECTION_METHODS}, got {method!r}")
     return ops.project_volume(
@@ -99,6 +104,7 @@ def transform_volume(
         equals ``project_volume(V, R)``. Trilinear, zero outside the box; differentiable.
     """
     D = check_volume("volume", volume)
+    check_tensor("matrix", matrix)
     single = matrix.dim() == 2
     M = matrix[None] if single else matrix
     check_rotations("matrix", M)
@@ -106,7 +112,11 @@ def transform_volume(
     n = M.shape[0]
     pts = _centred_grid(D, 0, D, volume.device, volume.dtype).reshape(1, D * D * D, 3)
     if shift is not None:
-        t = torch.as_tensor(shift, dtype=volume.dtype, device=volume.device).reshape(-1, 3)
+        t = torch.as_tensor(shift, dtype=volume.dtype, device=volume.device)
+        if tuple(t.shape) not in ((3,), (1, 3), (n, 3)):
+            allowed = "(3,)" if n == 1 else f"(3,) or ({n}, 3) (one per matrix)"
+            raise ValueError(f"shift must have shape {allowed}, (x, y, z) in voxels, got {tuple(t.shape)}")
+        t = t.reshape(-1, 3)
         pts = pts - t[:, None, :]
     src = _rotate_points(pts, M) if pts.shape[0] == 1 else torch.matmul(pts, M)
     grid = ((2 * src + 1) / D).reshape(1, n, D * D, D, 3)

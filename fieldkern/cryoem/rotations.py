@@ -23,11 +23,16 @@ import math
 import torch
 
 from fieldkern.cryoem._checks import (
+    check_count,
     check_floating,
     check_matrices,
     check_rotations,
     check_vectors,
 )
+
+#: Tolerance of the rotation checks on inputs: loose enough for float32 rotations that
+#: went through many updates, tight enough to catch scaled, sheared or reflected matrices.
+ROTATION_ATOL = 1e-3
 
 # Below this |theta|^2 the exp/log maps use Taylor series, so values and gradients stay
 # finite at theta = 0 (the closed forms are 0/0 there).
@@ -157,8 +162,7 @@ def random_rotations(
     Normalised 4D Gaussian vectors are uniform unit quaternions. Drawn in float64 on the
     generator's device, then cast, so a seed gives the same rotations for any ``dtype``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    n = check_count("n", n, 0)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     gen_device = generator.device if generator is not None else "cpu"
@@ -172,8 +176,7 @@ def super_fibonacci_rotations(n: int, dtype: torch.dtype = torch.float64, device
     The super-Fibonacci spiral on the unit quaternions (Alexa, CVPR 2022); used as the
     coarse grid of the rotation search in :func:`fieldkern.cryoem.align_volume`.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = check_count("n", n)
     phi = math.sqrt(2.0)
     psi = 1.533751168755204288118041
     s = torch.arange(n, dtype=torch.float64) + 0.5
@@ -410,9 +413,22 @@ def angular_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
 
     The angle of ``R1^T R2``, computed as ``2 atan2(|v|, |w|)`` from its quaternion, which
     equals ``2 arccos(|<q1, q2>|)`` but stays accurate for tiny angles.
+
+    Raises ValueError unless both hold rotations (orthonormal, det +1, to 1e-3): for other
+    matrices the quaternion, and so the angle, is meaningless (``2 I`` against ``I`` gave 0).
+    That check reads the values back to the host; it is meant for evaluation, not per-step
+    losses (fieldkern calls it only in reports, through ``pose_errors_deg``).
     """
     check_matrices("R1", R1)
     check_matrices("R2", R2)
+    for name, R in (("R1", R1), ("R2", R2)):
+        ok = is_rotation(R.detach(), ROTATION_ATOL)
+        if not bool(ok.all()):
+            bad = torch.nonzero(~ok.reshape(-1))[:5, 0].tolist()
+            raise ValueError(
+                f"{name} must hold rotation matrices (orthonormal with det +1, to {ROTATION_ATOL:g}); "
+                f"the matrices at flat batch index {bad} are not (NaN, scaled or reflected?)"
+            )
     q = matrix_to_quaternion(matmul3(R1.transpose(-1, -2), R2))
     return 2 * torch.atan2(q[..., 1:].norm(dim=-1), q[..., 0].abs())
 

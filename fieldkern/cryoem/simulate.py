@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 
-from fieldkern.cryoem._checks import check_box_size, check_positive, check_volume
+from fieldkern.cryoem._checks import (
+    check_amplitude_contrast,
+    check_box_size,
+    check_count,
+    check_defocus_angstrom,
+    check_finite,
+    check_positive,
+    check_voltage_kv,
+    check_volume,
+)
 from fieldkern.cryoem.ctf import apply_ctf, ctf
 from fieldkern.cryoem.density import density_from_structure
 from fieldkern.cryoem.io import CTFParams, write_mrc, write_particles_star
@@ -130,12 +139,14 @@ def simulate(
     import mrcfile
     from tqdm.auto import tqdm
 
-    if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 1:
-        raise ValueError(f"n_particles must be a positive int, got {n_particles!r}")
-    if isinstance(ctf_pad, bool) or not isinstance(ctf_pad, int) or ctf_pad < 1:
-        raise ValueError(f"ctf_pad must be a positive int, got {ctf_pad!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n_particles = check_count("n_particles", n_particles)
+    ctf_pad = check_count("ctf_pad", ctf_pad)
+    batch_size = check_count("batch_size", batch_size)
+    # CTF units checked before any file is written (the per-batch CTF would catch them later)
+    check_finite("defocus_range", defocus_range)
+    check_defocus_angstrom("defocus_range", defocus_range)
+    check_voltage_kv("volt", volt)
+    check_amplitude_contrast("w", w)
     if snr is not None:
         snr = check_positive("snr", snr)
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -148,6 +159,8 @@ def simulate(
             raise ValueError("apix is required when structure is a volume tensor")
         apix = check_positive("apix", apix)
         volume = structure.detach().to(torch.float32)
+        # NaN/inf would make every image NaN; load_particles would only notice much later
+        check_finite("structure", volume)
         source = "volume tensor"
     else:
         D = check_box_size("box", PAPER_SETTINGS["box"] if box is None else box)

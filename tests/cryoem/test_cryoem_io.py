@@ -277,7 +277,10 @@ def test_non_square_and_odd_images(tmp_path):
 def test_nan_images(tmp_path):
     data = np.zeros((4, 8, 8), np.float32)
     data[2, 3, 3] = np.nan
-    _stack(tmp_path / "s.mrcs", value=data)
+    with mrcfile.new(tmp_path / "s.mrcs") as m:  # write_mrc refuses NaN data
+        m.set_data(data)
+        m.set_image_stack()
+        m.voxel_size = 1.0
     star = _write_sim_star(tmp_path)
     with pytest.raises(ValueError, match=r"particle images \[2\] contain NaN"):
         cem.load_particles(star)
