@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fieldkern.ops._checks import is_int
+
 
 def grid_coordinates(
     shape: Sequence[int], device=None, dtype: torch.dtype = torch.float32
@@ -28,7 +30,7 @@ def grid_coordinates(
         raise TypeError(f"shape must be a sequence of ints, got {shape!r}")
     if not 1 <= len(shape) <= 3:
         raise ValueError(f"shape must have 1, 2 or 3 axes, got {tuple(shape)}")
-    if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in shape):
+    if any(not is_int(n) or n < 1 for n in shape):
         raise ValueError(f"shape must hold positive ints, got {tuple(shape)}")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")

@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,3 +222,13 @@ def test_non_finite_hyper_parameters_and_frequency_shapes_are_refused():
         GaborFilter(2, 8, gamma_rate=float("nan"))
     with pytest.raises(ValueError, match=r"weight must have shape \(8, 2\), got \(1, 2\)"):
         FourierFilter(2, 8).set_frequencies(torch.rand(1, 2))  # copy_ would broadcast the row
+
+
+def test_numpy_integers_are_counts_and_bools_are_not():
+    """Sweeps over np.arange hand out numpy integers; True as a size is a bug."""
+    model = ResidualMFN(np.int64(2), np.int64(8), 1, n_scales=np.int64(2), resolution=np.int64(16))
+    model.set_stage(np.int64(1))
+    assert model.stage == 1 and type(model.stage) is int
+    assert grid_coordinates((np.int64(4), 4)).shape == (4, 4, 2)
+    with pytest.raises(ValueError, match="n_scales must be an int >= 1, got True"):
+        ResidualMFN(2, 8, 1, n_scales=True, resolution=16)

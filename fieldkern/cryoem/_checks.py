@@ -9,18 +9,20 @@ import numpy as np
 import torch
 
 # The tensor checks the ops need live with the ops (the layer below); re-exported here.
-from fieldkern.ops._checks import (  # noqa: F401
+from fieldkern.ops._checks import (
     check_chunk,
+    check_count,
     check_floating,
     check_rotations,
     check_tensor,
     check_volume,
+    is_int,
 )
 
 
 def check_box_size(name: str, D: object) -> int:
     """D must be a positive even int (the centre index D//2 is then unambiguous)."""
-    if isinstance(D, bool) or not isinstance(D, numbers.Integral):
+    if not is_int(D):
         raise TypeError(f"{name} must be an int, got {type(D).__name__}")
     D = int(D)
     if D < 2 or D % 2:
@@ -60,15 +62,6 @@ def check_vectors(name: str, v: object, n: int = 3) -> None:
     check_floating(name, v)
     if v.dim() < 1 or v.shape[-1] != n:
         raise ValueError(f"{name} must have shape (..., {n}), got {tuple(v.shape)}")
-
-
-def check_count(name: str, n: object, minimum: int = 1) -> int:
-    """An int >= ``minimum``. numpy integers count (parameter sweeps over ``np.arange``
-    give them); bools do not, although Python treats them as ints."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
-        what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
-        raise ValueError(f"{name} must be {what}, got {n!r}")
-    return int(n)
 
 
 def check_finite_number(name: str, x: object) -> float:

@@ -6,24 +6,14 @@ Images here are ``(H, W)`` (grey) or channels-last ``(H, W, C)`` with ``C`` at m
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
+
+from fieldkern.ops._checks import check_count
 
 # Grey, grey + alpha, RGB, RGBA. A larger last axis is almost always a channels-first
 # (C, H, W) array, which would otherwise be read as an image C pixels wide with W channels.
 MAX_CHANNELS = 4
-
-
-def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """An integer (Python or numpy, not bool) ``>= minimum``; returns it as a Python int."""
-    # bool is an Integral, but True as a size is a bug, not a request for 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
-    return int(value)
 
 
 def check_size(name: str, size: object) -> tuple[int, int]:

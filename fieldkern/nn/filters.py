@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from fieldkern import ops
+from fieldkern.ops._checks import is_int
 
 
 def _check_features(**kwargs) -> None:
     for name, value in kwargs.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 

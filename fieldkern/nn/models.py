@@ -17,7 +17,7 @@ from torch import nn
 from fieldkern import ops
 from fieldkern.nn import init as finit
 from fieldkern.nn.filters import FILTERS, _check_features
-from fieldkern.ops._checks import check_coordinates
+from fieldkern.ops._checks import check_coordinates, is_int
 from fieldkern.ops.mfn_stack import HEAD_ACTIVATIONS
 
 
@@ -27,9 +27,9 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def _check_scales(n_scales, resolution) -> None:
-    if not isinstance(n_scales, int) or isinstance(n_scales, bool) or n_scales < 1:
+    if not is_int(n_scales) or n_scales < 1:
         raise ValueError(f"n_scales must be an int >= 1, got {n_scales!r}")
-    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 2:
+    if not is_int(resolution) or resolution < 2:
         raise ValueError(
             f"resolution must be an int >= 2 (samples per axis of the training grid), got {resolution!r}"
         )
@@ -127,7 +127,7 @@ class MFN(_FilterNetwork):
         filter: str = "fourier",
         trainable_frequencies: bool = True,
     ):
-        if not isinstance(n_layers, int) or n_layers < 1:
+        if not is_int(n_layers) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         if not 0 < input_scale < math.inf:
             raise ValueError(f"input_scale must be a positive finite number, got {input_scale!r}")
@@ -178,8 +178,9 @@ class _MultiscaleNetwork(_FilterNetwork):
         return self._run(x, n)
 
     def _apply_stage(self, stage: int | None, mode: str) -> None:
-        if stage is not None and (not isinstance(stage, int) or not 0 <= stage < self.n_layers):
+        if stage is not None and (not is_int(stage) or not 0 <= stage < self.n_layers):
             raise ValueError(f"stage must be None or an int in [0, {self.n_layers - 1}], got {stage!r}")
+        stage = None if stage is None else int(stage)
         last = self.n_layers - 1 if stage is None else stage
         staged = stage is not None
         groups: list[tuple[nn.Module, bool]] = []

@@ -74,6 +74,20 @@ def check_rotations(name: str, r: object) -> int:
     return r.shape[0]
 
 
+def is_int(n: object) -> bool:
+    """Python or numpy integer (sweeps over ``np.arange`` give numpy ones), not bool (an int
+    to Python, but ``True`` as a size is a bug, not a request for 1)."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def check_count(name: str, n: object, minimum: int = 1) -> int:
+    """An int (see :func:`is_int`) >= ``minimum``; returns it as a Python int."""
+    if not is_int(n) or n < minimum:
+        what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {what}, got {n!r}")
+    return int(n)
+
+
 def check_chunk(name: str, c: object) -> int | None:
     if c is None:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from fieldkern.ops._checks import is_int
 from fieldkern.train.schedule import StageSchedule
 
 
@@ -85,9 +86,9 @@ def run_stages(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(n_steps, int) or n_steps < 1:
+    if not is_int(n_steps) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-    if not isinstance(start_step, int) or not 0 <= start_step < n_steps:
+    if not is_int(start_step) or not 0 <= start_step < n_steps:
         raise ValueError(f"start_step must be an int in [0, n_steps), got {start_step!r}")
     losses: list[float] = []
     stage = schedule.stage_at(start_step)

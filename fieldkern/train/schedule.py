@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fieldkern.ops._checks import is_int
+
 
 class StageSchedule:
     """Maps a step index to the active stage (``None``: vanilla, all scales at once).
@@ -24,7 +26,7 @@ class StageSchedule:
     def __init__(self, switches: Sequence[int] | None):
         if switches is not None:
             switches = tuple(switches)
-            if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in switches):
+            if any(not is_int(s) or s < 1 for s in switches):
                 raise ValueError(f"switches must be positive ints, got {switches!r}")
             if any(b <= a for a, b in zip(switches, switches[1:])):
                 raise ValueError(f"switches must be strictly increasing, got {switches!r}")

@@ -112,14 +112,14 @@ def test_sizes_and_counts_take_numpy_integers_and_reject_the_rest(tmp_path):
     img = np.full((8, 8, 3), 0.5, np.float32)
     assert datasets.resize(img, np.int64(4)).shape == (4, 4, 3)
     assert datasets.natural_images(np.int64(1), size=np.int64(8))[0][0].shape == (8, 8, 3)
-    with pytest.raises(TypeError, match="size must be an int, got True"):
+    with pytest.raises(ValueError, match="size must be a positive int, got True"):
         datasets.resize(img, True)
-    with pytest.raises(TypeError, match="size must be an int, got 4.0"):
+    with pytest.raises(ValueError, match="size must be a positive int, got 4.0"):
         datasets.resize(img, 4.0)
-    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="size must be a positive int, got 0"):
         datasets.text_images(1, size=0)  # used to return a (0, 0, 3) image
 
     Image.fromarray(np.zeros((10, 10), np.uint8), "L").save(tmp_path / "a.png")
     assert datasets.load_images(tmp_path / "a.png", size=np.int64(4))[0][0].shape == (4, 4, 1)
-    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="size must be a positive int, got 0"):
         datasets.load_images(tmp_path / "a.png", size=0)

@@ -183,9 +183,9 @@ def test_preset_stores_numpy_integers_as_int_and_rejects_bad_counts():
                eval_size=np.int64(16), sape_frequencies=np.int64(8))
     fields = (p.hidden, p.n_scales, p.iterations, p.train_size, p.eval_size, p.sape_frequencies)
     assert fields == (8, 4, 20, 16, 16, 8) and all(type(v) is int for v in fields)
-    with pytest.raises(ValueError, match="preset 'bad': hidden must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="preset 'bad': hidden must be a positive int, got 0"):
         Preset("bad", hidden=0, n_scales=4, iterations=20, train_size=16, eval_size=16)
-    with pytest.raises(TypeError, match="preset 'bad': iterations must be an int, got 20.0"):
+    with pytest.raises(ValueError, match="preset 'bad': iterations must be a positive int, got 20.0"):
         Preset("bad", hidden=8, n_scales=4, iterations=20.0, train_size=16, eval_size=16)
 
 
