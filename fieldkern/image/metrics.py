@@ -35,6 +35,8 @@ def psnr(prediction, target, data_range: float = 1.0) -> float:
     Unclipped (as in the paper): predictions outside [0, 1] are scored as they are.
     Returns ``inf`` for a perfect match. Raises ValueError for empty or non-finite input.
     """
+    if not 0 < data_range < math.inf:
+        raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
     p, t = _tensor(prediction), _tensor(target)
     if p.shape != t.shape:
         raise ValueError(f"shape mismatch: prediction {tuple(p.shape)} vs target {tuple(t.shape)}")

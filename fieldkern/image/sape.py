@@ -24,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from fieldkern.ops._checks import check_count
+
 
 class SAPE(nn.Module):
     """ReLU MLP on a progressively, spatially masked Fourier-feature encoding.
@@ -62,8 +64,8 @@ class SAPE(nn.Module):
         super().__init__()
         if in_features != 2:
             raise ValueError(f"SAPE here keeps a 2D mask grid; in_features must be 2, got {in_features}")
-        if progress_steps < 1:
-            raise ValueError(f"progress_steps must be >= 1, got {progress_steps}")
+        progress_steps = check_count("progress_steps", progress_steps)
+        resolution = check_count("resolution", resolution)
         self.in_features = in_features
         self.out_features = out_features
         self.resolution = resolution

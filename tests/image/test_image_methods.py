@@ -178,6 +178,13 @@ def test_fit_image_names_the_run_whose_outputs_are_not_finite():
                   progress=False)
 
 
+def test_sape_checks_resolution_and_progress_steps():
+    with pytest.raises(ValueError, match="resolution must be a positive int, got 0"):
+        SAPE(2, 8, 1, resolution=0)
+    with pytest.raises(ValueError, match="progress_steps must be a positive int, got 0"):
+        SAPE(2, 8, 1, resolution=4, progress_steps=0)
+
+
 def test_preset_stores_numpy_integers_as_int_and_rejects_bad_counts():
     p = Preset("np", hidden=np.int64(8), n_scales=np.int64(4), iterations=np.int64(20), train_size=np.int64(16),
                eval_size=np.int64(16), sape_frequencies=np.int64(8))

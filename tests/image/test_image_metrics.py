@@ -79,6 +79,8 @@ def test_metrics_reject_empty_and_non_finite_input():
         spectrum_mad(nan, ok)
     with pytest.raises(ValueError, match="after is empty"):
         spectrum_mad(ok, np.zeros((4, 0, 1)))
+    with pytest.raises(ValueError, match="data_range must be a positive finite number, got 0"):
+        psnr(ok, ok + 0.1, data_range=0)  # was math's "math domain error"
 
 
 def test_spectrum_layouts_grey_and_channels_first():
