@@ -1,6 +1,6 @@
 """Contrast transfer function (weak-phase model) and its application to images.
 
-Formula (cryoDRGN's ``compute_ctf``, the same physics as RELION; REFERENCE.md section 4):
+Formula (cryoDRGN's ``compute_ctf``, the same physics as RELION):
 
 * wavelength ``lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))`` A, V in volts
   (0.0196876 A at 300 kV). These are RELION's constants; cryoDRGN rounds them to 12.2639

@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "paper": Preset(
         "paper", box=80, apix=1.25, n_particles=50_000, snr=0.1,
-        recon=ReconstructionConfig(),  # the authors' settings (REFERENCE.md section 4)
+        recon=ReconstructionConfig(),  # the authors' settings (the paper's appendix B)
         description="the paper's data-set size and training schedule (GPU)",
     ),
     "tiny": Preset(
@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-#: The authors' stage epochs per structure (REFERENCE.md section 4).
+#: The authors' stage epochs per structure (the paper's appendix B).
 PAPER_STAGE_EPOCHS = {"1ol5": (15, 30), "4ake": (25, 50)}
 
 #: (box, apix) of the quick preset where the default box 32 at 3 A is not enough. 1OL5's

@@ -1,6 +1,6 @@
 """Fourier shell correlation and resolution.
 
-Shells (REFERENCE.md section 5): a voxel whose centred frequency index (Fourier pixels)
+Shells (the paper's appendix C): a voxel whose centred frequency index (Fourier pixels)
 is ``k`` belongs to shell ``round(|k|)``; shells ``r = 0 .. D/2 - 1`` are reported and
 frequencies with ``round(|k|) >= D/2`` (the corners) are ignored. (``|k|^2`` is an integer,
 so ``|k|`` is never exactly half-integer and the rounding is unambiguous.) Shell ``r`` is

@@ -1,6 +1,6 @@
 """Cryo-EM reconstruction with a staged 3D residual MFN and per-image pose refinement.
 
-One training step on a batch of particles (REFERENCE.md section 4, the paper's appendix D):
+One training step on a batch of particles (the paper's appendices B and D):
 
 1. *Volume steps*: evaluate the field on the ``D^3`` voxel grid at the active scale, project
    it under the current pose estimates, apply each particle's CTF, and take an Adam step
@@ -66,7 +66,7 @@ PROJECTORS = ("fourier", "real")
 
 @dataclass
 class ReconstructionConfig:
-    """Settings of :class:`Reconstruction`; defaults are the authors' (REFERENCE.md section 4).
+    """Settings of :class:`Reconstruction`; defaults are the authors' (the paper's appendix B).
 
     Attributes:
         hidden_features, n_scales, lambda1, lambda2: the 3D residual MFN (ReLU heads, new init).

@@ -1,4 +1,4 @@
-"""Simulated particle data sets, as in the paper (REFERENCE.md section 4).
+"""Simulated particle data sets, as in the paper (its appendix B).
 
 Image formation per particle ``i``:
 ``I_i = apply_ctf(project_volume(V, R_i), ctf(P, apix, dfU_i, dfV_i, dfang_i, ...)) + noise``

@@ -5,7 +5,7 @@
 :func:`summarise` and :func:`write_results` produce ``results.json``, ``results.md`` and
 the figures.
 
-Protocol (REFERENCE.md section 3): the image as loaded is the evaluation image
+Protocol (the paper's appendix A): the image as loaded is the evaluation image
 (``preset.eval_size``, 512 in the paper preset); it is Lanczos-downsampled to
 ``preset.train_size`` (256) for training. PSNR is computed on the final scale, unclipped,
 at both resolutions. MAD (staged methods only) compares, for every scale but the last, the

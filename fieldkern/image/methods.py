@@ -55,7 +55,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The authors' settings (REFERENCE.md section 3): needs a GPU for reasonable time.
+    # The authors' settings (the paper's appendix A): needs a GPU for reasonable time.
     "paper": Preset("paper", hidden=256, n_scales=4, iterations=10000, train_size=256, eval_size=512),
     # A few minutes for all six methods on 2 images on a 2-core CPU: half the resolution
     # (train 128, evaluate 256), a quarter of the width, a twentieth of the iterations, same

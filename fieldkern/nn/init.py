@@ -1,4 +1,4 @@
-"""Frequency initialisations and the band limits they guarantee (REFERENCE.md section 2).
+"""Frequency initialisations and the band limits they guarantee (the paper's method section; BACON, Lindell et al. 2022).
 
 All frequencies are in radians per unit length of the [-0.5, 0.5) coordinate domain, so
 the Nyquist frequency of an N-sample grid is pi * N.

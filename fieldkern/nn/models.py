@@ -3,7 +3,7 @@
 All three share one trunk ``z_0 = g_0(x)``, ``z_i = (A_i z_{i-1} + c_i) * g_i(x)`` and are
 evaluated by the single op :func:`fieldkern.ops.mfn_stack`. They differ in where their
 heads are, whether head outputs are summed across scales, and how the filter
-frequencies are initialised (REFERENCE.md sections 1-3).
+frequencies are initialised (the paper's method section and appendix A).
 """
 
 from __future__ import annotations

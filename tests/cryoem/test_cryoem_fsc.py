@@ -1,4 +1,4 @@
-"""Fourier shell correlation (shell convention of REFERENCE.md section 5) and resolution."""
+"""Fourier shell correlation (shell convention of the paper's appendix C) and resolution."""
 
 import math
 
