@@ -5,13 +5,17 @@ gradient (loss: sum over scales of the MSE to 0.3), 512 random points in [-0.5, 
 for each forward strategy (fused, layered) and precision. On a GPU it measures the device
 (tensor-core products, SFU sines); without one it runs the kernels under the Triton
 interpreter, which computes products and sines exactly (and emulates bf16), so there it
-checks the arithmetic's structure rather than the hardware's rounding.
+checks the arithmetic's structure rather than the hardware's rounding; ``--tf32
+truncate|nearest`` makes the interpreter round TF32 products' operands as tensor cores do
+(``fieldkern.kernels.testing``).
 
-    python bench/accuracy.py
+    python bench/accuracy.py [--tf32 truncate|nearest]
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 
 import torch
@@ -33,9 +37,24 @@ def step(model, x, backend, precision):
     return [y.detach() for y in ys], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tf32", choices=("truncate", "nearest"),
+                    help="interpreter only: round TF32 products' operands as tensor cores do")
+    args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter"
+    if args.tf32 and device == "cuda":
+        ap.error("--tf32 emulates tensor cores under the interpreter; on a GPU they are real")
+    if args.tf32:
+        from fieldkern.kernels.testing import emulate_tf32_tensor_cores
+
+        where += f", TF32 operands emulated ({args.tf32})"
+    with emulate_tf32_tensor_cores(args.tf32) if args.tf32 else contextlib.nullcontext():
+        _table(device, where)
+
+
+def _table(device, where) -> None:
     print(f"{where}; torch {torch.__version__}")
     print("| network | forward | precision | outputs | gradients (worst tensor) |")
     print("|---|---|---|---|---|")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fieldkern
 from fieldkern.kernels._common import _split_tf32, split_tf32
-from _kernel_helpers import compare_stack, needs_interpreter, spy_launches, stack_params
+from _kernel_helpers import compare_stack, needs_interpreter, spy_launches, stack_params, tf32_tensor_cores  # noqa: F401
 
 pytestmark = needs_interpreter
 
@@ -278,3 +278,40 @@ def test_fastest_skips_an_option_that_fails(monkeypatch):
         assert _common.fastest(("broken", "works"), run) == "works"
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="out of resources"):
         _common.fastest(("broken",), run)
+
+
+def test_tf32_emulation_bites_and_the_split_undoes_it(tf32_tensor_cores):
+    """Under emulated TF32 tensor cores, a product whose second operand is not split loses
+    ~1e-4 relative (TF32's 10 bits); with the split (``mm_split``: three TF32 products) the
+    error is back at float32's level. Guards the emulation the next test relies on."""
+    from fieldkern.kernels import mfn_stack as M
+
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(300, 200, generator=g), torch.randn(200, 200, generator=g)
+    ref = (a.double() @ w.double())
+    scale = ref.abs().max().item()
+    w_hi, w_lo = split_tf32(w)
+    unsplit = (M._rows_matmul(a, w_hi, torch.zeros_like(w_lo), False, False).double() - ref).abs().max().item()
+    split = (M._rows_matmul(a, w_hi, w_lo, False, False).double() - ref).abs().max().item()
+    assert unsplit > 3e-5 * scale, unsplit / scale
+    assert split < 2e-6 * scale, split / scale
+
+
+# a wide trunk (column and K blocks), Gabor with trainable W and ReLU heads, fair BACON
+TF32_CASES = [CASES[i] for i in (2, 3, 7)]
+
+
+@pytest.mark.parametrize("strategy", ["fused", "layered"])
+@pytest.mark.parametrize("case", TF32_CASES, ids=[f"case{CASES.index(c)}" for c in TF32_CASES])
+def test_mfn_stack_float32_on_tf32_tensor_cores(case, strategy, tf32_tensor_cores, monkeypatch):
+    """float32 mode keeps float32 tolerances when every tl.dot rounds its operands to TF32,
+    as on a GPU: any product that is not split (or split wrongly) would miss them by ~50x.
+    Both forwards, the backward's Triton GEMMs (not cuBLAS) included."""
+    from fieldkern.kernels import mfn_stack as M
+
+    monkeypatch.setattr(M, "FORWARD_STRATEGY", strategy)
+    monkeypatch.setattr(M, "BACKWARD_PRODUCTS", "triton")
+    d, hidden, n_layers, out, gabor, residual, relu, detach, train_w, lin_b, heads = case
+    p = stack_params(d, hidden, n_layers, out, gabor, heads, lin_b, train_w)
+    compare_stack(p, _x(77, d), residual=residual, head_activation="relu" if relu else None,
+                  detach_heads_below=detach)

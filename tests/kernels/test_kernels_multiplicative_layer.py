@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fieldkern
-from _kernel_helpers import compare_op, needs_interpreter
+from _kernel_helpers import compare_op, needs_interpreter, tf32_tensor_cores  # noqa: F401
 
 pytestmark = needs_interpreter
 
@@ -40,3 +40,9 @@ def test_multiplicative_layer_matches_reference(gabor, d, h_in, h, n, has_c, tra
        h=st.integers(1, 40), gabor=st.booleans(), has_c=st.booleans())
 def test_multiplicative_layer_shapes_hypothesis(n, d, h_in, h, gabor, has_c):
     compare_op(fieldkern.ops.multiplicative_layer, _args(n, d, h_in, h, gabor, has_c, seed=n))
+
+
+def test_multiplicative_layer_float32_on_tf32_tensor_cores(tf32_tensor_cores):
+    """float32 tolerances when the kernels' products round their operands to TF32 as a GPU's
+    tensor cores do (emulated): the forward's and backward's split products undo it."""
+    compare_op(fieldkern.ops.multiplicative_layer, _args(45, 3, 64, 40, True))
