@@ -159,7 +159,7 @@ def mm_split(a, b_hi, b_lo, acc, MIXED: tl.constexpr):
 # libdevice's sinf, which ``tl.sin`` calls, carries a Payne-Hanek slow path with a local
 # array per call: hundreds of bytes of stack per thread in the fused kernels; on an H200
 # the SFU version made the 3D mfn_stack forward 1.6x faster (bench/RESULTS.md). The
-# interpreter cannot run PTX and keeps tl.sin / tl.cos.
+# interpreter cannot run PTX: it takes tl.sin / tl.cos of the same reduced argument.
 _FAST_SINE = tl.constexpr(not interpreting())
 _TWO_PI_HEAD = tl.constexpr(6.28125)
 _TWO_PI_TAIL = tl.constexpr(0.0019353071795864769)
@@ -174,23 +174,26 @@ def _reduce(s):
 
 @triton.jit
 def sine(s):
-    """``sin(s)`` of fp32 radians (see above for the GPU's accuracy)."""
+    """``sin(s)`` of fp32 radians (see above for the GPU's accuracy). The interpreter takes
+    an exact sine of the same reduced argument, so CPU tests exercise the reduction too."""
+    r = _reduce(s)
     if _FAST_SINE:
-        r = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [_reduce(s)],
+        r = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [r],
                                       dtype=tl.float32, is_pure=True, pack=1)
     else:
-        r = tl.sin(s)
+        r = tl.sin(r)
     return r
 
 
 @triton.jit
 def cosine(s):
-    """``cos(s)`` of fp32 radians."""
+    """``cos(s)`` of fp32 radians, as :func:`sine`."""
+    r = _reduce(s)
     if _FAST_SINE:
-        r = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [_reduce(s)],
+        r = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [r],
                                       dtype=tl.float32, is_pure=True, pack=1)
     else:
-        r = tl.cos(s)
+        r = tl.cos(r)
     return r
 
 
