@@ -3,10 +3,12 @@
 # Every step has its own time limit; logs are gathered into $OUT/log.txt and benchmark
 # JSONs into $OUT, so a step that runs out of time costs only its own results.
 # Usage: OUT=/some/dir bash bench/run_gpu.sh [steps...]
-#   steps (default all): candidates (every mfn_stack autotune candidate vs the reference,
-#   ~3 min), tests (the device test module, first configs), sanity (two of those), mfn,
-#   compile, project, epoch (bench/epoch_speed.py), accuracy (bench/accuracy.py),
-#   profile (bench/profile_mfn.py, 3D)
+#   steps (default all but sanity and profile): candidates (every mfn_stack autotune
+#   candidate vs the reference, ~3 min), tests (the device test module, first configs),
+#   sanity (two of those), mfn, compile, project, epoch (bench/epoch_speed.py), accuracy
+#   (bench/accuracy.py), profile (bench/profile_mfn.py, 3D). A call may run 600 s at most:
+#   the step limits below add up to ~390 s for "candidates tests mfn" and ~310 s for
+#   "project accuracy epoch", so split a session's work like that.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/bench"
@@ -26,9 +28,11 @@ has() { [[ " $steps " == *" $1 "* ]]; }
 #    Triton's disk cache; autotuning would compile them one after the other) while the
 #    device tests run
 stamp "warm-up + device tests"
-for p in 2d_h256_s4 3d_h128_s3; do for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
-  echo "$p $prec $i"; done; done; done |
-  timeout 150 xargs -P 12 -n 3 python bench/warm_kernels.py > "$LOGS/warm.log" 2>&1 &
+if has candidates || has mfn || has compile || has profile; then  # steps that autotune the stacks
+  for p in 2d_h256_s4 3d_h128_s3; do for prec in float32 mixed; do for i in 0 1 2 3 4 5; do
+    echo "$p $prec $i"; done; done; done |
+    timeout 150 xargs -P 12 -n 3 python bench/warm_kernels.py > "$LOGS/warm.log" 2>&1 &
+fi
 t() { FIELDKERN_AUTOTUNE=0 timeout 150 python -m pytest -q -p no:cacheprovider -rf \
       tests/kernels/test_kernels_gpu.py -k "$1" > "$LOGS/tests_$2.log" 2>&1; }
 if has candidates; then
@@ -44,8 +48,10 @@ if has tests; then
   t "not every and (mfn_stack and (case0 or case1))" 7 & t "not every and not (mfn_stack and (case0 or case1))" 8 &
 fi
 wait
-stamp "warm-ups done: $(grep -c '^warm' "$LOGS/warm.log")"
-grep -v "^warm" "$LOGS/warm.log" | grep -E "Error|error" | sort | uniq -c | head -5
+if [ -e "$LOGS/warm.log" ]; then
+  stamp "warm-ups done: $(grep -c '^warm' "$LOGS/warm.log")"
+  grep -v "^warm" "$LOGS/warm.log" | grep -E "Error|error" | sort | uniq -c | head -5
+fi
 for f in "$LOGS"/tests_*.log; do [ -e "$f" ] && { echo "== $f"; grep -E "^(FAILED|ERROR)|passed|failed" "$f" | cut -c1-300; }; done
 
 bench() {  # name, time limit, pytest args...
