@@ -32,6 +32,7 @@ import math
 import torch
 
 from fieldkern.cryoem._checks import (
+    check_amplitude_contrast,
     check_box_size,
     check_defocus_angstrom,
     check_finite,
@@ -97,6 +98,8 @@ def _check_values(name: str, t: torch.Tensor) -> None:
         check_voltage_kv(name, t)
     elif name in ("dfu", "dfv"):
         check_defocus_angstrom(name, t)
+    elif name == "w":
+        check_amplitude_contrast(name, t)
 
 
 def evaluate_ctf(
@@ -137,10 +140,6 @@ def evaluate_ctf(
         shapes = [tuple(t.shape) for t in p]
         raise ValueError(f"CTF parameters must broadcast to one batch shape, got shapes {shapes}") from e
     dfu, dfv, dfang, volt, cs, w, phase_shift, bfactor = p
-    if ((w < 0) | (w > 1)).any():
-        raise ValueError("w (amplitude contrast) must lie in [0, 1]")
-    if (volt <= 0).any():
-        raise ValueError("volt must be positive (kV)")
     extra = (1,) * kx.dim()
     expand = lambda t: t.reshape(t.shape + extra)  # noqa: E731
     kx = kx.to(torch.float64)
