@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 # The tensor checks the ops need live with the ops (the layer below); re-exported here.
-from fieldkern.ops._checks import (
+from fieldkern.ops._checks import (  # noqa: F401
     check_chunk,
     check_count,
     check_floating,

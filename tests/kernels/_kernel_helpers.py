@@ -147,13 +147,3 @@ def spy_launches(monkeypatch, module, name):
 
     monkeypatch.setattr(module, name, Spy())
     return launches
-
-
-@pytest.fixture(params=["truncate", "nearest"])
-def tf32_tensor_cores(request):
-    """Interpreted TF32 products round their operands as a GPU's tensor cores do
-    (``fieldkern.kernels.testing``), both ways."""
-    from fieldkern.kernels.testing import emulate_tf32_tensor_cores
-
-    with emulate_tf32_tensor_cores(request.param):
-        yield request.param

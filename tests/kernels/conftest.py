@@ -10,6 +10,7 @@ imported by another conftest. With CUDA the variable is left alone and the CPU c
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -20,3 +21,13 @@ if _early and os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover - g
     import warnings
 
     warnings.warn(f"{_early} imported before TRITON_INTERPRET=1 was set: CPU kernel tests may fail")
+
+
+@pytest.fixture(params=["truncate", "nearest"])
+def tf32_tensor_cores(request):
+    """Interpreted TF32 products round their operands as a GPU's tensor cores do
+    (``fieldkern.kernels.testing``), both ways."""
+    from fieldkern.kernels.testing import emulate_tf32_tensor_cores
+
+    with emulate_tf32_tensor_cores(request.param):
+        yield request.param

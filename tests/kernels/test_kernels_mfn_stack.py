@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fieldkern
 from fieldkern.kernels._common import _split_tf32, split_tf32
-from _kernel_helpers import compare_stack, needs_interpreter, spy_launches, stack_params, tf32_tensor_cores  # noqa: F401
+from _kernel_helpers import compare_stack, needs_interpreter, spy_launches, stack_params
 
 pytestmark = needs_interpreter
 

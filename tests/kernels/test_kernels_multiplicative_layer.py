@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fieldkern
-from _kernel_helpers import compare_op, needs_interpreter, tf32_tensor_cores  # noqa: F401
+from _kernel_helpers import compare_op, needs_interpreter
 
 pytestmark = needs_interpreter
 
