@@ -12,11 +12,13 @@ import torch
 from fieldkern.ops._checks import (  # noqa: F401
     check_chunk,
     check_count,
+    check_finite,
     check_floating,
     check_rotations,
     check_tensor,
     check_volume,
     is_int,
+    to_numpy,
 )
 
 
@@ -73,24 +75,9 @@ def check_finite_number(name: str, x: object) -> float:
     return x
 
 
-def _as_numpy(a: object) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
-
-
-def check_finite(name: str, a: object, where: str = "", hint: str = "") -> None:
-    """No NaN or inf in a number, array or tensor. On a CUDA tensor this waits for the
-    device: callers in per-step paths check only CPU values."""
-    if isinstance(a, torch.Tensor):
-        ok = bool(torch.isfinite(a).all())
-    else:
-        arr = np.asarray(a)
-        if arr.dtype.kind not in "fc":  # no float64 copy of a large float32 map
-            arr = arr.astype(np.float64)
-        ok = bool(np.isfinite(arr).all())
-    if not ok:
-        raise ValueError(f"{where}{name} holds NaN or inf values{hint}")
+def _values(a: object) -> np.ndarray:
+    """Flat float64 values of a number, array or tensor (for the unit checks below)."""
+    return to_numpy(a).astype(np.float64, copy=False).reshape(-1)
 
 
 #: Above this a "voltage" is almost surely in volts (microscopes for single particles run at
@@ -101,7 +88,7 @@ MIN_DEFOCUS_ANGSTROM = 100.0
 
 
 def check_voltage_kv(name: str, a: object, where: str = "") -> None:
-    v = _as_numpy(a).astype(np.float64, copy=False).reshape(-1)
+    v = _values(a)
     high = v[v > MAX_VOLTAGE_KV]
     if high.size:
         raise ValueError(
@@ -114,7 +101,7 @@ def check_voltage_kv(name: str, a: object, where: str = "") -> None:
 
 
 def check_defocus_angstrom(name: str, a: object, where: str = "") -> None:
-    d = np.abs(_as_numpy(a).astype(np.float64, copy=False).reshape(-1))
+    d = np.abs(_values(a))
     bad = d[(d > 0) & (d < MIN_DEFOCUS_ANGSTROM)]
     if bad.size:
         raise ValueError(
@@ -124,7 +111,7 @@ def check_defocus_angstrom(name: str, a: object, where: str = "") -> None:
 
 
 def check_amplitude_contrast(name: str, a: object, where: str = "") -> None:
-    w = _as_numpy(a).astype(np.float64, copy=False).reshape(-1)
+    w = _values(a)
     bad = w[~((w >= 0) & (w <= 1))]
     if bad.size:
         raise ValueError(f"{where}{name} (amplitude contrast) must lie in [0, 1], got {bad[0]:g}")

@@ -14,7 +14,12 @@ import math
 
 import torch
 
-from fieldkern.cryoem._checks import check_count, check_floating, check_positive
+from fieldkern.cryoem._checks import (
+    check_count,
+    check_finite,
+    check_floating,
+    check_positive,
+)
 
 
 def shell_indices(D: int, ndim: int = 3, device=None) -> torch.Tensor:
@@ -86,9 +91,8 @@ def resolution(fsc: torch.Tensor, apix: float, threshold: float = 0.5, D: int | 
     apix = check_positive("apix", apix)
     D = 2 * fsc.numel() if D is None else int(D)
     f = fsc.detach().to(torch.float64).cpu()
-    if not torch.isfinite(f).all():
-        # every comparison with NaN is False: the curve would "never drop" and give Nyquist
-        raise ValueError("fsc holds NaN or inf values (was one of the maps NaN?)")
+    # every comparison with NaN is False: the curve would "never drop" and give Nyquist
+    check_finite("fsc", f, hint=" (was one of the maps NaN?)")
     if f[0] < threshold:
         return math.inf
     below = torch.nonzero(f[1:] < threshold)

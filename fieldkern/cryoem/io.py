@@ -40,6 +40,7 @@ from fieldkern.cryoem._checks import (
     check_finite_number,
     check_positive,
     check_voltage_kv,
+    to_numpy,
 )
 from fieldkern.cryoem.ctf import ctf as _ctf
 from fieldkern.cryoem.rotations import relion_euler_to_matrix
@@ -217,7 +218,7 @@ def write_particles_star(
     volt, cs, w = (check_finite_number(k, v) for k, v in (("volt", volt), ("cs", cs), ("w", w)))
     extra = {}
     for k, v in (extra_columns or {}).items():
-        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        a = to_numpy(v)
         if a.shape != (n,):
             raise ValueError(f"extra_columns[{k!r}] must have {n} values (one per image name), got shape {a.shape}")
         extra[k] = a

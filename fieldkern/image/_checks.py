@@ -7,9 +7,8 @@ Images here are ``(H, W)`` (grey) or channels-last ``(H, W, C)`` with ``C`` at m
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from fieldkern.ops._checks import check_count
+from fieldkern.ops._checks import check_count, check_finite, to_numpy  # noqa: F401 (re-exported)
 
 # Grey, grey + alpha, RGB, RGBA. A larger last axis is almost always a channels-first
 # (C, H, W) array, which would otherwise be read as an image C pixels wide with W channels.
@@ -24,12 +23,6 @@ def check_size(name: str, size: object) -> tuple[int, int]:
         return check_count(f"{name}[0]", size[0]), check_count(f"{name}[1]", size[1])
     n = check_count(name, size)
     return n, n
-
-
-def to_numpy(a: object) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
 
 
 def check_layout(name: str, a: np.ndarray) -> None:
@@ -48,8 +41,7 @@ def check_layout(name: str, a: np.ndarray) -> None:
 
 def check_pixels(name: str, a: np.ndarray) -> None:
     """Finite values in [0, 1]."""
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} holds NaN or inf values")
+    check_finite(name, a)
     lo, hi = float(a.min()), float(a.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(

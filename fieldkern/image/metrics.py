@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fieldkern.image._checks import check_layout
+from fieldkern.image._checks import check_finite, check_layout
 
 # Spectra are measured in 8-bit grey levels so MAD values read on the paper's scale.
 SPECTRUM_SCALE = 255.0
@@ -20,13 +20,6 @@ SPECTRUM_SCALE = 255.0
 
 def _tensor(a) -> torch.Tensor:
     return a.detach().double() if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=torch.float64)
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    # NaN would come out as a NaN score (and inf as a math domain error) that then
-    # averages silently into a results table.
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} holds NaN or inf values")
 
 
 def psnr(prediction, target, data_range: float = 1.0) -> float:
@@ -42,8 +35,10 @@ def psnr(prediction, target, data_range: float = 1.0) -> float:
         raise ValueError(f"shape mismatch: prediction {tuple(p.shape)} vs target {tuple(t.shape)}")
     if p.numel() == 0:
         raise ValueError(f"prediction and target are empty, shape {tuple(p.shape)}")
-    _check_finite("prediction", p)
-    _check_finite("target", t)
+    # NaN would come out as a NaN score (and inf as a math domain error) that then
+    # averages silently into a results table
+    check_finite("prediction", p)
+    check_finite("target", t)
     mse = torch.mean((p - t) ** 2).item()
     return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
@@ -67,7 +62,7 @@ def magnitude_spectrum(image, window: str | None = None) -> torch.Tensor:
 def _spectrum(image, window: str | None, name: str) -> torch.Tensor:
     x = _tensor(image)
     check_layout(name, x)
-    _check_finite(name, x)
+    check_finite(name, x)
     if x.ndim == 2:
         x = x[..., None]
     x = x.permute(2, 0, 1) * SPECTRUM_SCALE

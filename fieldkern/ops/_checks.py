@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
 
@@ -72,6 +73,36 @@ def check_rotations(name: str, r: object) -> int:
     if r.dim() != 3 or r.shape[1:] != (3, 3):
         raise ValueError(f"{name} must have shape (B, 3, 3), got {tuple(r.shape)}")
     return r.shape[0]
+
+
+def check_weight(name: str, w: object) -> tuple[int, int]:
+    """A floating ``(hidden, in_features)`` matrix; returns its shape."""
+    check_floating(name, w)
+    if w.dim() != 2:
+        raise ValueError(f"{name} must have shape (hidden, in_features), got {tuple(w.shape)}")
+    return tuple(w.shape)
+
+
+def to_numpy(a: object) -> np.ndarray:
+    """A tensor's values (detached, on the host) or ``np.asarray(a)``."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def check_finite(name: str, a: object, where: str = "", hint: str = "") -> None:
+    """No NaN or inf in a number, array or tensor (``where`` prefixes the message, ``hint``
+    ends it). On a CUDA tensor this waits for the device: callers in per-step paths check
+    only host values."""
+    if isinstance(a, torch.Tensor):
+        ok = bool(torch.isfinite(a).all())
+    else:
+        arr = np.asarray(a)
+        if arr.dtype.kind not in "fc":  # no float64 copy of a large float32 map
+            arr = arr.astype(np.float64)
+        ok = bool(np.isfinite(arr).all())
+    if not ok:
+        raise ValueError(f"{where}{name} holds NaN or inf values{hint}")
 
 
 def is_int(n: object) -> bool:

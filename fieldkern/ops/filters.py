@@ -5,14 +5,11 @@ from __future__ import annotations
 import torch
 
 from fieldkern.backend import resolve
-from fieldkern.ops._checks import check_coordinates, check_floating, check_shape
+from fieldkern.ops._checks import check_coordinates, check_shape, check_weight
 
 
 def _check_filter_args(x, weight, bias, gamma=None, mu=None):
-    check_floating("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (hidden, in_features), got {tuple(weight.shape)}")
-    hidden, in_features = weight.shape
+    hidden, in_features = check_weight("weight", weight)
     dtype = weight.dtype
     check_coordinates(x, in_features, dtype=dtype)
     check_shape("bias", bias, (hidden,), dtype)

@@ -14,7 +14,7 @@ import torch
 
 from fieldkern.backend import resolve
 from fieldkern.ops._precision import get_precision
-from fieldkern.ops._checks import check_coordinates, check_floating, check_shape
+from fieldkern.ops._checks import check_coordinates, check_shape, check_weight
 from fieldkern.ops.filters import fourier_filter_reference, gabor_filter_reference
 from fieldkern.ops.multiplicative_layer import multiplicative_layer_reference
 
@@ -88,10 +88,7 @@ def _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
         raise ValueError("gabor_gamma and gabor_mu must be given together or both be None")
     if head_activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"head_activation must be one of {HEAD_ACTIVATIONS}, got {head_activation!r}")
-    check_floating("filter_weight[0]", filter_weight[0])
-    if filter_weight[0].dim() != 2:
-        raise ValueError(f"filter_weight[0] must have shape (hidden, in_features), got {tuple(filter_weight[0].shape)}")
-    hidden, in_features = filter_weight[0].shape
+    hidden, in_features = check_weight("filter_weight[0]", filter_weight[0])
     dtype = filter_weight[0].dtype
     check_coordinates(x, in_features, dtype=dtype)
     for i in range(n_layers):
