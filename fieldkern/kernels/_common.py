@@ -115,6 +115,12 @@ def split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, t - hi
 
 
+def weight_parts(t: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight as ``mm_split`` takes it (through ``load_split``): ``split_tf32`` parts in
+    float32, the weight itself twice in mixed mode."""
+    return (t, t) if precision == "mixed" else split_tf32(t)
+
+
 @triton.jit
 def _split_tf32(x):
     """In-kernel ``split_tf32``."""

@@ -93,6 +93,7 @@ from fieldkern.kernels._common import (
     sine,
     split_tf32,
     timed_choice,
+    weight_parts,
     _split_tf32,
 )
 from fieldkern.kernels.filters import filter_forward
@@ -469,7 +470,7 @@ def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, 
     ``FWD_WORKSPACE_BYTES``."""
     P = x.shape[0]
     L, H, _ = w.shape
-    a_hi, a_lo = (a, a) if precision == "mixed" else split_tf32(a)  # the layer kernel's mm_split
+    a_hi, a_lo = weight_parts(a, precision)  # split once for all chunks
     chunk = max(1, FWD_WORKSPACE_BYTES // (2 * 4 * H))
     for p0 in range(0, P, chunk):
         p1 = min(P, p0 + chunk)
@@ -543,7 +544,7 @@ def _forward_fused(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, pr
     scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), device=x.device, dtype=torch.float32)
     grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
     # float32: weights split for the kernel's tf32x3 products (``mm_split``), once per call
-    (a, a_lo), (u, u_lo) = ((a, a), (u, u)) if precision == "mixed" else (split_tf32(a), split_tf32(u))
+    (a, a_lo), (u, u_lo) = weight_parts(a, precision), weight_parts(u, precision)
     _mfn_stack_fwd_kernel[grid](
         x, w, b, a if a.numel() else w, a_lo if a_lo.numel() else w, c if c is not None else b, u, u_lo, d,
         gamma if gamma is not None else b, mu if mu is not None else w, out, scratch,
@@ -612,8 +613,8 @@ def _backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, re
     a_hi, a_lo = split_tf32(a) if split else (a, None)
     top_dh = split_tf32(dh_all[L - 1]) if split and L - 1 in heads else None
     work_dtype = torch.bfloat16 if mixed else torch.float32
-    # at most three (points x H) buffers alive at once: dz_i (or z_i), dlin_i, z_{i-1}, and
-    # with ``split`` z_{i-1}'s remainder
+    # at most three (points x H) buffers alive at once: dz_i (or z_i), dlin_i, z_{i-1}; four
+    # with ``split`` (z_{i-1}'s remainder)
     chunk = max(_MIN_BLOCK_P, BWD_WORKSPACE_BYTES // ((4 if split else 3) * 4 * H))
     block_h = block(H, _MIN_BLOCK_H)
     has_c = c is not None

@@ -30,7 +30,7 @@ from fieldkern.kernels._common import (
     load_split,
     max_programs,
     mm_split,
-    split_tf32,
+    weight_parts,
 )
 
 # (BLOCK_P, BLOCK_N, BLOCK_K, warps, stages). ptxas (sm_90, float32, H 128, triton 3.9 / 3.6):
@@ -44,7 +44,7 @@ _CONFIGS = configs(FWD_CANDIDATES, triton.Config({"BLOCK_P": 32, "BLOCK_N": 16, 
 # (BLOCK_P, BLOCK_N, BLOCK_K, warps). The backward holds the filter's sine, cosine and
 # envelope beside the lin tile, so it spills where the forward does not. Of the 16 in the
 # grid (32, 64) x (64, 128) x (32, 64) x (4, 8), these spill at most 120 bytes per thread
-# (sm_90, triton 3.9 and 3.6, both precisions); the others 0.2-3.5 KB, and one needs
+# (sm_90, triton 3.9 and 3.6, both precisions); the others 0.3-3.5 KB, and one needs
 # 228 KiB of shared memory, more than an H100 block may have. First: no spills (the one
 # ``FIELDKERN_AUTOTUNE=0`` keeps).
 BWD_CANDIDATES = [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
@@ -140,15 +140,10 @@ def _multiplicative_layer_bwd_kernel(
                  mask=mask_p[:, None] & (offs_d[None, :] < D))
 
 
-def _weight_parts(a, precision):
-    """``A`` as the kernels' ``mm_split`` takes it: split in float32, twice itself in mixed."""
-    return (a, a) if precision == "mixed" else split_tf32(a)
-
-
 def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision, out=None, lin=None, a_parts=None):
     """z (P, K), a (H, K), c (H,) or None, x (P, D), filter params; fp32 contiguous -> (P, H).
     ``out``: a contiguous (P, H) float32 tensor to write into; ``lin``: one to receive
-    ``z A^T + c`` as well; ``a_parts``: ``a`` already as ``_weight_parts`` gives it."""
+    ``z A^T + c`` as well; ``a_parts``: ``a`` already as ``weight_parts`` gives it."""
     P, K = z.shape
     H = a.shape[0]
     D = x.shape[1]
@@ -158,7 +153,7 @@ def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision, out=Non
         return out
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
     _multiplicative_layer_fwd_kernel[grid](
-        z, *(a_parts or _weight_parts(a, precision)), c if c is not None else b, x, w, b,
+        z, *(a_parts or weight_parts(a, precision)), c if c is not None else b, x, w, b,
         gamma if gamma is not None else b,
         mu if mu is not None else w, out, lin if lin is not None else out, P, H, K, D=D,
         HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
@@ -184,7 +179,7 @@ def multiplicative_layer_backward(grad, z, a, c, x, w, b, gamma, mu, need_dw, pr
     if P > 0:
         grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
         _multiplicative_layer_bwd_kernel[grid](
-            grad, z, *_weight_parts(a, precision), c if c is not None else b, x, w, b,
+            grad, z, *weight_parts(a, precision), c if c is not None else b, x, w, b,
             gamma if gamma is not None else b,
             mu if mu is not None else w, dlin, dx, pc, pw, pb, pg, pm, P, H, K, D=D,
             HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
