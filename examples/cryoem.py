@@ -13,8 +13,9 @@ Several GPUs or nodes (data parallel; see README "Several GPUs and clusters"):
 Writes to ``--out``: ``ground_truth.mrc``, ``reconstruction_scale{k}.mrc`` (every scale at the
 end, aligned to the ground truth), ``stage{k}_scale{k}.mrc`` (scale k as its stage ended), ``fsc.csv``,
 ``fsc.png``, ``slices.png``, ``poses.star``, ``results.json`` and ``checkpoint.pt`` (every
-epoch; ``--resume`` continues from it). Exit status 0 on success, 1 on bad input or failure,
-2 on bad arguments.
+epoch; ``--resume`` continues from it). ``--particles`` without ``--reference``: two half-set
+reconstructions and their FSC at 0.143 (``half{1,2}_*.mrc``, ``checkpoint_half{1,2}.pt``).
+Exit status 0 on success, 1 on bad input or failure, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--structure", default="4ake", help="4ake | 1ol5 | PATH.pdb | PATH.cif | PATH.mrc | PATH.map (default 4ake; "
                         "a map brings its own box and pixel size)")
     p.add_argument("--particles", metavar="STAR", help="reconstruct this RELION particle set instead of simulating")
-    p.add_argument("--reference", metavar="MRC", help="ground-truth map for FSC with --particles")
+    p.add_argument("--reference", metavar="MRC", help="ground-truth map for FSC with --particles "
+                   "(without it: FSC 0.143 between two independently reconstructed half sets)")
     p.add_argument("--preset", choices=tuple(experiment.PRESETS), default="quick",
                    help="quick: minutes on a CPU (default); paper: the authors' settings (GPU); tiny: smoke test")
     p.add_argument("--box", type=int, help="box size D of the simulation (even)")
@@ -75,7 +77,6 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
 
     from fieldkern._files import check_writable
     from fieldkern.cryoem import experiment
-    from fieldkern.cryoem.reconstruct import Reconstruction
 
     device = dist.device
     structure_key = str(args.structure).lower()
@@ -93,26 +94,19 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     start = time.perf_counter()
     data = experiment.prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
                                    progress=progress, device=device, dist=dist)
-    ds = data.dataset
     if data.true_rotations is None:
         raise ValueError(f"{data.source}: the particles have no poses to start from")
     init = experiment.initial_poses(data.true_rotations, args.pose_init, preset, args.seed)
     # Known poses stay fixed; otherwise they are refined.
     recon_cfg = replace(preset.recon, refine_poses=args.pose_init != "gt")
-    # Each rank reads only its own block of a lazily loaded stack.
-    rec = Reconstruction(ds.images, lambda idx: ds.ctf(idx.cpu()), init, recon_cfg, device=device, dist=dist)
-    checkpoint = out / "checkpoint.pt"
-    if args.resume:
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-        rec.load(checkpoint)
     train_start = time.perf_counter()
-    rec.fit(checkpoint, progress=progress, callbacks=[experiment.StageMapWriter(rec, out, ds.apix)])
+    # One reconstruction, or (no ground truth) one per half set for the gold-standard FSC.
+    recs = experiment.reconstruct(data, init, recon_cfg, out, resume=args.resume, progress=progress,
+                                  device=device, dist=dist)
     train_seconds = time.perf_counter() - train_start
     if not dist.is_main:
         return None
-    volumes = rec.volumes()
-    ev = experiment.evaluate(volumes, data.ground_truth, ds.apix, init, rec.rotations.cpu(), data.true_rotations)
+    ev, volumes, rotations, shifts_A, losses = experiment.evaluate_reconstructions(recs, data, init)
     seconds = time.perf_counter() - start
     launcher = ["python"] if not dist.distributed else ["torchrun", f"--nproc_per_node {dist.world_size}"]
     settings = experiment.settings_dict(preset, {
@@ -120,7 +114,8 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
         "device": str(device), "world_size": dist.world_size, "backend": dist.backend,
         "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
     })
-    return experiment.write_outputs(out, data, rec, volumes, ev, preset, settings, seconds, train_seconds)
+    return experiment.write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, preset, settings, seconds,
+                                    train_seconds)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,10 @@ continuously (L-BFGS on the correlation, rotation and sub-voxel shift together, 
 differentiable trilinear resampler), the winner once more on a larger (still reduced)
 box; the final translation is found at full size by FFT cross-correlation with parabolic
 sub-voxel refinement and applied as a Fourier shift.
+
+``local=True`` skips both global searches and only refines from the identity: for maps that
+are already in nearly the same frame (two half maps refined from the same starting poses),
+where the peak of a global search over a noisy pair could lie anywhere.
 """
 
 from __future__ import annotations
@@ -168,6 +172,7 @@ def align_volume(
     n_candidates: int = 4,
     max_iter: int = 50,
     chunk: int = 256,
+    local: bool = False,
 ) -> AlignmentResult:
     """Rigidly align ``volume`` to ``reference`` (both ``(D, D, D)``, same voxel size).
 
@@ -180,6 +185,8 @@ def align_volume(
         n_candidates: coarse maxima refined locally (per hand).
         max_iter: L-BFGS iterations per local refinement.
         chunk: rotations scored per batch (memory ~ chunk * search_size^3).
+        local: refine rotation and shift from the identity only (no global rotation or
+            translation search; ``flip`` must be False).
 
     Returns:
         :class:`AlignmentResult`: aligned map, transform ``out(r) = V(M^T (r - t))``, score.
@@ -189,14 +196,16 @@ def align_volume(
     n_candidates = check_count("n_candidates", n_candidates)
     max_iter = check_count("max_iter", max_iter)
     chunk = check_count("chunk", chunk)
+    if local and flip:
+        raise ValueError("local=True refines from the identity and cannot flip the hand; pass flip=False")
     with _intra_op_threads(1):
         return _align_volume(
-            volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk
+            volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk, local
         )
 
 
 def _align_volume(
-    volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk
+    volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk, local
 ):
     D = check_volume("volume", volume)
     D_ref = check_volume("reference", reference)
@@ -220,8 +229,8 @@ def _align_volume(
     ref_s_f = torch.fft.rfftn(_normalise(r_s))
 
     grid = super_fibonacci_rotations(n_rotations)
-    hands = [False, True] if flip else [False]
-    cands = []
+    hands = [] if local else [False, True] if flip else [False]
+    cands = [(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), False)] if local else []
     for h in hands:
         mats = matmul3(grid, _FLIP) if h else grid
         scores, peaks = _scores(v_s, ref_s_f, mats, chunk)
@@ -239,10 +248,13 @@ def _align_volume(
         M, t, _ = _refine(v_r, _normalise(r_r), M, t * (r_size / s_size), max_iter)
 
     rotated = transform_volume(v64, M)
-    ref_f = torch.fft.rfftn(_normalise(r64))
-    cc = torch.fft.irfftn(ref_f * torch.fft.rfftn(_normalise(rotated)).conj(), s=(D, D, D))
-    idx = int(cc.flatten().argmax())
-    t = _subvoxel_peak(cc, idx)
+    if local:
+        t = t * (D / r_size)  # the refined shift, from the refine box's voxels to the map's
+    else:
+        ref_f = torch.fft.rfftn(_normalise(r64))
+        cc = torch.fft.irfftn(ref_f * torch.fft.rfftn(_normalise(rotated)).conj(), s=(D, D, D))
+        idx = int(cc.flatten().argmax())
+        t = _subvoxel_peak(cc, idx)
     aligned = fourier_shift(rotated, t, 3)
     score = float((_normalise(aligned) * _normalise(r64)).sum())
     R = matmul3(M, _FLIP) if flipped else M

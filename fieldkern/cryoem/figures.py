@@ -17,17 +17,19 @@ def _pyplot():
     return plt
 
 
-def plot_fsc(path: Path, curves: list[list[float]], resolutions: list[float], apix: float, D: int) -> None:
-    """FSC against the ground truth per scale, the 0.5 line, and each scale's resolution."""
+def plot_fsc(path: Path, curves: list[list[float]], resolutions: list[float], apix: float, D: int,
+             threshold: float = 0.5, against: str = "ground truth") -> None:
+    """FSC per scale (against the ground truth, or between half maps), the threshold line,
+    and each scale's resolution at it."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     freq = [r / (D * apix) for r in range(len(curves[0]))]
     for k, (c, res) in enumerate(zip(curves, resolutions)):
         label = f"scale {k}: " + ("n/a" if not math.isfinite(res) else f"{res:.2f} A")
         ax.plot(freq, c, marker=".", label=label)
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("spatial frequency (1/A)")
-    ax.set_ylabel("FSC vs ground truth")
+    ax.set_ylabel(f"FSC vs {against} (threshold {threshold:g})")
     ax.set_ylim(-0.1, 1.02)
     ax.set_title(f"FSC (Nyquist {2 * apix:.2f} A)")
     ax.legend()

@@ -15,10 +15,12 @@ RELION 3.0 files (one table, optics columns per particle, ``rlnPixelSize`` or
 Euler angles map to fieldkern rotation matrices with
 :func:`fieldkern.cryoem.relion_euler_to_matrix` (no transpose, see that function).
 
-Shifts are read (``shifts_A``) but **not applied** to the images. RELION's convention is
-that the particle centre sits at ``-(rlnOriginXAngst, rlnOriginYAngst)`` from the box
-centre, i.e. translating the image by ``+origin`` centres it
-(``fieldkern.cryoem.fourier_shift(img, shifts_A / apix, 2)``). Simulated data have zero shifts.
+Shifts are read (``shifts_A``); the images are returned as stored, and
+:class:`fieldkern.cryoem.reconstruct.Reconstruction` (``shifts=``) centres them. RELION's
+convention is that the particle centre sits at ``-(rlnOriginXAngst, rlnOriginYAngst)``
+from the box centre, i.e. translating the image by ``+origin`` centres it
+(``fieldkern.cryoem.fourier_shift(img, shifts_A / apix, 2)``; cryoDRGN's backprojection
+translates by ``+origin`` too). Simulated data have zero shifts.
 """
 
 from __future__ import annotations
@@ -339,7 +341,9 @@ class ParticleDataset:
         images: ``(N, D, D)`` float32 tensor, or an :class:`ImageStack` when loaded lazily.
         rotations: ``(N, 3, 3)`` float64 (``I_i ~ ctf_i * project_volume(V, R_i)``) or None.
         euler_deg: ``(N, 3)`` RELION ``(rot, tilt, psi)`` degrees, float64, or None.
-        shifts_A: ``(N, 2)`` ``(rlnOriginXAngst, rlnOriginYAngst)``, float64 (not applied).
+        shifts_A: ``(N, 2)`` ``(rlnOriginXAngst, rlnOriginYAngst)``, float64 (the images are
+            not shifted; pass ``shifts_A / apix`` to
+            :class:`fieldkern.cryoem.reconstruct.Reconstruction`).
         ctf_params: per-particle :class:`CTFParams`.
         apix: pixel size (A); box: image size D.
         star_path: the STAR file; stack_paths: the resolved MRC stacks.

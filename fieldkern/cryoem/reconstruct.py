@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from fieldkern._files import torch_save_atomic
+from fieldkern.cryoem._checks import check_finite
 from fieldkern.cryoem.fourier import fft2_centered
 from fieldkern.cryoem.fourier_slice import central_slices, volume_spectrum
 from fieldkern.cryoem.projection import field_coordinates, project_volume
@@ -127,6 +128,16 @@ def gaussian_filter(D: int, sigma: float, device=None, dtype=torch.float32) -> t
     """``exp(-|k|^2 / (2 sigma^2))`` on the centred ``D x D`` frequency grid, ``|k|`` in Fourier pixels."""
     k = torch.arange(D, device=device, dtype=dtype) - D // 2
     return torch.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * sigma**2))
+
+
+def shift_phases(shifts: torch.Tensor, D: int) -> torch.Tensor:
+    """``(n, D, D)`` complex64 factors that move images by ``shifts`` ``(n, 2)`` pixels ``(x, y)``
+    when multiplied into their centred spectra: ``fft2_centered(fourier_shift(img, t, 2))``
+    equals ``shift_phases(t[None], D)[0] * fft2_centered(img)``."""
+    k = torch.arange(D, dtype=torch.float64) - D // 2
+    t = torch.as_tensor(shifts, dtype=torch.float64).reshape(-1, 2, 1, 1)
+    phase = (k[None, None, :] * t[:, 0] + k[None, :, None] * t[:, 1]) / D
+    return torch.polar(torch.ones_like(phase), -2 * math.pi * phase).to(torch.complex64)
 
 
 def orthonormalize(R: torch.Tensor) -> torch.Tensor:
@@ -211,6 +222,10 @@ class Reconstruction:
         device: where to train.
         dist: a :class:`fieldkern.distributed.DistContext` for data-parallel training (from
             :func:`fieldkern.distributed.init_from_env` under ``torchrun``); None: one process.
+        shifts: ``(N, 2)`` translations ``(x, y)`` in pixels that centre each image (RELION's
+            ``rlnOriginX/YAngst / apix``): image ``i`` is moved by ``shifts[i]`` (a phase ramp
+            on its spectrum, so sub-pixel shifts are exact) before anything is fitted to it.
+            None: the images are centred already (simulated data).
 
     Data parallelism (``dist.world_size = W > 1``): rank ``r`` owns the contiguous block
     ``dist.shard(N)`` of particles: their images, spectra and pose updates. Every epoch
@@ -232,13 +247,18 @@ class Reconstruction:
     """
 
     def __init__(self, images, ctfs, rotations, config: ReconstructionConfig, device="cpu",
-                 dist: DistContext | None = None):
+                 dist: DistContext | None = None, shifts: torch.Tensor | None = None):
         shape = tuple(images.shape)
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ValueError(f"images must have shape (N, D, D), got {shape}")
         N, D = shape[0], shape[-1]
         if tuple(rotations.shape) != (N, 3, 3):
             raise ValueError(f"rotations must have shape ({N}, 3, 3), got {tuple(rotations.shape)}")
+        if shifts is not None:
+            shifts = torch.as_tensor(shifts).detach().cpu()
+            if tuple(shifts.shape) != (N, 2):
+                raise ValueError(f"shifts must have shape ({N}, 2) (pixels, x then y), got {tuple(shifts.shape)}")
+            check_finite("shifts", shifts)
         self.dist = dist if dist is not None else DistContext.single(device)
         self.config = config
         self.device = torch.device(device)
@@ -264,6 +284,9 @@ class Reconstruction:
         self._data_signature = {"n_particles": N, "box": D, "mean": float(mean), "std": std}
         # Particle spectra, once: every loss is computed in Fourier space.
         self.spectra = fft2_centered((local / torch.tensor(std, dtype=torch.float32)).to(self.device))
+        if shifts is not None and bool(shifts[self._lo:self._hi].any()):
+            for i, t in zip(range(0, len(self.spectra), 1024), shifts[self._lo:self._hi].split(1024)):
+                self.spectra[i:i + len(t)] *= shift_phases(t, D).to(self.device)
         self._ctfs = ctfs
         self.rotations = rotations.to(self.device, torch.float64).clone()
         self.dist.broadcast_(self.rotations)  # every rank starts from rank 0's poses
@@ -650,5 +673,6 @@ __all__ = [
     "orthonormalize",
     "pose_errors_deg",
     "refine_poses",
+    "shift_phases",
     "summarize_errors",
 ]

@@ -14,9 +14,13 @@ from fieldkern.cryoem import (
     apply_ctf,
     ctf,
     fourier_shell_correlation,
+    fourier_shift,
     jitter_rotations,
+    load_particles,
     project_volume,
     random_rotations,
+    write_mrc,
+    write_particles_star,
 )
 from fieldkern.cryoem.fourier_slice import central_slices, volume_spectrum
 from fieldkern.cryoem.reconstruct import (
@@ -132,6 +136,37 @@ def test_checkpoint_from_other_settings_or_corrupt_is_refused(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not be read"):
         rec.load(bad)
+
+
+def test_shifts_centre_the_particles_before_fitting(tmp_path):
+    """RELION stores off-centre particles with the shift that centres them; the trainer's
+    spectra of shifted images with those shifts are the centred images' spectra."""
+    _, images, ctfs, R = particles(20)
+    g = torch.Generator().manual_seed(5)
+    shifts = torch.cat([torch.randint(-3, 4, (10, 2), generator=g).double(),    # whole pixels
+                        6 * torch.rand(10, 2, generator=g, dtype=torch.float64) - 3])  # sub-pixel
+    off_centre = torch.stack([fourier_shift(im, -t, 2) for im, t in zip(images, shifts)])
+    cfg = small_config()
+    centred = Reconstruction(images, ctfs, R, cfg).spectra
+    fixed = Reconstruction(off_centre, ctfs, R, cfg, shifts=shifts).spectra
+    # Sub-pixel shifts of a real image lose the Nyquist row/column's odd part: compare the rest.
+    err = (fixed - centred)[:, 1:, 1:].abs().max() / centred.abs().max()
+    assert err < 1e-5
+    assert torch.allclose(fixed[:10], centred[:10], atol=1e-4 * float(centred.abs().max()))
+    # Through a RELION file: rlnOriginX/YAngst = shift * apix, as examples/cryoem.py passes them.
+    write_mrc(tmp_path / "p.mrcs", off_centre, 4.0)
+    write_particles_star(tmp_path / "p.star", image_names=[f"{i + 1}@p.mrcs" for i in range(20)],
+                         euler_deg=torch.zeros(20, 3, dtype=torch.float64), dfu=15000.0, dfv=15000.0,
+                         dfang=0.0, apix=4.0, box=D, shifts_A=shifts * 4.0)
+    ds = load_particles(tmp_path / "p.star")
+    read = Reconstruction(ds.images, ctfs, R, cfg, shifts=ds.shifts_A / ds.apix).spectra
+    assert torch.allclose(read, fixed, atol=1e-5 * float(centred.abs().max()))
+    wrong_sign = Reconstruction(off_centre, ctfs, R, cfg, shifts=-shifts).spectra
+    assert (wrong_sign - centred)[:, 1:, 1:].abs().max() / centred.abs().max() > 0.1
+    with pytest.raises(ValueError, match="shifts must have shape"):
+        Reconstruction(images, ctfs, R, cfg, shifts=shifts[:, :1])
+    with pytest.raises(ValueError, match="shifts holds NaN"):
+        Reconstruction(images, ctfs, R, cfg, shifts=shifts * float("nan"))
 
 
 def test_bad_inputs():
