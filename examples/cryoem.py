@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--structure", default="4ake", help="4ake | 1ol5 | PATH.pdb | PATH.cif | PATH.mrc | PATH.map (default 4ake; "
                         "a map brings its own box and pixel size)")
     p.add_argument("--particles", metavar="STAR", help="reconstruct this RELION particle set instead of simulating")
+    p.add_argument("--invert", action="store_true", help="multiply the --particles images by -1 (RELION extracts white "
+                   "particles; refused when their contrast disagrees with the CTF model)")
     p.add_argument("--reference", metavar="MRC", help="ground-truth map for FSC with --particles "
                    "(without it: FSC 0.143 between two independently reconstructed half sets)")
     p.add_argument("--preset", choices=tuple(experiment.PRESETS), default="quick",
@@ -56,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reference and not args.particles:
         p.error("--reference needs --particles")
+    if args.invert and not args.particles:
+        p.error("--invert needs --particles")
     if args.particles:  # a particle set brings its own box, pixel size, count and noise
         given = [f"--{n.replace('_', '-')}" for n in ("box", "apix", "n_particles", "snr") if getattr(args, n) is not None]
         if given:
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
 
     start = time.perf_counter()
     data = experiment.prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
-                                   progress=progress, device=device, dist=dist)
+                                   progress=progress, device=device, dist=dist, invert=args.invert)
     if data.true_rotations is None:
         raise ValueError(f"{data.source}: the particles have no poses to start from")
     init = experiment.initial_poses(data.true_rotations, args.pose_init, preset, args.seed)

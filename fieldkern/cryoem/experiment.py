@@ -141,7 +141,7 @@ class ExperimentData:
 
 def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, particles: str | None = None,
                  reference: str | None = None, progress: bool = True, device=None,
-                 dist: DistContext | None = None) -> ExperimentData:
+                 dist: DistContext | None = None, invert: bool = False) -> ExperimentData:
     """Simulate a particle set (or read ``particles``) and load it.
 
     ``structure``: ``"4ake"``, ``"1ol5"``, a PDB/mmCIF path, or an ``.mrc``/``.map`` map to
@@ -150,7 +150,10 @@ def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, parti
     ``particles``: a RELION STAR file to reconstruct instead; its poses are taken as the
     truth only for reporting pose changes, and ``reference`` (an MRC map) serves as the
     ground truth for FSC if given. Maps holding NaN/inf or without a voxel size in their
-    header raise ValueError naming the file.
+    header raise ValueError naming the file. ``invert`` multiplies the particle images by -1
+    (RELION extracts white particles; fieldkern's CTF model makes them dark); particles
+    whose contrast disagrees with the CTF model (:func:`contrast_score` below -5) raise a
+    ValueError that says which way to go.
 
     With a data-parallel ``dist``, rank 0 simulates (or reads) as above; the other ranks
     then open the same STAR file lazily (memory-mapped: :class:`Reconstruction` reads only
@@ -159,28 +162,30 @@ def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, parti
     sees. Only rank 0 holds the ground-truth map.
     """
     if dist is None or not dist.distributed:
-        return _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device)
+        return _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device, invert)
     data = None
     with dist.agree("preparing the particle data"):
         if dist.is_main:
-            data = _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device)
+            data = _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device, invert)
     meta = dist.broadcast_object(None if data is None else {
         "star": str(data.dataset.star_path), "true_rotations": data.true_rotations, "source": data.source,
         "simulated": data.simulated, "paths": data.paths, "has_ground_truth": data.has_ground_truth,
     })
     with dist.agree("reading the particle data"):
         if not dist.is_main:
-            ds = load_particles(meta["star"], lazy=True)
+            ds = load_particles(meta["star"], lazy=True, invert=invert and particles is not None)
             data = ExperimentData(ds, None, meta["true_rotations"], meta["source"], meta["simulated"], meta["paths"],
                                   meta["has_ground_truth"])
     return data
 
 
-def _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device) -> ExperimentData:
+def _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device,
+                  invert=False) -> ExperimentData:
     from fieldkern.cryoem.simulate import simulate
 
     if particles is not None:
-        ds = load_particles(particles)
+        ds = load_particles(particles, invert=invert)
+        check_contrast(ds, invert)
         gt = None
         if reference is not None:
             gt, ref_apix = read_map(reference, "reference map")
@@ -204,6 +209,43 @@ def _prepare_data(structure, out_dir, preset, seed, particles, reference, progre
     gt, _ = read_mrc(sim.volume_path)
     return ExperimentData(ds, gt, sim.rotations, str(source), True,
                           {"particles": str(sim.star_path), "ground_truth_input": str(sim.volume_path)})
+
+
+def contrast_score(ds: ParticleDataset, max_images: int = 2000) -> float:
+    """How well the particles' contrast agrees with the CTF model, as a z-score.
+
+    At the lowest frequencies (``0 < |k| <= 2`` Fourier pixels) a centred particle's
+    projection is about its total, positive mass, so ``F[I] ~ CTF * mass`` there: the sum of
+    ``Re(F[I]) * CTF`` over those frequencies and up to ``max_images`` particles (centred by
+    their origins first), divided by its standard error, is large and positive for particles
+    in fieldkern's convention and large and negative for contrast-inverted ones (measured:
+    +123 on the first 2000 of the quick preset's simulated particles at SNR 0.1, where 99.97%
+    of single images score positive). Near zero: no usable signal at those frequencies.
+    """
+    from fieldkern.cryoem.fourier import fft2_centered
+    from fieldkern.cryoem.reconstruct import shift_phases
+
+    n = min(len(ds), max_images)
+    D = ds.box
+    spectra = fft2_centered(torch.as_tensor(ds.images[:n]).to(torch.float64))
+    spectra = spectra * shift_phases(ds.shifts_A[:n] / ds.apix, D).to(torch.complex128)
+    k = torch.arange(D, dtype=torch.float64) - D // 2
+    r = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()
+    low = (r > 0) & (r <= 2)
+    terms = (spectra.real * ds.ctf(slice(0, n), dtype=torch.float64))[:, low]
+    norm = float(terms.square().sum().sqrt())
+    return float(terms.sum()) / norm if norm > 0 else 0.0
+
+
+def check_contrast(ds: ParticleDataset, inverted: bool) -> None:
+    """ValueError when :func:`contrast_score` says the particles are of the opposite contrast
+    to the CTF model: the reconstruction (ReLU heads: a non-negative density) would fail."""
+    z = contrast_score(ds)
+    if z < -5:
+        hint = ("they were inverted (--invert / invert=True): leave that out" if inverted
+                else "RELION extracts white particles: pass --invert (load_particles(..., invert=True))")
+        raise ValueError(f"{ds.star_path}: the particles' contrast is opposite to the CTF model's (score {z:.1f}); "
+                         f"{hint}")
 
 
 #: File endings read as MRC maps (EMDB distributes ``.map``); anything else goes to gemmi.

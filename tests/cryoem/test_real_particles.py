@@ -1,5 +1,6 @@
-"""Gold-standard FSC without a ground truth: half sets, local alignment of the half maps,
-poses moved into half 1's frame, and the example's --particles run without --reference."""
+"""Real particle sets (``--particles``): contrast against the CTF model, and the gold-standard
+FSC without a ground truth (half sets, local alignment of the half maps, poses moved into
+half 1's frame, the example's run without --reference, on one process and under torchrun)."""
 
 import json
 import os
@@ -180,3 +181,24 @@ def test_torchrun_half_maps_match_one_process(particle_set, half_run, tmp_path):
         ra = torch.load(one / f"checkpoint_half{h}.pt", weights_only=True)["rotations"]
         rb = torch.load(out / f"checkpoint_half{h}.pt", weights_only=True)["rotations"]
         assert (ra - rb).abs().max() < 1e-5
+
+
+def test_contrast_opposite_to_the_ctf_model_is_refused(particle_set, tmp_path):
+    ds = cem.load_particles(particle_set)
+    z = experiment.contrast_score(ds)
+    assert z > 10  # measured 24.9 on these 120 tiny particles
+    inverted = cem.load_particles(particle_set, invert=True)
+    assert experiment.contrast_score(inverted) == pytest.approx(-z)
+    with pytest.raises(ValueError, match="pass --invert"):
+        experiment.check_contrast(inverted, inverted=False)
+    with pytest.raises(ValueError, match="leave that out"):
+        experiment.check_contrast(inverted, inverted=True)
+    experiment.check_contrast(ds, inverted=False)
+    # Noise alone scores near zero and is let through.
+    noise = _dataset(tmp_path)
+    assert abs(experiment.contrast_score(noise)) < 5
+    # The command line: --invert on these (dark) particles is refused before any training.
+    proc = _run(*HALF_ARGS, "--particles", str(particle_set), "--invert", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 1 and "contrast is opposite" in proc.stderr and "leave that out" in proc.stderr
+    proc = _run("--invert", cwd=tmp_path)
+    assert proc.returncode == 2 and "--invert needs --particles" in proc.stderr
