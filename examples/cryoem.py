@@ -5,6 +5,7 @@ Examples:
     python examples/cryoem.py                                   # quick default: 4AKE, CPU, < 10 min
     python examples/cryoem.py --structure 1ol5 --pose-init coarse --epochs 30
     python examples/cryoem.py --particles my.star --reference map.mrc --pose-init gt
+    python examples/cryoem.py --particles relion.star --invert       # real data: half maps, FSC 0.143
     python examples/cryoem.py --preset paper --device cuda      # 50,000 particles (GPU)
 
 Several GPUs or nodes (data parallel; see README "Several GPUs and clusters"):
@@ -46,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--apix", type=float, help="pixel size of the simulation (A)")
     p.add_argument("--n-particles", type=int, help="particles to simulate")
     p.add_argument("--snr", type=float, help="signal-to-noise ratio of the simulation")
-    p.add_argument("--pose-init", choices=experiment.POSE_INITS, default="perturbed",
-                   help="gt: true poses, kept fixed; perturbed: up to 20 deg off (default); coarse: 45-90 deg off")
+    p.add_argument("--pose-init", choices=experiment.POSE_INITS,
+                   help="gt: true (or the file's) poses, kept fixed; refine: those poses, refined (default with "
+                   "--particles); perturbed: up to 20 deg off (default otherwise); coarse: 45-90 deg off")
     p.add_argument("--epochs", type=int, help="training epochs (stage switches scale with it)")
     p.add_argument("--projector", choices=("fourier", "real"), help="projection method (default fourier)")
     p.add_argument("--seed", type=int, default=0)
@@ -56,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.pose_init is None:  # a real set's poses are the best start; the paper perturbs simulated ones
+        args.pose_init = "refine" if args.particles else "perturbed"
     if args.reference and not args.particles:
         p.error("--reference needs --particles")
     if args.invert and not args.particles:

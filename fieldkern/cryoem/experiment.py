@@ -35,7 +35,7 @@ from fieldkern.cryoem.rotations import jitter_rotations, matrix_to_relion_euler
 from fieldkern.distributed import DistContext
 from fieldkern.train import Callback
 
-POSE_INITS = ("gt", "perturbed", "coarse")
+POSE_INITS = ("gt", "refine", "perturbed", "coarse")
 
 #: FSC threshold against a ground-truth map (the paper's criterion).
 GROUND_TRUTH_THRESHOLD = 0.5
@@ -297,11 +297,12 @@ def check_map_geometry(path, box: int | None = None, apix: float | None = None) 
 
 
 def initial_poses(true_rotations: torch.Tensor, mode: str, preset: Preset, seed: int) -> torch.Tensor:
-    """Starting pose estimates: the truth (``gt``), the truth rotated about a random axis by
-    up to ``preset.perturb_deg`` (``perturbed``), or by ``preset.coarse_deg`` (``coarse``)."""
+    """Starting pose estimates: the truth (``gt``, kept fixed in training; ``refine``, refined:
+    a real particle set's poses), the truth rotated about a random axis by up to
+    ``preset.perturb_deg`` (``perturbed``), or by ``preset.coarse_deg`` (``coarse``)."""
     if mode not in POSE_INITS:
         raise ValueError(f"pose init must be one of {POSE_INITS}, got {mode!r}")
-    if mode == "gt":
+    if mode in ("gt", "refine"):
         return true_rotations.clone()
     gen = torch.Generator().manual_seed(seed + 17)
     lo, hi = (0.0, preset.perturb_deg) if mode == "perturbed" else preset.coarse_deg

@@ -149,6 +149,10 @@ def test_example_without_reference_reports_half_map_resolution(particle_set, hal
     results = json.loads((out / "results.json").read_text())
     assert results["fsc_against"] == "half maps" and results["fsc_threshold"] == pytest.approx(0.143)
     assert len(results["resolution_angstrom"]) == 3 and len(results["loss_per_epoch_halves"]) == 2
+    # A particle set's own poses are the start, refined (not perturbed as in the simulations).
+    assert results["settings"]["pose_init"] == "refine"
+    assert results["pose_error_deg"]["initial"]["mean"] < 1e-5
+    assert results["pose_error_deg"]["final"]["mean"] > 0
     # The simulator's rlnRandomSubset made the halves; every particle keeps its pose row.
     ds = cem.load_particles(out / "poses.star")
     assert len(ds) == 120
