@@ -648,7 +648,9 @@ def summary_lines(results: dict) -> list[str]:
                      f"{'n/a' if r is None else f'{r:.2f} A'}{caveat}")
     pe = results["pose_error_deg"]
     if pe:
-        lines.append(f"pose error (deg): mean {pe['initial']['mean']:.2f} -> {pe['final']['mean']:.2f}, "
+        # A real particle set's poses are estimates themselves: the angle is a change, not an error.
+        what = "pose change from the file's poses" if results["settings"].get("particles") else "pose error"
+        lines.append(f"{what} (deg): mean {pe['initial']['mean']:.2f} -> {pe['final']['mean']:.2f}, "
                      f"median {pe['initial']['median']:.2f} -> {pe['final']['median']:.2f}")
     lines.append(f"time {results['seconds']:.0f} s")
     return lines

@@ -141,6 +141,7 @@ def half_run(particle_set):
 def test_example_without_reference_reports_half_map_resolution(particle_set, half_run):
     out, proc = half_run
     assert "resolution at FSC 0.143 vs half maps" in proc.stdout
+    assert "pose change from the file's poses (deg)" in proc.stdout
     for name in ("half1_scale2.mrc", "half2_scale2.mrc", "reconstruction_scale2.mrc", "half1_stage0_scale0.mrc",
                  "half2_stage2_scale2.mrc", "checkpoint_half1.pt", "checkpoint_half2.pt", "fsc.csv", "fsc.png",
                  "poses.star"):
