@@ -87,6 +87,27 @@ def block(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(int(n)))
 
 
+#: Kernels address point-major buffers (``(P, H)``, ``(P, D)``, ...) with int32 offsets such as
+#: ``offs_p * H``, which wrap at 2^31 elements: an illegal address or another buffer's memory
+#: on a GPU (a (P, 128) buffer reaches it at 2^24 points, a 256^3 grid). Launchers keep every
+#: buffer one launch addresses below this, by walking the points in ``point_chunks``; the
+#: stack's fused forward gives way to its layered one. Tests lower it to force chunking.
+MAX_ELEMENTS = 1 << 31
+
+
+def point_chunks(P: int, *widths: int) -> list[tuple[int, int]]:
+    """``(p0, p1)`` ranges covering ``range(P)`` in order, each short enough that a
+    ``(p1 - p0, width)`` buffer has fewer than ``MAX_ELEMENTS`` elements for every ``width``:
+    just ``(0, P)`` for problems below the limit, none for ``P == 0``. Padding lanes of a chunk's last tile may
+    compute wrapped offsets; they are masked, never dereferenced."""
+    rows = max(1, (MAX_ELEMENTS - 1) // max(1, *widths))
+    if rows < P and rows >= 16:
+        # chunks start 16-byte aligned in every buffer, as Triton specializes pointers on
+        # it (vectorized accesses); else each chunk could compile a slower variant
+        rows -= rows % 16
+    return [(p0, min(P, p0 + rows)) for p0 in range(0, P, rows)]
+
+
 def max_programs(device: torch.device, per_sm: int = 2) -> int:
     """Size of the persistent grid. Per-program scratch and gradient partials scale with
     it, not with the number of points."""

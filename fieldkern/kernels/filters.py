@@ -8,6 +8,9 @@ tile, recomputes ``sin``/``cos``/envelope from ``x`` (nothing saved by the forwa
 ``dx`` in registers (one store per tile) and adds ``db, dW (if trainable), dgamma, dmu`` into
 its own row of ``[n_programs, ...]`` partial buffers; the launcher sums the rows in fixed
 order, so the result is deterministic.
+
+Both launchers walk the points in ``point_chunks`` (one launch per chunk; a single chunk
+below ``_common.MAX_ELEMENTS``), since the kernels' offsets are int32.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fieldkern.kernels._common import (
     filter_backward,
     filter_values,
     max_programs,
+    point_chunks,
 )
 
 _CONFIGS = configs(
@@ -89,11 +93,11 @@ def filter_forward(x, w, b, gamma=None, mu=None):
     P, D = x.shape
     H = w.shape[0]
     out = torch.empty((P, H), device=x.device, dtype=torch.float32)
-    if P == 0:
-        return out
-    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
-    _filter_fwd_kernel[grid](x, w, b, gamma if gamma is not None else b, mu if mu is not None else w,
-                             out, P, H, D=D, GABOR=gamma is not None)
+    for p0, p1 in point_chunks(P, H, D):
+        n = p1 - p0
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
+        _filter_fwd_kernel[grid](x[p0:p1], w, b, gamma if gamma is not None else b,
+                                 mu if mu is not None else w, out[p0:p1], n, H, D=D, GABOR=gamma is not None)
     return out
 
 
@@ -108,10 +112,14 @@ def filter_backward_launch(grad, x, w, b, gamma=None, mu=None, need_dw=True):
     pb = torch.zeros((nprog, H), **f32)
     pg = torch.zeros((nprog, H), **f32)
     pm = torch.zeros((nprog, H, D), **f32)
-    if P > 0:
-        grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
-        _filter_bwd_kernel[grid](grad, x, w, b, gamma if gamma is not None else b,
-                                 mu if mu is not None else w, dx, pw, pb, pg, pm, P, H, D=D,
+    # Every chunk adds into the same program rows (program i of each launch to row i), so
+    # the partials hold sums over all points and one fixed-order reduction follows. Safe
+    # with autotuning's reset_to_zero: it only zeroes when tuning, on the first launch.
+    for p0, p1 in point_chunks(P, H, D):
+        n = p1 - p0
+        grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), nprog),)  # noqa: E731
+        _filter_bwd_kernel[grid](grad[p0:p1], x[p0:p1], w, b, gamma if gamma is not None else b,
+                                 mu if mu is not None else w, dx[p0:p1], pw, pb, pg, pm, n, H, D=D,
                                  GABOR=gamma is not None, NEED_DW=bool(need_dw),
                                  BLOCK_D=block(D, 2))
     gabor = gamma is not None

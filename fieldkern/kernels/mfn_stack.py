@@ -76,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fieldkern.kernels import _common
 from fieldkern.kernels._common import (
     IEEE,
     accumulate,
@@ -512,7 +513,8 @@ def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
     gamma (L, H), mu (L, H, D) or None. All fp32 contiguous. Returns (L, P, O) fp32 (rows of
     layers without a head uninitialised) and, with ``save``, what the backward needs:
     ``lin_i = z_{i-1} A_i^T + c_i`` (L-1, P, H) and, for ReLU heads, the pre-activations
-    (L, P, O); else two empty tensors."""
+    (L, P, O); else two empty tensors. Layered, without timing, where the fused kernel's
+    offsets would not fit in int32 (``_common.MAX_ELEMENTS``)."""
     P, D = x.shape
     L, H, _ = w.shape
     O = u.shape[1]
@@ -527,6 +529,13 @@ def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu,
         impl = _forward_layered if strategy == "layered" else _forward_fused
         impl(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save, out, lin, hpre)
 
+    # The fused kernel addresses lin (L-1, P, H), out / hpre (L, P, O) and x whole, with int32
+    # offsets: for the 3D net at hidden 128 with 3 layers, lin passes 2^31 elements at 2^23
+    # points (a 203^3 grid evaluated with gradients). The layered forward walks the points
+    # in chunks, so it takes such problems whatever FORWARD_STRATEGY says.
+    if max(L * P * O, P * D, (L - 1) * P * H if save else 0) >= _common.MAX_ELEMENTS:
+        run("layered")
+        return out, lin, hpre
     key = (P.bit_length(), H, D, L, O, head_mask, bool(residual), bool(relu), c is not None, gamma is not None,
            precision, bool(save), x.device.index)
     run(_forward_strategy(key, x.device, run))

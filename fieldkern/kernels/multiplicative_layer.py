@@ -11,6 +11,9 @@ gradients (``db, dW, dgamma, dmu``) and ``dc`` into its own row of ``[n_programs
 partials (deterministic fixed-order sum) and ``dx`` in registers. The two remaining
 products, ``dz = dlin A`` and ``dA = dlin^T z``, are plain GEMMs and go to
 ``torch.matmul`` (cuBLAS on GPU; deterministic for a given shape and library).
+
+Both launchers walk the points in ``point_chunks`` (one launch per chunk; a single chunk
+below ``_common.MAX_ELEMENTS``), since the kernels' offsets are int32.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fieldkern.kernels._common import (
     load_split,
     max_programs,
     mm_split,
+    point_chunks,
     weight_parts,
 )
 
@@ -149,16 +153,19 @@ def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision, out=Non
     D = x.shape[1]
     if out is None:
         out = torch.empty((P, H), device=z.device, dtype=torch.float32)
-    if P == 0:
-        return out
-    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
-    _multiplicative_layer_fwd_kernel[grid](
-        z, *(a_parts or weight_parts(a, precision)), c if c is not None else b, x, w, b,
-        gamma if gamma is not None else b,
-        mu if mu is not None else w, out, lin if lin is not None else out, P, H, K, D=D,
-        HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
-        SAVE_LIN=lin is not None,
-    )
+    chunks = point_chunks(P, H, K, D)
+    if chunks:
+        a_hi, a_lo = a_parts or weight_parts(a, precision)
+    for p0, p1 in chunks:
+        n = p1 - p0
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
+        _multiplicative_layer_fwd_kernel[grid](
+            z[p0:p1], a_hi, a_lo, c if c is not None else b, x[p0:p1], w, b,
+            gamma if gamma is not None else b,
+            mu if mu is not None else w, out[p0:p1], (lin if lin is not None else out)[p0:p1], n, H, K, D=D,
+            HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
+            SAVE_LIN=lin is not None,
+        )
     return out
 
 
@@ -176,12 +183,19 @@ def multiplicative_layer_backward(grad, z, a, c, x, w, b, gamma, mu, need_dw, pr
     pb = torch.zeros((nprog, H), **f32)
     pg = torch.zeros((nprog, H), **f32)
     pm = torch.zeros((nprog, H, D), **f32)
-    if P > 0:
-        grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
+    chunks = point_chunks(P, H, K, D)
+    if chunks:
+        a_hi, a_lo = weight_parts(a, precision)
+    # Every chunk adds into the same program rows (program i of each launch to row i), so
+    # the partials hold sums over all points and one fixed-order reduction follows. Safe
+    # with autotuning's reset_to_zero: it only zeroes when tuning, on the first launch.
+    for p0, p1 in chunks:
+        n = p1 - p0
+        grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), nprog),)  # noqa: E731
         _multiplicative_layer_bwd_kernel[grid](
-            grad, z, *weight_parts(a, precision), c if c is not None else b, x, w, b,
+            grad[p0:p1], z[p0:p1], a_hi, a_lo, c if c is not None else b, x[p0:p1], w, b,
             gamma if gamma is not None else b,
-            mu if mu is not None else w, dlin, dx, pc, pw, pb, pg, pm, P, H, K, D=D,
+            mu if mu is not None else w, dlin[p0:p1], dx[p0:p1], pc, pw, pb, pg, pm, n, H, K, D=D,
             HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
             NEED_DW=bool(need_dw), BLOCK_D=block(D, 2),
         )

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fieldkern
-from fieldkern.kernels._common import _reduce
-from _kernel_helpers import compare_op, needs_interpreter
+from fieldkern.kernels import _common
+from fieldkern.kernels._common import _reduce, point_chunks
+from _kernel_helpers import compare_op, needs_interpreter, spy_launches
 
 pytestmark = needs_interpreter
 
@@ -48,6 +49,35 @@ def test_filter_modules_match():
     for module in (fieldkern.FourierFilter(2, 24, trainable_frequencies=True), fieldkern.GaborFilter(3, 17)):
         x = torch.rand(50, module.in_features) - 0.5
         compare_op(module, (x.requires_grad_(),))
+
+
+@pytest.mark.parametrize("gabor", [False, True], ids=["fourier", "gabor"])
+def test_filter_in_chunks_below_int32_offsets(monkeypatch, gabor):
+    """The kernels' int32 offsets into (P, H) buffers wrap past 2^31 elements (2^24 points at
+    H 128): the launchers walk the points in chunks below the limit, lowered here to 16
+    rows of H, so 77 points take five launches each way; the parameter gradients add up
+    over the chunks."""
+    from fieldkern.kernels import filters as F
+
+    n, d, h = 77, 3, 24
+    fwd = spy_launches(monkeypatch, F, "_filter_fwd_kernel")
+    bwd = spy_launches(monkeypatch, F, "_filter_bwd_kernel")
+    fn = fieldkern.ops.gabor_filter if gabor else fieldkern.ops.fourier_filter
+    compare_op(fn, _args(n, d, h, gabor))
+    assert (len(fwd), len(bwd)) == (1, 1)  # below the limit: one launch, as ever
+    monkeypatch.setattr(_common, "MAX_ELEMENTS", 16 * h + 1)
+    compare_op(fn, _args(n, d, h, gabor))
+    assert (len(fwd), len(bwd)) == (1 + 5, 1 + 5)
+
+
+def test_point_chunks():
+    """At the real limit: one chunk up to 2^31 - 1 elements, then chunks of whole 16-row
+    groups (aligned starts); nothing for no points."""
+    assert point_chunks(0, 128) == []
+    assert point_chunks((1 << 24) - 1, 128, 3) == [(0, (1 << 24) - 1)]
+    assert point_chunks(1 << 24, 128, 3) == [(0, (1 << 24) - 16), ((1 << 24) - 16, 1 << 24)]
+    assert point_chunks(5 << 30, 1) == [(0, (1 << 31) - 16), ((1 << 31) - 16, (2 << 31) - 32),
+                                        ((2 << 31) - 32, 5 << 30)]
 
 
 @triton.jit

@@ -76,6 +76,25 @@ def test_mfn_stack_layered_forward_in_chunks(monkeypatch):
         torch.testing.assert_close(a_, b_, rtol=2e-2, atol=2e-2)
 
 
+def test_mfn_stack_fused_forward_never_past_int32_offsets(monkeypatch):
+    """The fused kernel's int32 offsets into lin (L-1, P, H) wrap past 2^31 elements (a 203^3
+    grid with gradients for 3D hidden 128, 3 layers: an illegal address on a GPU); there the
+    layered forward runs, even with "fused" pinned. The limit is lowered to this problem."""
+    from fieldkern.kernels import _common
+    from fieldkern.kernels import mfn_stack as M
+
+    hidden, n_layers, n = 24, 3, 77
+    monkeypatch.setattr(_common, "MAX_ELEMENTS", (n_layers - 1) * n * hidden)
+    monkeypatch.setattr(M, "FORWARD_STRATEGY", "fused")
+    launches = spy_launches(monkeypatch, M, "_mfn_stack_fwd_kernel")
+    p = stack_params(3, hidden, n_layers, 2, gabor=True, trainable_w=True)
+    compare_stack(p, _x(n, 3), residual=True, head_activation="relu")
+    assert launches == []
+    with torch.no_grad(), fieldkern.set_backend("triton"):  # nothing saved: lin not addressed
+        fieldkern.ops.mfn_stack(_x(n, 3, grad=False), **p, residual=True)
+    assert len(launches) == 1
+
+
 def test_mfn_stack_strategies_off_gpu():
     """Nothing to time off CUDA: the fused forward and the width rule for the backward's
     products, without a cached choice."""

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fieldkern
-from _kernel_helpers import compare_op, needs_interpreter
+from fieldkern.kernels import _common
+from _kernel_helpers import compare_op, needs_interpreter, spy_launches
 
 pytestmark = needs_interpreter
 
@@ -46,3 +47,23 @@ def test_multiplicative_layer_float32_on_tf32_tensor_cores(tf32_tensor_cores):
     """float32 tolerances when the kernels' products round their operands to TF32 as a GPU's
     tensor cores do (emulated): the forward's and backward's split products undo it."""
     compare_op(fieldkern.ops.multiplicative_layer, _args(45, 3, 64, 40, True))
+
+
+@pytest.mark.parametrize("gabor,has_c,train_w", [(False, True, False), (True, False, True), (True, True, True)],
+                         ids=["fourier-c", "gabor", "gabor-c"])
+def test_multiplicative_layer_in_chunks_below_int32_offsets(monkeypatch, gabor, has_c, train_w):
+    """The kernels' int32 offsets into (P, H) and (P, K) buffers wrap past 2^31 elements: the
+    launchers walk the points in chunks below the limit, lowered here to 16 rows of the
+    widest (K 40), so 77 points take five launches each way; the parameter gradients add up
+    over the chunks, dlin is written chunk by chunk for dz and dA."""
+    from fieldkern.kernels import multiplicative_layer as M
+
+    n, d, h_in, h = 77, 3, 40, 24
+    fwd = spy_launches(monkeypatch, M, "_multiplicative_layer_fwd_kernel")
+    bwd = spy_launches(monkeypatch, M, "_multiplicative_layer_bwd_kernel")
+    args = _args(n, d, h_in, h, gabor, has_c, train_w)
+    compare_op(fieldkern.ops.multiplicative_layer, args)
+    assert (len(fwd), len(bwd)) == (1, 1)  # below the limit: one launch, as ever
+    monkeypatch.setattr(_common, "MAX_ELEMENTS", 16 * h_in + 1)
+    compare_op(fieldkern.ops.multiplicative_layer, args)
+    assert (len(fwd), len(bwd)) == (1 + 5, 1 + 5)
