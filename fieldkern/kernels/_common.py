@@ -3,6 +3,8 @@ between strategies, block sizes, sines, split tf32x3 products, filters."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import warnings
 
@@ -106,6 +108,27 @@ def point_chunks(P: int, *widths: int) -> list[tuple[int, int]]:
         # it (vectorized accesses); else each chunk could compile a slower variant
         rows -= rows % 16
     return [(p0, min(P, p0 + rows)) for p0 in range(0, P, rows)]
+
+
+def device_guard(device: torch.device | None):
+    """Make ``device`` the current CUDA device for the block (nothing for other devices)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(launcher):
+    """Run a launcher with its first tensor argument's GPU as the current device: Triton
+    launches on the current device (and the timed choices time there), so tensors on
+    ``cuda:1`` while ``cuda:0`` is current would otherwise be read by kernels on another GPU."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        with device_guard(device):
+            return launcher(*args, **kwargs)
+
+    return wrapper
 
 
 def max_programs(device: torch.device, per_sm: int = 2) -> int:

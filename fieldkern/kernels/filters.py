@@ -28,6 +28,7 @@ from fieldkern.kernels._common import (
     filter_backward,
     filter_values,
     max_programs,
+    on_input_device,
     point_chunks,
 )
 
@@ -88,6 +89,7 @@ def _filter_bwd_kernel(gout_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr,
                  mask=mask_p[:, None] & (offs_d[None, :] < D))
 
 
+@on_input_device
 def filter_forward(x, w, b, gamma=None, mu=None):
     """x (P, D), w (H, D), b (H,), gamma (H,) / mu (H, D) or None; fp32 contiguous -> (P, H) fp32."""
     P, D = x.shape
@@ -101,6 +103,7 @@ def filter_forward(x, w, b, gamma=None, mu=None):
     return out
 
 
+@on_input_device
 def filter_backward_launch(grad, x, w, b, gamma=None, mu=None, need_dw=True):
     """grad (P, H) -> dx (P, D), dW (H, D) (zeros unless need_dw), db (H,), dgamma, dmu (or None)."""
     P, D = x.shape

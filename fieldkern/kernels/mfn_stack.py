@@ -91,6 +91,7 @@ from fieldkern.kernels._common import (
     max_programs,
     mm,
     mm_split,
+    on_input_device,
     sine,
     split_tf32,
     timed_choice,
@@ -507,6 +508,7 @@ def _forward_strategy(key, device, run):
     return timed_choice(_forward_choice, key, device, ("fused", "layered"), run, "fused")
 
 
+@on_input_device
 def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save):
     """The forward, fused or layer by layer (``_forward_strategy``). Shapes: x (P, D); w (L, H, D); b (L, H); a (L-1, H, H);
     c (L-1, H) or None; u (L, O, H); d (L, O) (rows of layers without a head unused);
@@ -564,6 +566,7 @@ def _forward_fused(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, pr
     )
 
 
+@on_input_device
 def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual,
                        relu, detach_heads_below, need_dw, need_da, precision):
     """Backward from what the forward saved (``lin``, ``hpre``). ``grad_out`` (L, P, O)

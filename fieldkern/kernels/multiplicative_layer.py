@@ -33,6 +33,7 @@ from fieldkern.kernels._common import (
     load_split,
     max_programs,
     mm_split,
+    on_input_device,
     point_chunks,
     weight_parts,
 )
@@ -144,6 +145,7 @@ def _multiplicative_layer_bwd_kernel(
                  mask=mask_p[:, None] & (offs_d[None, :] < D))
 
 
+@on_input_device
 def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision, out=None, lin=None, a_parts=None):
     """z (P, K), a (H, K), c (H,) or None, x (P, D), filter params; fp32 contiguous -> (P, H).
     ``out``: a contiguous (P, H) float32 tensor to write into; ``lin``: one to receive
@@ -169,6 +171,7 @@ def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision, out=Non
     return out
 
 
+@on_input_device
 def multiplicative_layer_backward(grad, z, a, c, x, w, b, gamma, mu, need_dw, precision):
     """-> dz (P, K), dA (H, K), dc (H,) or None, dx (P, D), dW (H, D), db, dgamma, dmu (or None)."""
     P, K = z.shape

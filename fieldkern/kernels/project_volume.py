@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import configs, interpreting, timed_choice
+from fieldkern.kernels._common import configs, interpreting, on_input_device, timed_choice
 
 BLOCK = 64 if interpreting() else 256  # pixels (lanes) per program of the backward
 
@@ -411,6 +411,7 @@ def _n_programs(D: int, block: int, tile_w: int) -> int:
     return triton.cdiv(D, tile_w) * triton.cdiv(D, block // tile_w)
 
 
+@on_input_device
 def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """``volume (D, D, D)`` (float32 or bfloat16), ``rotations (B, 3, 3)`` -> ``(B, D, D)`` float32."""
     D = volume.shape[0]
@@ -430,6 +431,7 @@ VOLUME_GRADIENT_METHODS = ("scatter", "scatter_tiled", "gather")
 _volume_gradient_choice: dict[tuple, str] = {}
 
 
+@on_input_device
 def project_volume_backward(
     volume: torch.Tensor, rotations: torch.Tensor, grad_out: torch.Tensor,
     need_volume: bool, need_rotation: bool, deterministic: bool = False,

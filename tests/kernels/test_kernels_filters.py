@@ -80,6 +80,43 @@ def test_point_chunks():
                                         ((2 << 31) - 32, 5 << 30)]
 
 
+def test_launchers_run_on_their_inputs_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: every public launcher first makes its
+    first tensor argument's GPU current (tensors on cuda:1 while cuda:0 is current would
+    otherwise be read by kernels on the other GPU). CPU tensors change nothing."""
+    from fieldkern.kernels import _common, filters, mfn_stack, multiplicative_layer, project_volume
+
+    entered = []
+
+    class Device:  # stands in for torch.cuda.device, which needs CUDA
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    with _common.device_guard(torch.device("cuda", 1)):
+        pass
+    with _common.device_guard(torch.device("cpu")), _common.device_guard(None):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+    seen = []
+    wrapped = _common.on_input_device(lambda *args, **kw: seen.append((args, kw)) or "done")
+    assert wrapped(3, torch.zeros(2), k=1) == "done" and len(seen) == 1
+    assert entered == [torch.device("cuda", 1)]  # a CPU tensor: no device switch
+    launchers = [filters.filter_forward, filters.filter_backward_launch,
+                 multiplicative_layer.multiplicative_layer_forward,
+                 multiplicative_layer.multiplicative_layer_backward, mfn_stack.mfn_stack_forward,
+                 mfn_stack.mfn_stack_backward, project_volume.project_volume_forward,
+                 project_volume.project_volume_backward]
+    assert all(getattr(f, "__wrapped__", None) is not None for f in launchers)
+
+
 @triton.jit
 def _reduce_kernel(s_ptr, r_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -88,9 +125,9 @@ def _reduce_kernel(s_ptr, r_ptr, BLOCK: tl.constexpr):
 
 @pytest.mark.parametrize("top, bound", [(1e4, 3e-7), (1e5, 2e-6), (4e5, 6e-6)])
 def test_sine_argument_reduction(top, bound):
-    """The GPU's sines take ``sin.approx`` of ``_reduce(s)`` (the interpreter runs tl.sin on
-    s, so this reduction is not exercised by the comparisons): sin and cos of the reduced
-    argument against float64 sin(s), cos(s). Filter arguments stay below ~1e4 rad in
+    """The GPU's sines take ``sin.approx`` of ``_reduce(s)`` (the interpreter takes an exact
+    sine of the same reduced argument, so the comparisons see the reduction but not its
+    bound): sin and cos of the reduced argument against float64 sin(s), cos(s). Filter arguments stay below ~1e4 rad in
     practice (|W| <= pi N, |x| <= 1/2); 4e5 is where k * 2pi's head stops being exact.
     Without FMA contraction, as the interpreter computes it; a GPU's fma only helps."""
     s = (torch.rand(1 << 14, generator=torch.Generator().manual_seed(0)) * 2 - 1) * top
