@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--particles", metavar="STAR", help="reconstruct this RELION particle set instead of simulating")
     p.add_argument("--invert", action="store_true", help="multiply the --particles images by -1 (RELION extracts white "
                    "particles; refused when their contrast disagrees with the CTF model)")
+    p.add_argument("--downsample", type=int, metavar="D", help="Fourier-crop the --particles images to D pixels "
+                   "(even; a reference map of their box too): real sets of 200-400 pixels are far more than needed")
     p.add_argument("--reference", metavar="MRC", help="ground-truth map for FSC with --particles "
                    "(without it: FSC 0.143 between two independently reconstructed half sets)")
     p.add_argument("--preset", choices=tuple(experiment.PRESETS), default="quick",
@@ -62,8 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pose_init = "refine" if args.particles else "perturbed"
     if args.reference and not args.particles:
         p.error("--reference needs --particles")
-    if args.invert and not args.particles:
-        p.error("--invert needs --particles")
+    for flag in ("invert", "downsample"):
+        if getattr(args, flag) and not args.particles:
+            p.error(f"--{flag} needs --particles")
+    if args.downsample is not None and (args.downsample < 2 or args.downsample % 2):
+        p.error("--downsample must be an even number of pixels >= 2")
     if args.particles:  # a particle set brings its own box, pixel size, count and noise
         given = [f"--{n.replace('_', '-')}" for n in ("box", "apix", "n_particles", "snr") if getattr(args, n) is not None]
         if given:
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
 
     start = time.perf_counter()
     data = experiment.prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
-                                   progress=progress, device=device, dist=dist, invert=args.invert)
+                                   progress=progress, device=device, dist=dist, invert=args.invert,
+                                   downsample=args.downsample)
     if data.true_rotations is None:
         raise ValueError(f"{data.source}: the particles have no poses to start from")
     init = experiment.initial_poses(data.true_rotations, args.pose_init, preset, args.seed)

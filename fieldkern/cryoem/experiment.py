@@ -141,7 +141,8 @@ class ExperimentData:
 
 def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, particles: str | None = None,
                  reference: str | None = None, progress: bool = True, device=None,
-                 dist: DistContext | None = None, invert: bool = False) -> ExperimentData:
+                 dist: DistContext | None = None, invert: bool = False,
+                 downsample: int | None = None) -> ExperimentData:
     """Simulate a particle set (or read ``particles``) and load it.
 
     ``structure``: ``"4ake"``, ``"1ol5"``, a PDB/mmCIF path, or an ``.mrc``/``.map`` map to
@@ -153,7 +154,8 @@ def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, parti
     header raise ValueError naming the file. ``invert`` multiplies the particle images by -1
     (RELION extracts white particles; fieldkern's CTF model makes them dark); particles
     whose contrast disagrees with the CTF model (:func:`contrast_score` below -5) raise a
-    ValueError that says which way to go.
+    ValueError that says which way to go. ``downsample`` Fourier-crops the particles (and a
+    reference map of the stack's box) to that many pixels (:meth:`ParticleDataset.downsample`).
 
     With a data-parallel ``dist``, rank 0 simulates (or reads) as above; the other ranks
     then open the same STAR file lazily (memory-mapped: :class:`Reconstruction` reads only
@@ -162,11 +164,13 @@ def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, parti
     sees. Only rank 0 holds the ground-truth map.
     """
     if dist is None or not dist.distributed:
-        return _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device, invert)
+        return _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device, invert,
+                             downsample)
     data = None
     with dist.agree("preparing the particle data"):
         if dist.is_main:
-            data = _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device, invert)
+            data = _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device, invert,
+                                 downsample)
     meta = dist.broadcast_object(None if data is None else {
         "star": str(data.dataset.star_path), "true_rotations": data.true_rotations, "source": data.source,
         "simulated": data.simulated, "paths": data.paths, "has_ground_truth": data.has_ground_truth,
@@ -174,21 +178,30 @@ def prepare_data(structure: str, out_dir: Path, preset: Preset, seed: int, parti
     with dist.agree("reading the particle data"):
         if not dist.is_main:
             ds = load_particles(meta["star"], lazy=True, invert=invert and particles is not None)
+            if downsample is not None and particles is not None:
+                ds = ds.downsample(downsample)
             data = ExperimentData(ds, None, meta["true_rotations"], meta["source"], meta["simulated"], meta["paths"],
                                   meta["has_ground_truth"])
     return data
 
 
 def _prepare_data(structure, out_dir, preset, seed, particles, reference, progress, device,
-                  invert=False) -> ExperimentData:
+                  invert=False, downsample=None) -> ExperimentData:
+    from fieldkern.cryoem.fourier import fourier_crop
     from fieldkern.cryoem.simulate import simulate
 
     if particles is not None:
         ds = load_particles(particles, invert=invert)
+        stack_box = ds.box
+        if downsample is not None:
+            ds = ds.downsample(downsample)
         check_contrast(ds, invert)
         gt = None
         if reference is not None:
             gt, ref_apix = read_map(reference, "reference map")
+            if ds.stack_geometry is not None and tuple(gt.shape) == (stack_box,) * 3:
+                # a map of the particles' own box follows them down
+                gt, ref_apix = fourier_crop(gt, ds.box, 3), ref_apix * stack_box / ds.box
             if tuple(gt.shape) != (ds.box,) * 3:
                 raise ValueError(f"reference map {reference} has shape {tuple(gt.shape)}, the particles box {ds.box}")
             if abs(ref_apix - ds.apix) > 1e-3 * ds.apix:
@@ -610,9 +623,10 @@ def _write_poses(path: Path, ds: ParticleDataset, rotations: torch.Tensor, shift
         stack = (star_dir / file).resolve()
         rel.append(f"{idx}@{os.path.relpath(stack, path.parent.resolve())}")
     p = ds.ctf_params
+    box, apix = ds.stack_geometry or (ds.box, ds.apix)  # the stacks named, not a downsampled view
     write_particles_star(
         path, image_names=rel, euler_deg=matrix_to_relion_euler(rotations.cpu().to(torch.float64)),
-        dfu=p.dfu, dfv=p.dfv, dfang=p.dfang, apix=ds.apix, box=ds.box, volt=float(p.volt[0]),
+        dfu=p.dfu, dfv=p.dfv, dfang=p.dfang, apix=apix, box=box, volt=float(p.volt[0]),
         cs=float(p.cs[0]), w=float(p.w[0]), phase_shift=p.phase_shift, bfactor=p.bfactor,
         shifts_A=shifts_A,
     )

@@ -36,6 +36,7 @@ import torch
 
 from fieldkern.cryoem._checks import (
     check_amplitude_contrast,
+    check_box_size,
     check_count,
     check_defocus_angstrom,
     check_finite,
@@ -333,6 +334,34 @@ class ImageStack:
             m.close()
 
 
+class CroppedImages:
+    """Fourier-cropped view of particle images (a tensor or :class:`ImageStack`):
+    ``(N, size, size)``, each read cropped by :func:`fieldkern.cryoem.fourier_crop` in
+    blocks of 1024 images, so a large stack is never held at its full size."""
+
+    def __init__(self, images, size: int):
+        self.images, self.size = images, int(size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self), self.size, self.size)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        from fieldkern.cryoem.fourier import fourier_crop
+
+        if isinstance(idx, (int, np.integer)):
+            return fourier_crop(torch.as_tensor(self.images[idx]), self.size, 2)
+        sel = torch.as_tensor(np.arange(len(self))[idx]) if not isinstance(idx, torch.Tensor) else idx.cpu()
+        sel = sel.reshape(-1)
+        out = torch.empty((len(sel), self.size, self.size), dtype=torch.float32)
+        for i in range(0, len(sel), 1024):
+            out[i:i + 1024] = fourier_crop(torch.as_tensor(self.images[sel[i:i + 1024]]).float(), self.size, 2)
+        return out
+
+
 @dataclass
 class ParticleDataset:
     """Particles read by :func:`load_particles`.
@@ -361,9 +390,25 @@ class ParticleDataset:
     stack_paths: list[Path]
     optics: object = field(default=None, repr=False)
     particles: object = field(default=None, repr=False)
+    #: ``(box, apix)`` of the images as stored, where :meth:`downsample` changed them.
+    stack_geometry: tuple[int, float] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def downsample(self, size: int) -> ParticleDataset:
+        """The same particles Fourier-cropped to ``size`` pixels (even, <= ``box``): the pixel
+        size grows by ``box / size``, the CTFs follow (same frequencies in 1/A), origins stay
+        in A. Images are cropped as they are read (:class:`CroppedImages`)."""
+        from dataclasses import replace
+
+        size = check_box_size("size", size)
+        if size > self.box:
+            raise ValueError(f"cannot downsample {self.box}-pixel particles to {size} pixels (must be <= {self.box})")
+        if size == self.box:
+            return self
+        return replace(self, images=CroppedImages(self.images, size), apix=self.apix * self.box / size, box=size,
+                       stack_geometry=self.stack_geometry or (self.box, self.apix))
 
     def get_images(self, indices) -> torch.Tensor:
         """Images ``(n, D, D)`` float32 for an index (slice, list, or tensor)."""

@@ -207,3 +207,41 @@ def test_contrast_opposite_to_the_ctf_model_is_refused(particle_set, tmp_path):
     assert proc.returncode == 1 and "contrast is opposite" in proc.stderr and "leave that out" in proc.stderr
     proc = _run("--invert", cwd=tmp_path)
     assert proc.returncode == 2 and "--invert needs --particles" in proc.stderr
+
+
+def test_downsampled_particles_keep_their_frequencies(particle_set):
+    ds = cem.load_particles(particle_set)
+    small = ds.downsample(8)
+    assert (small.box, small.apix, len(small)) == (8, ds.apix * 2, len(ds))
+    assert small.stack_geometry == (ds.box, ds.apix) and small.images.shape == (len(ds), 8, 8)
+    assert torch.allclose(small.images[:], cem.fourier_crop(ds.images[:], 8, 2))
+    assert torch.allclose(small.images[3], cem.fourier_crop(ds.images[3], 8, 2))
+    assert torch.allclose(small.images[torch.tensor([5, 1])], cem.fourier_crop(ds.images[[5, 1]], 8, 2))
+    # The same frequencies in 1/A: the small CTF is the centre of the large one.
+    big, little = ds.ctf(slice(0, 5), dtype=torch.float64), small.ctf(slice(0, 5), dtype=torch.float64)
+    assert torch.allclose(little, big[:, 4:12, 4:12], atol=1e-12)
+    assert ds.downsample(16) is ds
+    with pytest.raises(ValueError, match="must be <= 16"):
+        ds.downsample(18)
+    with pytest.raises(ValueError, match="even"):
+        ds.downsample(7)
+
+
+def test_example_downsamples_particles_and_their_reference(particle_set, tmp_path):
+    out = tmp_path / "small"
+    reference = particle_set.parent / "ground_truth.mrc"
+    proc = _run(*HALF_ARGS, "--particles", str(particle_set), "--reference", str(reference), "--downsample", "12",
+                "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["box"], results["apix"], results["fsc_against"]) == (12, 8.0, "ground truth")
+    gt, apix = cem.read_mrc(out / "ground_truth.mrc")
+    assert tuple(gt.shape) == (12, 12, 12) and apix == pytest.approx(8.0)
+    # poses.star names the original 16-pixel stack, so it keeps that box and pixel size.
+    ds = cem.load_particles(out / "poses.star")
+    assert (ds.box, ds.apix, len(ds)) == (16, 6.0, 120)
+    proc = _run("--downsample", "12", cwd=tmp_path)
+    assert proc.returncode == 2 and "--downsample needs --particles" in proc.stderr
+    proc = _run(*HALF_ARGS, "--particles", str(particle_set), "--downsample", "20", "--out", str(tmp_path / "o"),
+                cwd=tmp_path)
+    assert proc.returncode == 1 and "must be <= 16" in proc.stderr
