@@ -183,7 +183,7 @@ def test_single_process_context_needs_no_process_group(monkeypatch):
     assert DistContext(rank=2, world_size=3).bounds(10) == [0, 3, 6, 10]
     t = torch.ones(3)
     assert ctx.all_reduce_sum(t) is t and ctx.broadcast_object("x") == "x"
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="own errors are re-raised unchanged"):
         with ctx.agree("anything"):
             raise KeyError("own errors are re-raised unchanged")
     assert issubclass(DistributedError, RuntimeError)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 
@@ -16,10 +17,11 @@ def test_paper_schedule():
 def test_vanilla_and_invalid_schedules():
     v = StageSchedule.vanilla()
     assert not v.staged and v.stage_at(123) is None and v.n_stages is None
-    for bad in [(5, 5), (0, 3), (3, 2), (1.5,)]:
-        with pytest.raises(ValueError):
+    for bad, match in [((5, 5), "strictly increasing"), ((0, 3), "positive ints"), ((3, 2), "strictly increasing"),
+                       ((1.5,), "positive ints")]:
+        with pytest.raises(ValueError, match=rf"switches must be {match}, got {re.escape(repr(bad))}"):
             StageSchedule(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"fractions must lie in \(0, 1\), got \(0.5, 1.0\)"):
         StageSchedule.from_fractions(100, (0.5, 1.0))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fieldkern
-from _kernel_helpers import INTERPRET, MIXED_RTOL, close, needs_interpreter, stack_params
+from _kernel_helpers import MIXED_RTOL, close, needs_interpreter, stack_params
 
 
 def _packed_args(d=2, h=16, n_layers=3, o=2, n=40, gabor=True):
@@ -121,7 +121,9 @@ def test_mixed_precision_accuracy(op):
     with fieldkern.set_backend("triton"), fieldkern.ops.set_precision("mixed"):
         got = fn()
     err = ((got - ref).abs().max() / ref.abs().max()).item()
-    assert 0 < err < MIXED_RTOL, err  # > 0: the bf16 path was really taken
+    # Measured 8.2e-3 for both ops; the float32 kernels are ~3e-7 from the reference, so the
+    # lower bound (half a bf16 ulp is 2^-9 ~ 2e-3 relative) shows the bf16 path was taken.
+    assert 5e-4 < err < MIXED_RTOL, err
 
 
 def test_precision_switch():
@@ -129,6 +131,6 @@ def test_precision_switch():
     with fieldkern.ops.set_precision("mixed"):
         assert fieldkern.ops.get_precision() == "mixed"
     assert fieldkern.ops.get_precision() == "float32"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"precision must be one of \('float32', 'mixed'\), got 'fp8'"):
         fieldkern.ops.set_precision("fp8")
-    assert INTERPRET in (True, False)
+    assert fieldkern.ops.get_precision() == "float32"  # a refused value changes nothing

@@ -139,7 +139,9 @@ def test_mixed_precision_cuda():
     with fieldkern.set_backend("triton"), fieldkern.ops.set_precision("mixed"):
         got = fieldkern.ops.mfn_stack(x, **p, residual=True)[-1]
     err = ((got - ref).abs().max() / ref.abs().max()).item()
-    assert 0 < err < MIXED_RTOL
+    # > 5e-4, not > 0: measured on an H100, float32 3.1e-6 and mixed 2.7e-3 from the
+    # reference (bf16 operands: half an ulp is 2^-9 ~ 2e-3), so this shows bf16 was used.
+    assert 5e-4 < err < MIXED_RTOL, err
 
 
 def test_models_cuda_and_compile():

@@ -167,11 +167,16 @@ def test_mfn_stack_half_inputs_computed_in_fp32():
     x = _x(40, 2).to(torch.bfloat16)
     with fieldkern.set_backend("triton"):
         out = fieldkern.ops.mfn_stack(x, **p)
-    assert out[0].dtype == torch.bfloat16
     p32 = {k: [t.float() if t is not None else None for t in v] for k, v in p.items()}
     with fieldkern.set_backend("torch"):
         ref = fieldkern.ops.mfn_stack(x.float(), **p32)
-    torch.testing.assert_close(out[1].float(), ref[1], rtol=2e-2, atol=2e-2)
+    assert len(out) == len(ref) == 2
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.bfloat16
+        # Computed in fp32 from the bf16 values, then rounded once to bf16: at most half a
+        # bf16 ulp, <= 2^-8 |ref| elementwise (measured: equal to ref.bfloat16(), <= 0.82 of
+        # the bound); bf16 products (the "mixed" path) reach ~47x the bound.
+        torch.testing.assert_close(a.float(), b, rtol=2.0**-8, atol=1e-5)
 
 
 @pytest.mark.parametrize("hidden, n_buffers", [(24, 3), (136, 4)], ids=["cublas-path", "split-z"])
@@ -260,13 +265,15 @@ def test_mfn_stack_strategies_fixed_when_deterministic(monkeypatch):
     from fieldkern.kernels import _common
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("FIELDKERN_AUTOTUNE", "1")  # under "0" nothing is timed anyway: vacuous
     before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(False)
     try:
+        assert _common.can_time(torch.device("cuda"))
+        torch.use_deterministic_algorithms(True)
         assert not _common.can_time(torch.device("cuda"))
     finally:
         torch.use_deterministic_algorithms(before)
-    assert _common.can_time(torch.device("cuda")) == _common.autotuning()
 
 
 def test_fastest_skips_an_option_that_fails(monkeypatch):
