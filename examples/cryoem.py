@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pose-init", choices=experiment.POSE_INITS,
                    help="gt: true (or the file's) poses, kept fixed; refine: those poses, refined (default with "
                    "--particles); perturbed: up to 20 deg off (default otherwise); coarse: 45-90 deg off")
+    p.add_argument("--pose-search", type=int, metavar="N", help="global pose search over N grid rotations at the "
+                   "start of every epoch from the second stage (not in the paper; for --pose-init coarse, e.g. 4608)")
     p.add_argument("--epochs", type=int, help="training epochs (stage switches scale with it)")
     p.add_argument("--projector", choices=("fourier", "real"), help="projection method (default fourier)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         given = [f"--{n.replace('_', '-')}" for n in ("box", "apix", "n_particles", "snr") if getattr(args, n) is not None]
         if given:
             p.error(f"{', '.join(given)}: simulation settings, which do not apply to --particles")
+    if args.pose_search is not None and args.pose_search < 0:
+        p.error("--pose-search must be >= 0")
     for name in ("box", "n_particles", "epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     device = dist.device
     structure_key = str(args.structure).lower()
     overrides = {"box": args.box, "apix": args.apix, "n_particles": args.n_particles, "snr": args.snr,
-                 "projector": args.projector, "seed": args.seed}
+                 "projector": args.projector, "seed": args.seed, "pose_search": args.pose_search}
     preset = experiment.get_preset(args.preset, structure_key, **overrides)
     if args.epochs is not None:
         preset = experiment.scale_epochs(preset, args.epochs)

@@ -391,15 +391,18 @@ def _alignment_dict(al) -> dict:
 
 
 def evaluate(volumes: list[torch.Tensor], ground_truth: torch.Tensor | None, apix: float,
-             initial: torch.Tensor, final: torch.Tensor, truth: torch.Tensor | None) -> Evaluation:
+             initial: torch.Tensor, final: torch.Tensor, truth: torch.Tensor | None,
+             flip: bool = False) -> Evaluation:
     """FSC resolution (0.5 criterion) of every scale against the ground truth, after one
     rigid alignment of the finest map (applied to all scales: they share a frame), and pose
-    errors before/after refinement."""
+    errors before/after refinement. ``flip``: the alignment may mirror the map, for
+    reconstructions whose hand the data did not fix (a global pose search: projections
+    determine a map only up to its mirror image)."""
     poses = pose_error_summary(initial, final, truth)
     if ground_truth is None:
         return Evaluation([], [], {}, poses, [v.clone() for v in volumes])
     gt = ground_truth.to(torch.float64)
-    al = align_volume(volumes[-1].to(torch.float64), gt)
+    al = align_volume(volumes[-1].to(torch.float64), gt, flip=flip)
     aligned, curves, res = [], [], []
     for v in volumes:
         va = transform_volume(v.to(torch.float64), al.matrix, al.shift)
@@ -547,7 +550,8 @@ def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstructio
     if len(recs) == 1:
         rec = recs[0][1]
         rotations, volumes = rec.rotations.cpu(), rec.volumes()
-        ev = evaluate(volumes, data.ground_truth, ds.apix, initial, rotations, data.true_rotations)
+        ev = evaluate(volumes, data.ground_truth, ds.apix, initial, rotations, data.true_rotations,
+                      flip=rec.config.pose_search > 0)
         return ev, volumes, rotations, ds.shifts_A, rec.state.losses
     (first, rec1), (second, rec2) = recs
     ev = evaluate_half_maps(rec1.volumes(), rec2.volumes(), ds.apix)
@@ -664,7 +668,10 @@ def summary_lines(results: dict) -> list[str]:
     if pe:
         # A real particle set's poses are estimates themselves: the angle is a change, not an error.
         what = "pose change from the file's poses" if results["settings"].get("particles") else "pose error"
+        mirrored = (results.get("alignment") or {}).get("flipped")
         lines.append(f"{what} (deg): mean {pe['initial']['mean']:.2f} -> {pe['final']['mean']:.2f}, "
                      f"median {pe['initial']['median']:.2f} -> {pe['final']['median']:.2f}")
+        if mirrored:  # a mirrored map's poses are those of the mirror image
+            lines[-1] += " (the map came out mirrored: these poses belong to its mirror image)"
     lines.append(f"time {results['seconds']:.0f} s")
     return lines

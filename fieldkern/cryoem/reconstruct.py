@@ -77,6 +77,12 @@ class ReconstructionConfig:
         volume_lr: field Adam learning rate; pose_lr, pose_betas: pose Adam.
         refine_poses: False keeps the poses fixed (known-pose reconstruction).
         pose_start_stage: first stage with pose steps.
+        pose_search: rotations in a global search grid (super-Fibonacci; 0: no search). From
+            the second stage on, every epoch starts by moving each pose to the grid rotation
+            whose slice fits the particle best at the stage's band, where that beats its
+            estimate (:func:`search_poses`): for starting poses far off (``coarse``), which
+            local pose steps cannot bring back. Not in the paper. 4608 rotations: ~10 degree
+            spacing.
         pose_lr_decay: the pose learning rate is multiplied by this every epoch after the
             first epoch with pose steps.
         projector: "fourier" (central slices) or "real" (rotated-grid ray sums).
@@ -98,6 +104,7 @@ class ReconstructionConfig:
     pose_lr_decay: float = 1.0
     refine_poses: bool = True
     pose_start_stage: int = 1
+    pose_search: int = 0
     projector: str = "fourier"
     seed: int = 0
 
@@ -115,6 +122,8 @@ class ReconstructionConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pose_steps < 0:
             raise ValueError(f"pose_steps must be >= 0, got {self.pose_steps}")
+        if int(self.pose_search) < 0:
+            raise ValueError(f"pose_search must be >= 0 (grid rotations; 0: off), got {self.pose_search}")
 
 
 def lowpass_sigma(stage: int, n_scales: int, D: int, lambda1: float, lambda2: float) -> float:
@@ -138,6 +147,34 @@ def shift_phases(shifts: torch.Tensor, D: int) -> torch.Tensor:
     t = torch.as_tensor(shifts, dtype=torch.float64).reshape(-1, 2, 1, 1)
     phase = (k[None, None, :] * t[:, 0] + k[None, :, None] * t[:, 1]) / D
     return torch.polar(torch.ones_like(phase), -2 * math.pi * phase).to(torch.complex64)
+
+
+@torch.no_grad()
+def search_poses(spectrum: torch.Tensor, rotations: torch.Tensor, targets: torch.Tensor, ctfs: torch.Tensor,
+                 grid: torch.Tensor, frequencies: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global pose search over ``grid`` ``(G, 3, 3)``: per image, the grid rotation whose
+    central slice of ``spectrum`` (:func:`volume_spectrum`), times the image's CTF, is
+    closest to its target spectrum, where that beats the current estimate.
+
+    ``rotations (n, 3, 3)``, ``targets`` (complex) and ``ctfs`` ``(n, D, D)``; ``frequencies``:
+    a ``(D, D)`` boolean mask of the frequencies compared (default all). The squared
+    distances of every image to every grid slice come from two matrix products over the
+    masked frequencies (``|C S - T|^2 = C^2 |S|^2 - 2 Re(conj(T) C S) + |T|^2``), so a search
+    over thousands of rotations costs about as much as a few pose steps. Returns the new
+    rotations (``rotations``' dtype) and a boolean ``(n,)`` of the images that moved.
+    """
+    D = targets.shape[-1]
+    mask = torch.ones(D, D, dtype=torch.bool, device=targets.device) if frequencies is None else frequencies
+    slices = central_slices(spectrum, grid.to(spectrum.real.dtype), D)[:, mask]          # (G, K)
+    T, C = targets[:, mask], ctfs[:, mask].to(slices.real.dtype)
+    fit = C.square() @ slices.abs().square().T - 2 * ((T.conj() * C).to(slices.dtype) @ slices.T).real
+    best_fit, best = fit.min(dim=1)
+    current = central_slices(spectrum, rotations.to(spectrum.real.dtype), D)[:, mask]
+    current_fit = (C.square() * current.abs().square()).sum(1) - 2 * (T.conj() * C * current).sum(1).real
+    moved = best_fit < current_fit
+    out = rotations.clone()
+    out[moved] = grid[best[moved]].to(out)
+    return out, moved
 
 
 def orthonormalize(R: torch.Tensor) -> torch.Tensor:
@@ -437,6 +474,25 @@ class Reconstruction:
             cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
 
+    def _search_poses(self, stage: int | None) -> int:
+        """:func:`search_poses` for this rank's particles against the current map at the
+        stage's band; returns how many poses moved. Every rank must call it."""
+        from fieldkern.cryoem.rotations import super_fibonacci_rotations
+
+        with torch.no_grad():
+            spectrum = volume_spectrum(self._training_volume())  # collective
+        lowpass = self.lowpass(stage)
+        mask = lowpass > 0.01  # beyond, the low-passed targets are ~0 and only add noise
+        grid = super_fibonacci_rotations(int(self.config.pose_search), device=self.device)
+        moved = 0
+        for lo in range(0, self._hi - self._lo, 1024):
+            idx = torch.arange(self._lo + lo, min(self._hi, self._lo + lo + 1024), device=self.device)
+            new, m = search_poses(spectrum, self.rotations[idx], self.spectra[idx - self._lo] * lowpass,
+                                  self.ctf(idx), grid, mask)
+            self.rotations[idx] = new
+            moved += int(m.sum())
+        return moved
+
     def _first_pose_epoch(self) -> int:
         s = self.config.pose_start_stage
         switches = self.schedule.switches or ()
@@ -454,6 +510,8 @@ class Reconstruction:
         pose_on = (cfg.refine_poses and cfg.pose_steps > 0
                    and (stage is None or stage >= cfg.pose_start_stage))
         pose_lr = cfg.pose_lr * cfg.pose_lr_decay ** max(0, epoch - self._first_pose_epoch())
+        if cfg.refine_poses and cfg.pose_search and (stage is None or stage >= 1):
+            self._search_poses(stage)
         losses = []
         for b, idx in enumerate(order.split(cfg.batch_size)):
             if self.dist.distributed:
@@ -673,6 +731,7 @@ __all__ = [
     "orthonormalize",
     "pose_errors_deg",
     "refine_poses",
+    "search_poses",
     "shift_phases",
     "summarize_errors",
 ]

@@ -85,6 +85,14 @@ def test_example_refuses_simulation_settings_with_particles(capsys):
     assert "--box, --snr: simulation settings, which do not apply to --particles" in capsys.readouterr().err
 
 
+def test_example_pose_search_option(capsys):
+    assert _example().parse_args(["--pose-search", "4608"]).pose_search == 4608
+    assert experiment.get_preset("quick", pose_search=4608).recon.pose_search == 4608
+    with pytest.raises(SystemExit) as info:
+        _example().parse_args(["--pose-search", "-1"])
+    assert info.value.code == 2 and "--pose-search must be >= 0" in capsys.readouterr().err
+
+
 def test_prepare_data_reads_map_files_and_checks_them(tmp_path):
     preset = experiment.get_preset("tiny", n_particles=3)
     path = cem.write_mrc(tmp_path / "emd_1.map", _blob(), 6.0)  # EMDB's ending went to gemmi

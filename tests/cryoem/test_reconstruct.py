@@ -28,6 +28,7 @@ from fieldkern.cryoem.reconstruct import (
     ReconstructionConfig,
     pose_errors_deg,
     refine_poses,
+    search_poses,
 )
 from fieldkern.train import Callback
 
@@ -90,6 +91,43 @@ def test_pose_refinement_recovers_perturbed_poses_of_a_known_volume():
     assert before.mean() > 4
     assert after.mean() < 1.0, after  # measured ~0.3 degrees
     assert torch.allclose(refined @ refined.transpose(-1, -2), torch.eye(3, dtype=refined.dtype), atol=1e-9)
+
+
+def test_global_search_brings_back_poses_that_local_steps_cannot():
+    """From random poses (far outside local refinement's reach) a search over 4608 grid
+    rotations puts every image about as close to its true pose as the grid allows; a pose
+    that is already exact stays."""
+    from fieldkern.cryoem import super_fibonacci_rotations
+
+    vol, _, ctfs, R = particles(60, seed=4)
+    spectrum = volume_spectrum(vol)
+    targets = ctfs.float() * central_slices(spectrum, R.float(), D)
+    start = random_rotations(60, generator=torch.Generator().manual_seed(9)).double()
+    grid = super_fibonacci_rotations(4608)
+    found, moved = search_poses(spectrum, start, targets, ctfs, grid)
+    before, after = pose_errors_deg(start, R), pose_errors_deg(found, R)
+    assert before.mean() > 90 and moved.all()
+    # The grid's nearest rotations to the truth are 7.5 degrees off on average (11.8 at most);
+    # measured: mean 8.4, max 18.2 (one image picks a neighbouring grid point at D = 16).
+    assert after.mean() < 10 and after.max() < 20, after
+    kept, moved = search_poses(spectrum, R.double(), targets, ctfs, grid)
+    assert not moved.any() and torch.equal(kept, R.double())
+
+
+def test_reconstruction_searches_from_the_second_stage():
+    _, images, ctfs, R = particles(40)
+    start = random_rotations(40, generator=torch.Generator().manual_seed(2)).double()
+    rec = Reconstruction(images, ctfs, start, small_config(epochs=3, stage_epochs=(1,), refine_poses=True,
+                                                           pose_steps=2, pose_search=96, batch_size=20))
+    stages = []
+    search = rec._search_poses
+    rec._search_poses = lambda stage: stages.append(stage) or search(stage)
+    rec.fit(progress=False)
+    assert stages == [1, 1]  # epochs 1 and 2; none in the coarsest stage (epoch 0)
+    assert torch.allclose(rec.rotations @ rec.rotations.transpose(-1, -2), torch.eye(3, dtype=torch.float64),
+                          atol=1e-9)
+    with pytest.raises(ValueError, match="pose_search"):
+        small_config(pose_search=-1)
 
 
 class _Interrupt(Callback):
