@@ -235,14 +235,14 @@ def contrast_score(ds: ParticleDataset, max_images: int = 2000) -> float:
     +123 on the first 2000 of the quick preset's simulated particles at SNR 0.1, where 99.97%
     of single images score positive). Near zero: no usable signal at those frequencies.
     """
-    from fieldkern.cryoem.fourier import fft2_centered
+    from fieldkern.cryoem.fourier import fft2_centered, frequency_indices
     from fieldkern.cryoem.reconstruct import shift_phases
 
     n = min(len(ds), max_images)
     D = ds.box
     spectra = fft2_centered(torch.as_tensor(ds.images[:n]).to(torch.float64))
     spectra = spectra * shift_phases(ds.shifts_A[:n] / ds.apix, D).to(torch.complex128)
-    k = torch.arange(D, dtype=torch.float64) - D // 2
+    k = frequency_indices(D, dtype=torch.float64)
     r = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()
     low = (r > 0) & (r <= 2)
     terms = (spectra.real * ds.ctf(slice(0, n), dtype=torch.float64))[:, low]
@@ -367,6 +367,8 @@ class Evaluation:
     fsc_against: str = "ground truth"
     fsc_threshold: float = GROUND_TRUTH_THRESHOLD
     half_maps: list[list[torch.Tensor]] = field(repr=False, default_factory=list)
+    #: The alignment's transform (``transform_volume``'s matrix and shift), None without one.
+    transform: tuple[torch.Tensor, torch.Tensor] | None = field(repr=False, default=None)
 
 
 def pose_error_summary(initial: torch.Tensor, final: torch.Tensor, truth: torch.Tensor | None) -> dict | None:
@@ -390,6 +392,22 @@ def _alignment_dict(al) -> dict:
     }
 
 
+def _aligned_fsc(maps: list[torch.Tensor], references: list[torch.Tensor], apix: float, threshold: float,
+                 **align):
+    """Align the finest of ``maps`` to the finest reference (``align_volume(**align)``), move
+    every scale by that one transform (the scales share a frame) and measure each against its
+    reference: ``(alignment result, moved maps, FSC curves, resolutions at threshold)``."""
+    al = align_volume(maps[-1].to(torch.float64), references[-1], **align)
+    moved, curves, res = [], [], []
+    for v, ref in zip(maps, references):
+        va = transform_volume(v.to(torch.float64), al.matrix, al.shift)
+        _, f = fourier_shell_correlation(va, ref)
+        moved.append(va)
+        curves.append([float(x) for x in f])
+        res.append(resolution(f, apix, threshold))
+    return al, moved, curves, res
+
+
 def evaluate(volumes: list[torch.Tensor], ground_truth: torch.Tensor | None, apix: float,
              initial: torch.Tensor, final: torch.Tensor, truth: torch.Tensor | None,
              flip: bool = False) -> Evaluation:
@@ -402,16 +420,9 @@ def evaluate(volumes: list[torch.Tensor], ground_truth: torch.Tensor | None, api
     if ground_truth is None:
         return Evaluation([], [], {}, poses, [v.clone() for v in volumes])
     gt = ground_truth.to(torch.float64)
-    al = align_volume(volumes[-1].to(torch.float64), gt, flip=flip)
-    aligned, curves, res = [], [], []
-    for v in volumes:
-        va = transform_volume(v.to(torch.float64), al.matrix, al.shift)
-        _, f = fourier_shell_correlation(va, gt)
-        aligned.append(va)
-        curves.append([float(x) for x in f])
-        res.append(resolution(f, apix, GROUND_TRUTH_THRESHOLD))
+    al, aligned, curves, res = _aligned_fsc(volumes, [gt] * len(volumes), apix, GROUND_TRUTH_THRESHOLD, flip=flip)
     # alignment: how far the reconstruction's frame drifted from the ground truth's.
-    return Evaluation(res, curves, _alignment_dict(al), poses, aligned)
+    return Evaluation(res, curves, _alignment_dict(al), poses, aligned, transform=(al.matrix, al.shift))
 
 
 def split_halves(ds: ParticleDataset, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,16 +465,11 @@ def evaluate_half_maps(half1: list[torch.Tensor], half2: list[torch.Tensor], api
     if len(half1) != len(half2):
         raise ValueError(f"half maps must have the same number of scales, got {len(half1)} and {len(half2)}")
     a = [v.to(torch.float64) for v in half1]
-    al = align_volume(half2[-1].to(torch.float64), a[-1], local=True)
-    b = [transform_volume(v.to(torch.float64), al.matrix, al.shift) for v in half2]
-    curves, res = [], []
-    for v1, v2 in zip(a, b):
-        _, f = fourier_shell_correlation(v1, v2)
-        curves.append([float(x) for x in f])
-        res.append(resolution(f, apix, HALF_MAP_THRESHOLD))
+    al, b, curves, res = _aligned_fsc(half2, a, apix, HALF_MAP_THRESHOLD, local=True)
     alignment = {**_alignment_dict(al), "matrix": al.matrix.tolist()}
     return Evaluation(res, curves, alignment, None, [(v1 + v2) / 2 for v1, v2 in zip(a, b)],
-                      fsc_against="half maps", fsc_threshold=HALF_MAP_THRESHOLD, half_maps=[a, b])
+                      fsc_against="half maps", fsc_threshold=HALF_MAP_THRESHOLD, half_maps=[a, b],
+                      transform=(al.matrix, al.shift))
 
 
 def poses_in_aligned_frame(rotations: torch.Tensor, shifts_A: torch.Tensor, matrix: torch.Tensor,
@@ -558,9 +564,8 @@ def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstructio
     rotations = initial.clone().to(torch.float64)
     shifts = ds.shifts_A.clone().to(torch.float64)
     rotations[first] = rec1.rotations.cpu()
-    rotations[second], shifts[second] = poses_in_aligned_frame(
-        rec2.rotations.cpu(), shifts[second], torch.tensor(ev.alignment["matrix"], dtype=torch.float64),
-        torch.tensor(ev.alignment["shift_voxels"], dtype=torch.float64), ds.apix)
+    rotations[second], shifts[second] = poses_in_aligned_frame(rec2.rotations.cpu(), shifts[second],
+                                                               *ev.transform, ds.apix)
     ev.pose_error_deg = pose_error_summary(initial, rotations, data.true_rotations)
     return ev, ev.aligned_maps, rotations, shifts, [rec1.state.losses, rec2.state.losses]
 

@@ -286,6 +286,11 @@ class CTFParams:
         return {k: getattr(self, k)[indices] for k in self.__dataclass_fields__}
 
 
+def _rows(idx, n: int) -> np.ndarray:
+    """The row numbers an index (int, slice, list, array or tensor) selects of ``n`` rows, 1-D."""
+    return np.atleast_1d(np.arange(n)[idx] if not isinstance(idx, torch.Tensor) else idx.cpu().numpy())
+
+
 class ImageStack:
     """Lazy, read-only view of particle images spread over MRC stacks (memory-mapped).
 
@@ -317,8 +322,7 @@ class ImageStack:
 
     def __getitem__(self, idx) -> torch.Tensor:
         single = isinstance(idx, (int, np.integer))
-        sel = np.arange(len(self))[idx] if not isinstance(idx, torch.Tensor) else idx.cpu().numpy()
-        sel = np.atleast_1d(sel)
+        sel = _rows(idx, len(self))
         out = np.empty((len(sel), self._D, self._D), dtype=np.float32)
         for f in np.unique(self._file_index[sel]):
             m = self._file_index[sel] == f
@@ -354,8 +358,7 @@ class CroppedImages:
 
         if isinstance(idx, (int, np.integer)):
             return fourier_crop(torch.as_tensor(self.images[idx]), self.size, 2)
-        sel = torch.as_tensor(np.arange(len(self))[idx]) if not isinstance(idx, torch.Tensor) else idx.cpu()
-        sel = sel.reshape(-1)
+        sel = torch.from_numpy(_rows(idx, len(self)))
         out = torch.empty((len(sel), self.size, self.size), dtype=torch.float32)
         for i in range(0, len(sel), 1024):
             out[i:i + 1024] = fourier_crop(torch.as_tensor(self.images[sel[i:i + 1024]]).float(), self.size, 2)

@@ -49,7 +49,7 @@ import torch
 
 from fieldkern._files import torch_save_atomic
 from fieldkern.cryoem._checks import check_finite
-from fieldkern.cryoem.fourier import fft2_centered
+from fieldkern.cryoem.fourier import fft2_centered, frequency_indices
 from fieldkern.cryoem.fourier_slice import central_slices, volume_spectrum
 from fieldkern.cryoem.projection import field_coordinates, project_volume
 from fieldkern.cryoem.rotations import (
@@ -143,7 +143,7 @@ def shift_phases(shifts: torch.Tensor, D: int) -> torch.Tensor:
     """``(n, D, D)`` complex64 factors that move images by ``shifts`` ``(n, 2)`` pixels ``(x, y)``
     when multiplied into their centred spectra: ``fft2_centered(fourier_shift(img, t, 2))``
     equals ``shift_phases(t[None], D)[0] * fft2_centered(img)``."""
-    k = torch.arange(D, dtype=torch.float64) - D // 2
+    k = frequency_indices(D, dtype=torch.float64)
     t = torch.as_tensor(shifts, dtype=torch.float64).reshape(-1, 2, 1, 1)
     phase = (k[None, None, :] * t[:, 0] + k[None, :, None] * t[:, 1]) / D
     return torch.polar(torch.ones_like(phase), -2 * math.pi * phase).to(torch.complex64)
@@ -474,9 +474,9 @@ class Reconstruction:
             cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
 
-    def _search_poses(self, stage: int | None) -> int:
+    def _search_poses(self, stage: int | None) -> None:
         """:func:`search_poses` for this rank's particles against the current map at the
-        stage's band; returns how many poses moved. Every rank must call it."""
+        stage's band. Every rank must call it."""
         from fieldkern.cryoem.rotations import super_fibonacci_rotations
 
         with torch.no_grad():
@@ -484,14 +484,10 @@ class Reconstruction:
         lowpass = self.lowpass(stage)
         mask = lowpass > 0.01  # beyond, the low-passed targets are ~0 and only add noise
         grid = super_fibonacci_rotations(int(self.config.pose_search), device=self.device)
-        moved = 0
         for lo in range(0, self._hi - self._lo, 1024):
             idx = torch.arange(self._lo + lo, min(self._hi, self._lo + lo + 1024), device=self.device)
-            new, m = search_poses(spectrum, self.rotations[idx], self.spectra[idx - self._lo] * lowpass,
-                                  self.ctf(idx), grid, mask)
-            self.rotations[idx] = new
-            moved += int(m.sum())
-        return moved
+            self.rotations[idx] = search_poses(spectrum, self.rotations[idx], self.spectra[idx - self._lo] * lowpass,
+                                               self.ctf(idx), grid, mask)[0]
 
     def _first_pose_epoch(self) -> int:
         s = self.config.pose_start_stage
