@@ -31,9 +31,14 @@ Decisions, and why:
   2x padded grid, which differs only by the part of the point-spread function that falls
   outside the box.
 * ``projector="fourier"`` (default) takes ``P(R)`` as central slices of the volume's 2x
-  oversampled 3D spectrum (:func:`fieldkern.cryoem.fourier_slice.central_slices`): one 3D FFT
-  per step, then ``D^2`` taps per image, and one spectrum serves every pose step of a batch.
-  ``"real"`` uses the FFT of :func:`fieldkern.cryoem.project_volume`.
+  oversampled 3D spectrum: one 3D FFT per step, then 8 trilinear taps per sample, computed
+  once per batch and applied as a sparse product (:mod:`fieldkern.cryoem.slice_taps`; its
+  adjoint is the spectrum's gradient). Only half of each plane is sampled, with weights, since
+  the volume's and the images' spectra are Hermitian. One spectrum serves every pose step of a
+  batch. ``"real"`` uses the FFT of :func:`fieldkern.cryoem.project_volume`.
+* Pose steps differentiate the slices through the spectrum's gradient, interpolated with
+  the same taps (:func:`fieldkern.cryoem.slice_taps.sample_slices`): a smooth gradient, where
+  trilinear interpolation's own is piecewise constant.
 """
 
 from __future__ import annotations
@@ -50,8 +55,17 @@ import torch
 from fieldkern._files import torch_save_atomic
 from fieldkern.cryoem._checks import check_finite
 from fieldkern.cryoem.fourier import fft2_centered, frequency_indices
-from fieldkern.cryoem.fourier_slice import central_slices, volume_spectrum
+from fieldkern.cryoem.fourier_slice import central_slices, padded_size, volume_spectrum
 from fieldkern.cryoem.projection import field_coordinates, project_volume
+from fieldkern.cryoem.slice_taps import (
+    gradient_spectra,
+    half_plane,
+    sample_positions,
+    sample_slices,
+    slice_taps,
+    spectrum_table,
+    take_slices,
+)
 from fieldkern.cryoem.rotations import (
     canonicalize_axis_angle,
     matrix_to_quaternion,
@@ -63,6 +77,7 @@ from fieldkern.nn import ResidualMFN
 from fieldkern.train import Callback, StageSchedule, run_stages
 
 PROJECTORS = ("fourier", "real")
+SUPPORTS = ("box", "sphere")
 
 
 @dataclass
@@ -85,6 +100,9 @@ class ReconstructionConfig:
             spacing.
         pose_lr_decay: the pose learning rate is multiplied by this every epoch after the
             first epoch with pose steps.
+        support: "box" (the field fills the box) or "sphere" (it is evaluated, and the map
+            non-zero, only within the sphere inscribed in the box: a compact support, as the
+            spherical masks of cryo-EM packages; about half the voxels to evaluate). Not in the paper.
         projector: "fourier" (central slices) or "real" (rotated-grid ray sums).
         seed: seeds the model initialisation and the batch order.
     """
@@ -105,6 +123,7 @@ class ReconstructionConfig:
     refine_poses: bool = True
     pose_start_stage: int = 1
     pose_search: int = 0
+    support: str = "box"
     projector: str = "fourier"
     seed: int = 0
 
@@ -113,6 +132,8 @@ class ReconstructionConfig:
         self.pose_betas = tuple(float(b) for b in self.pose_betas)
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
         if len(self.stage_epochs) != self.n_scales - 1:
             raise ValueError(
                 f"stage_epochs must hold n_scales - 1 = {self.n_scales - 1} epochs, got {self.stage_epochs}"
@@ -334,6 +355,10 @@ class Reconstruction:
         ).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.volume_lr)
         self.coords = field_coordinates(D, device=self.device)
+        # Voxels within D/2 of the centre voxel D//2 (the sphere inscribed in the box).
+        self._support = (self.coords.square().sum(-1) <= 0.25) if config.support == "sphere" else None
+        self.plane = half_plane(D, self.device) if config.projector == "fourier" else None
+        self._P = padded_size(2, D)  # volume_spectrum's default oversampling
         self.schedule = StageSchedule(config.stage_epochs or None) if config.n_scales > 1 else StageSchedule(None)
         self.state = TrainingState()
         self._ddp = None
@@ -344,9 +369,17 @@ class Reconstruction:
 
     def volume(self, all_scales: bool = False, module=None):
         """The field on the voxel grid, ``(D, D, D)`` at the active scale (or all scales)."""
-        ys = (self.model if module is None else module)(self.coords)
-        vols = [y[..., 0] / self.D for y in ys]
+        vols = self._planes(0, self.D, self.model if module is None else module)
         return vols if all_scales else vols[-1]
+
+    def _planes(self, z0: int, z1: int, module) -> list[torch.Tensor]:
+        """The field on z-planes ``z0..z1-1``, ``(z1 - z0, D, D)`` per evaluated scale; with a
+        spherical support only its voxels are evaluated (the others are 0)."""
+        if self._support is None:
+            return [y[..., 0] / self.D for y in module(self.coords[z0:z1])]
+        inside = self._support[z0:z1]
+        ys = module(self.coords[z0:z1][inside])
+        return [y.new_zeros(inside.shape).masked_scatter(inside, y[:, 0] / self.D) for y in ys]
 
     def _training_volume(self, module=None) -> torch.Tensor:
         """The field at the active scale on the voxel grid, as volume and pose steps use it.
@@ -361,7 +394,7 @@ class Reconstruction:
         if not self.dist.distributed:
             return self.volume(module=module)
         z0, z1 = self.dist.shard(self.D)
-        slab = (self.model if module is None else module)(self.coords[z0:z1])[-1][..., 0] / self.D
+        slab = self._planes(z0, z1, self.model if module is None else module)[-1]
         return self.dist.gather_rows(slab, self.D)
 
     def _field(self):
@@ -395,17 +428,40 @@ class Reconstruction:
             raise ValueError(f"CTFs must be ({self.D}, {self.D}) per image, got {tuple(c.shape[-2:])}")
         return c.to(self.device, torch.float32)
 
-    def _prepare(self, volume):
-        """What the projector needs of a volume: its spectrum, or the volume itself."""
-        return volume_spectrum(volume) if self.config.projector == "fourier" else volume
+    # The forward model works on flattened image spectra ``(n, K)``: the Fourier projector's
+    # half plane (K = D^2/2 + D frequencies, weighted), or the real-space projector's full
+    # ``D x D`` grid (K = D^2, weights 1). ``_select`` brings data to that layout.
 
-    def _predict(self, prepared, rotations, ctf):
-        """CTF-modulated projection spectra ``(B, D, D)``."""
+    def _select(self, spectra: torch.Tensor) -> torch.Tensor:
+        """``(n, D, D)`` centred spectra (or CTFs) -> ``(n, K)`` at the compared frequencies."""
+        return self.plane.select(spectra) if self.plane is not None else spectra.flatten(-2)
+
+    def _prepare(self, volume, gradient: bool = False):
+        """What the projector needs of a volume: its spectrum as a tap table (with the
+        spectrum's gradient columns for pose steps, ``gradient``), or the volume itself."""
+        if self.config.projector != "fourier":
+            return volume
+        return spectrum_table(volume_spectrum(volume), gradient_spectra(volume) if gradient else None)
+
+    def _taps(self, rotations: torch.Tensor):
+        """What :meth:`_predict` needs of a batch's poses (fixed over its volume steps)."""
+        if self.config.projector != "fourier":
+            return rotations.float()
+        return slice_taps(sample_positions(rotations.float(), self.plane, self._P), self._P)
+
+    def _predict(self, prepared, taps, ctf):
+        """CTF-modulated projection spectra ``(n, K)`` (differentiable in the volume)."""
         if self.config.projector == "fourier":
-            spectra = central_slices(prepared, rotations.float(), self.D)
-        else:
-            spectra = fft2_centered(project_volume(prepared, rotations.float()))
-        return ctf * spectra
+            return ctf * take_slices(prepared, taps)
+        return ctf * fft2_centered(project_volume(prepared, taps)).flatten(-2)
+
+    def _predict_posed(self, prepared, rotations, ctf):
+        """:meth:`_predict` differentiable in the rotations, for a volume from
+        ``_prepare(..., gradient=True)`` (pose steps)."""
+        if self.config.projector == "fourier":
+            positions = sample_positions(rotations.float(), self.plane, self._P)
+            return ctf * sample_slices(prepared, positions, self._P)
+        return ctf * fft2_centered(project_volume(prepared, rotations.float())).flatten(-2)
 
     def lowpass(self, stage: int | None) -> torch.Tensor:
         """The data's Gaussian low-pass at ``stage`` (None: the finest)."""
@@ -414,8 +470,12 @@ class Reconstruction:
         return gaussian_filter(self.D, sigma, self.device)
 
     def _per_image_loss(self, pred, target):
-        """Per-image real-space MSE, by Parseval: ``mean |dF|^2 / D^2``."""
-        return (pred - target).abs().square().mean((-2, -1)) / self.D**2
+        """Per-image real-space MSE, by Parseval: ``sum_k w_k |dF_k|^2 / D^4`` over the compared
+        frequencies (the mean over the ``D x D`` plane, divided by ``D^2``)."""
+        diff = (pred - target).abs().square()
+        if self.plane is not None:
+            diff = diff * self.plane.weight
+        return diff.sum(-1) / self.D**4
 
     # -- one epoch --------------------------------------------------------------------------
 
@@ -424,12 +484,12 @@ class Reconstruction:
         ``batch_size`` (default ``len(idx)``); returns the global batch's mean loss (before the
         last step)."""
         batch_size = len(idx) if batch_size is None else batch_size
-        R = self.rotations[idx]
+        taps = self._taps(self.rotations[idx]) if idx.numel() else None  # the poses hold still
         if not self.dist.distributed:
             loss = torch.zeros(())
             for _ in range(self.config.volume_steps):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self._per_image_loss(self._predict(self._prepare(self.volume()), R, ctf), target).mean()
+                loss = self._per_image_loss(self._predict(self._prepare(self.volume()), taps, ctf), target).mean()
                 loss.backward()
                 self.optimizer.step()
             return float(loss.detach())
@@ -446,7 +506,7 @@ class Reconstruction:
                 loss = 0.0 * vol.sum()
                 total = torch.zeros((), dtype=torch.float64)
             else:
-                per_image = self._per_image_loss(self._predict(self._prepare(vol), R, ctf), target)
+                per_image = self._per_image_loss(self._predict(self._prepare(vol), taps, ctf), target)
                 loss = weight * per_image.sum()
                 total = per_image.detach().sum().to("cpu", torch.float64)
             loss.backward()
@@ -459,7 +519,8 @@ class Reconstruction:
         cfg = self.config
         sel = idx if mine is None else idx[mine]
         with torch.no_grad():
-            fixed = self._prepare(self._training_volume())  # collective: before any early return
+            # collective: before any early return
+            fixed = self._prepare(self._training_volume(), gradient=True)
         if sel.numel() == 0:
             return
         # The starting perturbation is drawn for the whole global batch, so a particle
@@ -470,7 +531,7 @@ class Reconstruction:
             m = mine.cpu()
             theta, axis = theta[m], axis[m]
         self.rotations[sel] = refine_poses(
-            lambda R: self._per_image_loss(self._predict(fixed, R, ctf), target), self.rotations[sel],
+            lambda R: self._per_image_loss(self._predict_posed(fixed, R, ctf), target), self.rotations[sel],
             cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
 
@@ -515,7 +576,7 @@ class Reconstruction:
                 sel = idx[mine]
             else:
                 mine, sel = None, idx
-            target, ctf = self.spectra[sel - self._lo] * lowpass, self.ctf(sel)
+            target, ctf = self._select(self.spectra[sel - self._lo] * lowpass), self._select(self.ctf(sel))
             loss = self._volume_steps(sel, target, ctf, len(idx))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} in epoch {epoch}, batch {b} (stage {stage})")

@@ -1,0 +1,95 @@
+"""One epoch of the quick default (``python examples/cryoem.py``) in each stage, on the CPU.
+
+The data are the quick default's own: 3000 simulated 4AKE particles (box 32, 3 A, SNR 0.1,
+seed 0), simulated once per session into a temporary folder (a few seconds; needs gemmi).
+The model and settings are ``experiment.get_preset("quick", "4ake")``; poses start 10
+degrees off (``--pose-init perturbed``), as in the default run.
+
+Implementations (same data, same settings, same run):
+
+- ``taps``: the trainer as it runs (:class:`fieldkern.cryoem.reconstruct.Reconstruction`:
+  central slices from precomputed trilinear taps on half of each plane, a sparse product
+  forward and an ``index_add`` adjoint; :mod:`fieldkern.cryoem.slice_taps`);
+- ``grid_sample``: the same epoch with the slices taken by the reference,
+  :func:`fieldkern.cryoem.fourier_slice.central_slices` (3D ``grid_sample`` over the full
+  ``D x D`` plane, differentiated by autograd), the trainer's forward model before the taps.
+  Stage 2 only (the stage that holds 18 of the 24 epochs; ~10 s a call).
+
+``torch.compile`` is not a case: an epoch is a Python loop over batches and optimiser steps
+around sparse products, not one graph to compile.
+
+Timing: the stage's first epoch untimed, then ``benchmark.pedantic`` over 3 epochs (training
+goes on between rounds; the cost of an epoch does not depend on the weights).
+``extra_info``: implementation, stage, particles, particles_per_s, threads, device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from _bench_utils import CUDA
+from fieldkern.cryoem import experiment
+from fieldkern.cryoem.fourier_slice import central_slices
+from fieldkern.cryoem.reconstruct import Reconstruction
+
+pytestmark = pytest.mark.skipif(CUDA, reason="the CPU figure of the quick default; GPU epochs: bench/epoch_speed.py")
+
+
+class GridSampleReconstruction(Reconstruction):
+    """The trainer with the reference slices: ``grid_sample`` on the full plane, autograd."""
+
+    def _select(self, spectra):
+        return spectra
+
+    def _taps(self, rotations):
+        return rotations.float()
+
+    def _predict(self, spectrum, rotations, ctf):
+        return ctf * central_slices(spectrum, rotations, self.D)
+
+    def _predict_posed(self, spectrum, rotations, ctf):
+        return ctf * central_slices(spectrum, rotations.float(), self.D)
+
+    def _prepare(self, volume, gradient=False):
+        from fieldkern.cryoem.fourier_slice import volume_spectrum
+
+        return volume_spectrum(volume)
+
+    def _per_image_loss(self, pred, target):
+        return (pred - target).abs().square().mean((-2, -1)) / self.D**2
+
+
+@pytest.fixture(scope="session")
+def quick_data(tmp_path_factory):
+    pytest.importorskip("gemmi")
+    preset = experiment.get_preset("quick", "4ake")
+    data = experiment.prepare_data("4ake", tmp_path_factory.mktemp("quick"), preset, seed=0, progress=False)
+    start = experiment.initial_poses(data.true_rotations, "perturbed", preset, seed=0)
+    return preset, data.dataset, start
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("impl", ["taps", "grid_sample"])
+def test_bench_quick_epoch(benchmark, quick_data, impl, stage):
+    if impl == "grid_sample" and stage != 2:
+        pytest.skip("the reference slices are timed at the finest stage only")
+    preset, ds, start = quick_data
+    cls = Reconstruction if impl == "taps" else GridSampleReconstruction
+    rec = cls(ds.images, functools.partial(_ctfs, ds), start, preset.recon)
+    first = (0, *preset.recon.stage_epochs)[stage]
+    rec.model.set_stage(stage)
+    rec.train_epoch(first, stage)  # untimed
+    epochs = iter(range(first + 1, first + 100))
+    benchmark.pedantic(lambda: rec.train_epoch(next(epochs), stage), rounds=3, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(
+        implementation=impl, stage=stage, particles=rec.n_particles,
+        particles_per_s=rec.n_particles / benchmark.stats.stats.mean,
+        threads=torch.get_num_threads(), device="cpu",
+    )
+
+
+def _ctfs(ds, idx):
+    return ds.ctf(idx.cpu())
