@@ -7,16 +7,19 @@ degrees off (``--pose-init perturbed``), as in the default run.
 
 Implementations (same data, same settings, same run):
 
-- ``taps``: the trainer as it runs (:class:`fieldkern.cryoem.reconstruct.Reconstruction`:
-  central slices from precomputed trilinear taps on half of each plane, a sparse product
-  forward and an ``index_add`` adjoint; :mod:`fieldkern.cryoem.slice_taps`);
-- ``grid_sample``: the same epoch with the slices taken by the reference,
-  :func:`fieldkern.cryoem.fourier_slice.central_slices` (3D ``grid_sample`` over the full
-  ``D x D`` plane, differentiated by autograd), the trainer's forward model before the taps.
-  Stage 2 only (the stage that holds 18 of the 24 epochs; ~10 s a call).
+- ``taps``: the trainer as it runs (``projector="fourier"``: central slices from
+  precomputed trilinear taps on half of each plane, a sparse product forward and a
+  scatter-add adjoint; :mod:`fieldkern.cryoem.slice_taps`);
+- ``grid_sample``: the same epoch with ``projector="grid_sample"``, the slices taken by the
+  reference :func:`fieldkern.cryoem.fourier_slice.central_slices` (3D ``grid_sample`` over
+  the full ``D x D`` plane, differentiated by autograd), the trainer's forward model before
+  the taps. Stage 2 only (the stage that holds 18 of the 24 epochs).
 
 ``torch.compile`` is not a case: an epoch is a Python loop over batches and optimiser steps
 around sparse products, not one graph to compile.
+
+The process keeps freed memory for reuse (:func:`fieldkern.host_memory.reuse_freed_memory`),
+as ``examples/cryoem.py`` does; for the rest of the session, since that cannot be undone.
 
 Timing: the stage's first epoch untimed, then ``benchmark.pedantic`` over 3 epochs (training
 goes on between rounds; the cost of an epoch does not depend on the weights).
@@ -26,45 +29,23 @@ goes on between rounds; the cost of an epoch does not depend on the weights).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from _bench_utils import CUDA
 from fieldkern.cryoem import experiment
-from fieldkern.cryoem.fourier_slice import central_slices
 from fieldkern.cryoem.reconstruct import Reconstruction
+from fieldkern.host_memory import reuse_freed_memory
 
 pytestmark = pytest.mark.skipif(CUDA, reason="the CPU figure of the quick default; GPU epochs: bench/epoch_speed.py")
-
-
-class GridSampleReconstruction(Reconstruction):
-    """The trainer with the reference slices: ``grid_sample`` on the full plane, autograd."""
-
-    def _select(self, spectra):
-        return spectra
-
-    def _taps(self, rotations):
-        return rotations.float()
-
-    def _predict(self, spectrum, rotations, ctf):
-        return ctf * central_slices(spectrum, rotations, self.D)
-
-    def _predict_posed(self, spectrum, rotations, ctf):
-        return ctf * central_slices(spectrum, rotations.float(), self.D)
-
-    def _prepare(self, volume, gradient=False):
-        from fieldkern.cryoem.fourier_slice import volume_spectrum
-
-        return volume_spectrum(volume)
-
-    def _per_image_loss(self, pred, target):
-        return (pred - target).abs().square().mean((-2, -1)) / self.D**2
 
 
 @pytest.fixture(scope="session")
 def quick_data(tmp_path_factory):
     pytest.importorskip("gemmi")
+    reuse_freed_memory()  # as examples/cryoem.py does
     preset = experiment.get_preset("quick", "4ake")
     data = experiment.prepare_data("4ake", tmp_path_factory.mktemp("quick"), preset, seed=0, progress=False)
     start = experiment.initial_poses(data.true_rotations, "perturbed", preset, seed=0)
@@ -77,8 +58,8 @@ def test_bench_quick_epoch(benchmark, quick_data, impl, stage):
     if impl == "grid_sample" and stage != 2:
         pytest.skip("the reference slices are timed at the finest stage only")
     preset, ds, start = quick_data
-    cls = Reconstruction if impl == "taps" else GridSampleReconstruction
-    rec = cls(ds.images, functools.partial(_ctfs, ds), start, preset.recon)
+    config = replace(preset.recon, projector={"taps": "fourier", "grid_sample": "grid_sample"}[impl])
+    rec = Reconstruction(ds.images, functools.partial(_ctfs, ds), start, config)
     first = (0, *preset.recon.stage_epochs)[stage]
     rec.model.set_stage(stage)
     rec.train_epoch(first, stage)  # untimed

@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     import torch
 
     from fieldkern.cryoem import experiment
+    from fieldkern.cryoem.reconstruct import PROJECTORS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--structure", default="4ake", help="4ake | 1ol5 | PATH.pdb | PATH.cif | PATH.mrc | PATH.map (default 4ake; "
@@ -55,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pose-search", type=int, metavar="N", help="global pose search over N grid rotations at the "
                    "start of every epoch from the second stage (not in the paper; for --pose-init coarse, e.g. 4608)")
     p.add_argument("--epochs", type=int, help="training epochs (stage switches scale with it)")
-    p.add_argument("--projector", choices=("fourier", "real"), help="projection method (default fourier)")
+    p.add_argument("--projector", choices=PROJECTORS, help="the trainer's forward model: fourier (central slices "
+                   "from precomputed taps, the default), grid_sample (the same slices by grid_sample, the reference) "
+                   "or real (real-space ray sums)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/cryoem", metavar="DIR", help="output folder (default runs/cryoem)")
@@ -140,6 +143,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from fieldkern.distributed import init_from_env, shutdown
+    from fieldkern.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # training allocates and frees large tensors many times a second
 
     dist = None
     try:

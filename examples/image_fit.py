@@ -123,6 +123,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from fieldkern.distributed import init_from_env, shutdown
+    from fieldkern.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # training allocates and frees large tensors many times a second
 
     dist = None
     try:

