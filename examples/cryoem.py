@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     import torch
 
     from fieldkern.cryoem import experiment
-    from fieldkern.cryoem.reconstruct import PROJECTORS
+    from fieldkern.cryoem.reconstruct import PROJECTORS, SUPPORTS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--structure", default="4ake", help="4ake | 1ol5 | PATH.pdb | PATH.cif | PATH.mrc | PATH.map (default 4ake; "
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--projector", choices=PROJECTORS, help="the trainer's forward model: fourier (central slices "
                    "from precomputed taps, the default), grid_sample (the same slices by grid_sample, the reference) "
                    "or real (real-space ray sums)")
+    p.add_argument("--support", choices=SUPPORTS, help="where the field may be non-zero: sphere (inscribed in the "
+                   "box; the quick preset's) or box (the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/cryoem", metavar="DIR", help="output folder (default runs/cryoem)")
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     device = dist.device
     structure_key = str(args.structure).lower()
     overrides = {"box": args.box, "apix": args.apix, "n_particles": args.n_particles, "snr": args.snr,
-                 "projector": args.projector, "seed": args.seed, "pose_search": args.pose_search}
+                 "projector": args.projector, "support": args.support, "seed": args.seed, "pose_search": args.pose_search}
     preset = experiment.get_preset(args.preset, structure_key, **overrides)
     if args.epochs is not None:
         preset = experiment.scale_epochs(preset, args.epochs)
