@@ -36,7 +36,9 @@ def main(argv=None) -> None:
     ap.add_argument("--particles", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=600)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--cases", default="torch/real,triton/real,torch/fourier,triton/fourier")
+    # fourier: the tap slices (the trainer's default); grid_sample: the same slices by grid_sample
+    ap.add_argument("--cases", default="torch/real,triton/real,torch/grid_sample,triton/grid_sample,"
+                                       "torch/fourier,triton/fourier")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
