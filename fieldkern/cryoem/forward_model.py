@@ -11,8 +11,8 @@ same projections (``ReconstructionConfig.projector``):
   its volume steps.
 * ``"grid_sample"`` (:class:`GridSampleSlices`): the same central slices on the full plane by
   3D ``grid_sample`` (:func:`fieldkern.cryoem.fourier_slice.central_slices`), differentiated by
-  autograd: the reference, and the trainer's model before the taps (its slices' forward and
-  backward took 3x as long on the CPU: ``bench/test_bench_epoch.py``).
+  autograd: the reference, and the trainer's model before the taps (a finest-stage epoch of the
+  quick default takes 2.8x as long with it on the CPU: ``bench/test_bench_epoch.py``).
 * ``"real"`` (:class:`RealSpaceProjection`): the FFT of real-space ray sums
   (:func:`fieldkern.cryoem.project_volume`).
 
