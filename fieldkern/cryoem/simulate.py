@@ -206,7 +206,10 @@ def simulate(
         with torch.no_grad():
             for b0 in tqdm(range(0, N, batch_size), desc="project + CTF", disable=not progress):
                 b1 = min(N, b0 + batch_size)
-                proj = project_volume(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32))
+                # Blocks of 2^22 sample points rather than the default 2^24: the same images
+                # (only the image blocks differ), 8.5 -> 6.4 s for 3000 at box 40 on a 2-core CPU.
+                proj = project_volume(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32),
+                                      max_points=1 << 22)
                 c = ctf(P, apix, dfu[b0:b1], dfv[b0:b1], dfang[b0:b1], volt, cs, w, device=device)
                 img = apply_ctf(proj, c).cpu()
                 x = img.to(torch.float64)

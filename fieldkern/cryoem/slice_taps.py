@@ -213,10 +213,11 @@ class _SmoothSample(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (out,) = ctx.saved_tensors
-        g_re, g_im = grad.reshape(-1, 2).unbind(-1)
-        # d loss / d position_j = g . d value / d position_j, one column pair per axis
-        g = torch.stack([out[:, 2 + 2 * j] * g_re + out[:, 3 + 2 * j] * g_im for j in range(3)], -1)
-        return None, g.reshape(*grad.shape[:-1], 3), None
+        n = out.shape[0]
+        # d loss / d position_j = g_re d re / d q_j + g_im d im / d q_j = Re(conj(g) dS / d q_j)
+        dS = torch.view_as_complex(out[:, 2:].reshape(n, 3, 2))
+        g = torch.view_as_complex(grad.reshape(n, 2).contiguous())
+        return None, (dS * g.conj()[:, None]).real.reshape(*grad.shape[:-1], 3), None
 
 
 def sample_slices(table: torch.Tensor, positions: torch.Tensor, P: int) -> torch.Tensor:
