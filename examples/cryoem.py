@@ -2,7 +2,7 @@
 """Cryo-EM reconstruction with a staged residual MFN and pose refinement (the paper's experiment).
 
 Examples:
-    python examples/cryoem.py                                   # quick default: 4AKE, CPU, < 10 min
+    python examples/cryoem.py                                   # quick default: 4AKE, CPU, about a minute
     python examples/cryoem.py --structure 1ol5 --pose-init coarse --epochs 30
     python examples/cryoem.py --particles my.star --reference map.mrc --pose-init gt
     python examples/cryoem.py --particles relion.star --invert       # real data: half maps, FSC 0.143

@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
             pose_steps=5, volume_lr=5e-3, pose_lr=4e-2, pose_lr_decay=0.8, pose_start_stage=2,
             support="sphere",
         ),
-        description="box 32 at 3 A (1OL5: 40 at 2.4 A), 3000 particles: minutes on a 2-core CPU",
+        description="box 32 at 3 A (1OL5: 40 at 2.4 A), 3000 particles: 1-2 minutes on a 2-core CPU",
     ),
     "paper": Preset(
         "paper", box=80, apix=1.25, n_particles=50_000, snr=0.1,
