@@ -98,6 +98,9 @@ def _worker(tmp):
         # Batches of 4: some hold no particle of one rank (that rank joins DDP with a zero loss).
         small = reconstruction(ctx, epochs=1, batch_size=4)
         small.fit(progress=False)
+        # The spherical support: each rank evaluates the field inside the sphere on its planes.
+        sphere = reconstruction(ctx, epochs=2, support="sphere")
+        sphere.fit(progress=False)
         copy = [_CopyCheckpoint(2, tmp / "dist.pt", tmp / "dist_epoch2.pt")] if ctx.is_main else []
         rec.fit(tmp / "dist.pt", progress=False, callbacks=copy)
         # Resume the single process's checkpoint on 2 processes.
@@ -118,6 +121,7 @@ def _worker(tmp):
         if ctx.is_main:
             torch.save({"volumes": rec.volumes(), "rotations": rec.rotations, "losses": rec.state.losses,
                         "small_volumes": small.volumes(), "small_rotations": small.rotations,
+                        "sphere_volumes": sphere.volumes(), "sphere_rotations": sphere.rotations,
                         "resumed_volumes": resumed.volumes(), "resumed_rotations": resumed.rotations,
                         "all_rotations": all_rotations, "errors": all_errors}, tmp / "dist_results.pt")
     finally:
@@ -143,6 +147,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for a, b in zip(small.volumes(), out["small_volumes"]):
         assert _max_rel(a, b) < TOL
     assert (small.rotations - out["small_rotations"]).abs().max() < TOL
+
+    sphere = reconstruction(epochs=2, support="sphere")
+    sphere.fit(progress=False)
+    for a, b in zip(sphere.volumes(), out["sphere_volumes"]):
+        assert _max_rel(a, b) < TOL
+    assert (sphere.rotations - out["sphere_rotations"]).abs().max() < TOL
 
     # The poses moved, so agreeing on them means something.
     assert (single.rotations - data()[2]).abs().max() > 1e-3
