@@ -247,7 +247,7 @@ class CheckpointError(ValueError):
 
 
 _UNSET = object()
-CHECKPOINT_FORMAT = "fieldkern.cryoem.Reconstruction/2"
+CHECKPOINT_FORMAT = "fieldkern.cryoem.Reconstruction/3"
 _CHECKPOINT_KEYS = ("config", "model", "stage", "optimizer", "rotations", "state", "rng")
 
 
@@ -341,6 +341,10 @@ class Reconstruction:
         self._ctfs = ctfs
         self.rotations = rotations.to(self.device, torch.float64).clone()
         self.dist.broadcast_(self.rotations)  # every rank starts from rank 0's poses
+        # What the run starts from besides the images: its poses and origins. A checkpoint
+        # resumes only the run that began here (another --pose-init, seed or particle file
+        # would train on, and report against, starting poses it never had).
+        self._start = _fingerprint(self.rotations, shifts)
         torch.manual_seed(config.seed)
         self.model = ResidualMFN(
             3, config.hidden_features, 1, config.n_scales, D, lambda1=config.lambda1,
@@ -608,6 +612,7 @@ class Reconstruction:
                         "format": CHECKPOINT_FORMAT,
                         "config": asdict(self.config),
                         "data": dict(self._data_signature),
+                        "start": self._start,
                         "world_size": self.dist.world_size,
                         "model": self.model.state_dict(),
                         "stage": self.model.stage,
@@ -671,6 +676,11 @@ class Reconstruction:
                 raise CheckpointError(
                     f"checkpoint {path} was made for another data set (images: {data}; these: {ours_d})"
                 )
+        if ckpt.get("start") != self._start:
+            raise CheckpointError(
+                f"checkpoint {path} was trained from other starting poses or origins (another --pose-init, "
+                "--seed or particle file); resume it with the settings it was started with"
+            )
         bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
                and not torch.isfinite(v).all()]
         if not torch.isfinite(rot).all():
@@ -715,6 +725,16 @@ class Reconstruction:
             return [v.detach().cpu() for v in self.volume(all_scales=True)]
         finally:
             self.model.set_stage(stage)
+
+
+def _fingerprint(rotations: torch.Tensor, shifts: torch.Tensor | None) -> str:
+    """A digest of a run's starting poses ``(N, 3, 3)`` and origins ``(N, 2)`` (or None)."""
+    import hashlib
+
+    h = hashlib.sha256(rotations.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    if shifts is not None:
+        h.update(torch.as_tensor(shifts).detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def pose_errors_deg(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

@@ -173,7 +173,10 @@ def text_images(n: int, size: int = 512, seed: int = 0) -> tuple[list[np.ndarray
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one image file -> float32 ``(H, W, 1 or 3)`` in [0, 1]; raises ImageLoadError."""
+    """Read one image file -> float32 ``(H, W, 1 or 3)`` in [0, 1]; raises ImageLoadError.
+
+    8/16-bit images are scaled by their type's range, 32-bit integer ones by their maximum,
+    32-bit float ones are taken as they are (refused with NaN/inf or values outside [0, 1])."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -182,15 +185,31 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 a = np.asarray(im, dtype=np.float32)
                 a = a / max(float(a.max()), 1.0) if im.mode == "I" else a / 65535.0
+            elif im.mode == "F":  # 32-bit float: intensities as they are (an 8-bit conversion truncates them)
+                a = _float_intensities(np.asarray(im, dtype=np.float32), path)
             elif im.mode in ("L", "LA", "RGB", "RGBA"):
                 a = np.asarray(im)
             elif im.mode == "1":
                 a = np.asarray(im.convert("L"))
             else:  # palette, CMYK, YCbCr, ...
                 a = np.asarray(im.convert("RGBA" if "transparency" in im.info else "RGB"))
+    except ImageLoadError:
+        raise
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise ImageLoadError(f"cannot read image {str(path)!r}: {exc}") from exc
     return to_float(a)
+
+
+def _float_intensities(a: np.ndarray, path) -> np.ndarray:
+    """A float image read as it is: refused (ImageLoadError) where it holds NaN/inf or values
+    outside [0, 1], which no intensity scale would reproduce faithfully."""
+    if not np.isfinite(a).all():
+        raise ImageLoadError(f"image {str(path)!r} holds NaN or inf pixels")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0 or hi > 1:
+        raise ImageLoadError(f"image {str(path)!r} is a float image with values in [{lo:g}, {hi:g}]; float images "
+                             "are read as intensities in [0, 1]: rescale it (or save it as 8/16-bit)")
+    return a
 
 
 def load_images(path: str | os.PathLike, size: int | None = None) -> tuple[list[np.ndarray], list[str]]:

@@ -245,6 +245,12 @@ def test_corrupt_or_mismatched_checkpoints_are_refused_and_not_loaded(tmp_path):
         torch.save(bad, tmp_path / f"{name}.pt")
         refused(tmp_path / f"{name}.pt", match)
 
+    # Other starting poses (another --pose-init or seed): the run and its report would differ.
+    images, ctfs, start = data()
+    moved = jitter_rotations(start, 40.0, 60.0, generator=torch.Generator().manual_seed(8))
+    other = Reconstruction(images, ctfs, moved, ReconstructionConfig(**{**CONFIG, "epochs": 1, "batch_size": 40}))
+    with pytest.raises(CheckpointError, match="other starting poses"):
+        other.load(good)
     # Another image set of the same size (caught by the images' mean and deviation).
     images, ctfs, start = data(seed=6)
     other = Reconstruction(images, ctfs, start, ReconstructionConfig(**{**CONFIG, "epochs": 1, "batch_size": 40}))
@@ -383,3 +389,17 @@ def test_unwritable_out_fails_before_any_work(tmp_path):
     assert proc.returncode == 1
     assert "not writable" in proc.stderr and str(blocker / "sub") in proc.stderr
     assert time.perf_counter() - start < 30  # no simulation, no training
+
+
+def test_resume_with_other_starting_poses_is_refused(uninterrupted, tmp_path):
+    """``--resume --pose-init coarse`` on a run started from perturbed poses would train on and
+    report against poses it never started from (it reported 68.8 -> 10.6 degrees for a run that
+    went 10.6 -> 10.6); the checkpoint's starting-pose digest refuses it."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "results.json").read_text()
+    proc = _example(out, "--resume", "--pose-init", "coarse")
+    assert proc.returncode == 1
+    assert "other starting poses" in proc.stderr and "--pose-init" in proc.stderr
+    assert (out / "results.json").read_text() == before
+    assert _example(out, "--resume").returncode == 0  # the settings it was started with

@@ -123,3 +123,21 @@ def test_sizes_and_counts_take_numpy_integers_and_reject_the_rest(tmp_path):
     assert datasets.load_images(tmp_path / "a.png", size=np.int64(4))[0][0].shape == (4, 4, 1)
     with pytest.raises(ValueError, match="size must be a positive int, got 0"):
         datasets.load_images(tmp_path / "a.png", size=0)
+
+
+def test_float_tiffs_are_read_as_floats_and_unfaithful_ones_refused(tmp_path):
+    """32-bit float TIFFs went through an 8-bit conversion that turned 0.1-0.9 into zeros."""
+    rng = np.random.default_rng(1)
+    values = (0.1 + 0.8 * rng.random((12, 16))).astype(np.float32)
+    Image.fromarray(values, "F").save(tmp_path / "float01.tif")
+    (img,), _ = datasets.load_images(tmp_path / "float01.tif")
+    assert img.shape == (12, 16, 1)
+    np.testing.assert_array_equal(img[..., 0], values)
+    nan = values.copy()
+    nan[3, 4] = np.nan
+    Image.fromarray(nan, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageLoadError, match="NaN or inf pixels"):
+        datasets.load_images(tmp_path / "nan.tif")
+    Image.fromarray(values * 255, "F").save(tmp_path / "float255.tif")
+    with pytest.raises(ImageLoadError, match=r"values in \[2.*rescale"):
+        datasets.load_images(tmp_path / "float255.tif")
