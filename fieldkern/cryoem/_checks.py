@@ -10,10 +10,12 @@ import torch
 
 # The tensor checks the ops need live with the ops (the layer below); re-exported here.
 from fieldkern.ops._checks import (  # noqa: F401
+    ROTATION_ATOL,
     check_chunk,
     check_count,
     check_finite,
     check_floating,
+    check_proper_rotations,
     check_rotations,
     check_tensor,
     check_volume,

@@ -276,15 +276,21 @@ def is_map(structure) -> bool:
 
 
 def read_map(path, what: str = "map") -> tuple[torch.Tensor, float]:
-    """:func:`read_mrc` for a map that must be usable as a volume: finite values and a voxel
-    size in the header. ``what`` names the map's role in the messages."""
+    """:func:`read_mrc` for a map that must be usable as a volume: a voxel size in the header,
+    finite values that are not all the same (a constant map has no structure to compare with
+    or simulate from), and not empty. ``what`` names the map's role in the messages."""
     volume, apix = read_mrc(path)
     if not apix > 0:
         raise ValueError(
             f"{what} {path}: the header has no voxel size ({apix:g} A); set it in the file "
             f"(e.g. mrcfile: mrc.voxel_size = 1.25)"
         )
+    if volume.numel() == 0:
+        raise ValueError(f"{what} {path} is empty (shape {tuple(volume.shape)})")
     check_finite(f"{what} {path}", volume)
+    if bool((volume == volume.reshape(-1)[0]).all()):
+        raise ValueError(f"{what} {path} holds one value everywhere ({float(volume.reshape(-1)[0]):g}): "
+                         "it has no structure")
     return volume, apix
 
 

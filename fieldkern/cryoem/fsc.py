@@ -37,7 +37,8 @@ def fourier_shell_correlation(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch
 
     ``FSC(r) = Re sum_{S_r} F1 F2* / sqrt(sum_{S_r} |F1|^2 sum_{S_r} |F2|^2)`` over the shells
     of the module docstring. Returns ``(shells, fsc)``: ``shells = arange(D//2)`` (long) and
-    ``fsc`` float64 ``(D//2,)``. A shell where either map has no power gets FSC 0.
+    ``fsc`` float64 ``(D//2,)``. A shell where either map has no power gets FSC 0; maps holding
+    NaN or inf raise ValueError.
     Computed in float64; not differentiable by design (an evaluation metric).
     """
     check_floating("v1", v1)
@@ -50,6 +51,9 @@ def fourier_shell_correlation(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch
     if D % 2 or D < 2:
         raise ValueError(f"v1 must have an even size D, got D = {D}")
     ndim = v1.dim()
+    # A non-finite voxel makes every Fourier coefficient NaN, and every shell would read 0.
+    check_finite("v1", v1)
+    check_finite("v2", v2)
     with torch.no_grad():
         # The real part of F1 F2* and the powers do not depend on where the origin is, so
         # the unshifted transform is enough.

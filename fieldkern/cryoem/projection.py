@@ -107,7 +107,7 @@ def transform_volume(
     check_tensor("matrix", matrix)
     single = matrix.dim() == 2
     M = matrix[None] if single else matrix
-    check_rotations("matrix", M)
+    check_rotations("matrix", M, improper=True)
     M = M.to(volume)
     n = M.shape[0]
     pts = _centred_grid(D, 0, D, volume.device, volume.dtype).reshape(1, D * D * D, 3)

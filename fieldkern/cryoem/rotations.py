@@ -23,16 +23,15 @@ import math
 import torch
 
 from fieldkern.cryoem._checks import (
+    ROTATION_ATOL,
     check_count,
     check_floating,
     check_matrices,
+    check_proper_rotations,
     check_rotations,
     check_vectors,
 )
 
-#: Tolerance of the rotation checks on inputs: loose enough for float32 rotations that
-#: went through many updates, tight enough to catch scaled, sheared or reflected matrices.
-ROTATION_ATOL = 1e-3
 
 # Below this |theta|^2 the exp/log maps use Taylor series, so values and gradients stay
 # finite at theta = 0 (the closed forms are 0/0 there).
@@ -92,7 +91,7 @@ def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
     Shepperd's method: of the four algebraically equivalent formulas, the one dividing by
     the largest component is used, so values and gradients stay well conditioned.
     """
-    check_matrices("R", R)
+    check_proper_rotations("R", R)
     m00, m01, m02 = R[..., 0, 0], R[..., 0, 1], R[..., 0, 2]
     m10, m11, m12 = R[..., 1, 0], R[..., 1, 1], R[..., 1, 2]
     m20, m21, m22 = R[..., 2, 0], R[..., 2, 1], R[..., 2, 2]
@@ -376,7 +375,7 @@ def matrix_to_relion_euler(R: torch.Tensor) -> torch.Tensor:
     gimbal lock (sin tilt ~ 0) rot is set to 0 and the in-plane angle goes into psi, as in
     RELION. ``relion_euler_to_matrix(matrix_to_relion_euler(R)) == R`` to rounding.
     """
-    check_matrices("R", R)
+    check_proper_rotations("R", R)
     R = R.to(torch.float64)
     sb = torch.sqrt(R[..., 0, 2] ** 2 + R[..., 1, 2] ** 2)
     # RELION's threshold (16 * FLT_EPSILON).

@@ -67,12 +67,53 @@ def check_volume(name: str, v: object) -> int:
     return v.shape[0]
 
 
-def check_rotations(name: str, r: object) -> int:
-    """A floating (B, 3, 3) tensor; returns B."""
+def check_rotations(name: str, r: object, improper: bool = False) -> int:
+    """Floating ``(B, 3, 3)`` rotation matrices (:func:`check_proper_rotations`; ``improper``:
+    orthogonal, a determinant of -1 allowed too); returns B."""
     check_floating(name, r)
     if r.dim() != 3 or r.shape[1:] != (3, 3):
         raise ValueError(f"{name} must have shape (B, 3, 3), got {tuple(r.shape)}")
+    _check_orthonormal(name, r, ROTATION_ATOL, improper)
     return r.shape[0]
+
+
+#: How far from a rotation a matrix may be where rotations enter the public API: max entry of
+#: ``|R^T R - I|`` and ``|det R - 1|``. Loose enough for float32 rotations that went through
+#: many updates (those made from angles are within ~1e-6), tight enough to catch scaled,
+#: sheared or reflected matrices.
+ROTATION_ATOL = 1e-3
+
+
+def check_proper_rotations(name: str, r: object, atol: float = ROTATION_ATOL) -> None:
+    """Floating ``(..., 3, 3)`` matrices that are rotations: orthonormal with determinant +1,
+    within ``atol``; a scaled matrix, a reflection, a shear or a zero matrix raises ValueError
+    (they would give plausible but wrong projections and angles). A matrix holding NaN or inf
+    passes: it propagates NaN, which the trainer reports as a diverged pose. Checked on host
+    tensors (one small reduction); CUDA tensors get the shape check only, so that per-step
+    calls on a GPU never wait for the device."""
+    check_floating(name, r)
+    if r.dim() < 2 or r.shape[-2:] != (3, 3):
+        raise ValueError(f"{name} must have shape (..., 3, 3), got {tuple(r.shape)}")
+    _check_orthonormal(name, r, atol, improper=False)
+
+
+def _check_orthonormal(name: str, r: torch.Tensor, atol: float, improper: bool) -> None:
+    if r.is_cuda or r.numel() == 0:
+        return
+    with torch.no_grad():
+        m = r.detach().reshape(-1, 3, 3).to(torch.float64)
+        orth = (m.transpose(-1, -2) @ m - torch.eye(3, dtype=torch.float64)).abs().amax((-1, -2))
+        det = torch.linalg.det(m)
+        off = torch.maximum(orth, ((det.abs() if improper else det) - 1).abs())
+        off = torch.where(torch.isfinite(m).all(-1).all(-1), off, torch.zeros_like(off))  # NaN propagates
+        worst = int(off.argmax())
+        if bool(off[worst] > atol):
+            what = "orthogonal matrices (determinant +1 or -1" if improper else \
+                "rotation matrices (orthonormal, determinant +1"
+            raise ValueError(
+                f"{name} must be {what}, within {atol:g}); matrix {worst} is not "
+                f"(|R^T R - I| up to {float(orth[worst]):.3g}, determinant {float(det[worst]):.4g})"
+            )
 
 
 def check_weight(name: str, w: object) -> tuple[int, int]:

@@ -114,6 +114,18 @@ def test_fsc_errors(a, b, match):
         cem.fourier_shell_correlation(a, b)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fsc_refuses_non_finite_voxels(bad):
+    """One NaN voxel gave an all-zero curve (so resolution() said inf)."""
+    good = torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(0))
+    broken = good.clone()
+    broken[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="v1 holds NaN or inf"):
+        cem.fourier_shell_correlation(broken, good)
+    with pytest.raises(ValueError, match="v2 holds NaN or inf"):
+        cem.fourier_shell_correlation(good, broken)
+
+
 def test_resolution_errors():
     with pytest.raises(ValueError, match="apix"):
         cem.resolution(torch.ones(8, dtype=F64), 0.0)

@@ -114,6 +114,19 @@ def test_reference_map_with_nan_fails_instead_of_reporting_n_a(tmp_path):
         experiment.prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
 
 
+@pytest.mark.parametrize("value", [0.0, 3.5])
+def test_constant_reference_or_structure_map_is_refused(tmp_path, value):
+    """An all-zero --reference was accepted: resolution n/a and maps "aligned" to it by 178.7
+    degrees written as results."""
+    star = _particle_set(tmp_path)
+    _raw_mrc(tmp_path / "ref.mrc", np.full((8, 8, 8), value, np.float32), 2.0)
+    preset = experiment.get_preset("tiny")
+    with pytest.raises(ValueError, match=r"ref\.mrc holds one value everywhere.*no structure"):
+        experiment.prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
+    with pytest.raises(ValueError, match=r"map .*ref\.mrc holds one value everywhere"):
+        experiment.prepare_data(str(tmp_path / "ref.mrc"), tmp_path / "o", preset, 0, progress=False)
+
+
 # --------------------------------------------------------------------------- corrupt files
 
 
@@ -430,3 +443,39 @@ def test_angular_distance_rejects_matrices_that_are_not_rotations():
         cem.angular_distance(torch.stack([eye, torch.diag(torch.tensor([1.0, 1.0, -1.0]))]), eye)
     R = cem.random_rotations(4, torch.Generator().manual_seed(0))
     assert torch.allclose(cem.angular_distance_deg(R, R), torch.zeros(4), atol=1e-3)
+
+
+NOT_ROTATIONS = {
+    "2I": 2 * torch.eye(3),
+    "reflection": torch.diag(torch.tensor([1.0, 1.0, -1.0])),
+    "zero": torch.zeros(3, 3),
+    "shear": torch.tensor([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_ROTATIONS))
+def test_matrices_that_are_not_rotations_are_refused_where_they_enter(name):
+    """2I gave plausible images (and the real and Fourier projectors disagreed: maxima 5.66
+    vs 3.16); the conversions returned angles for non-rotations."""
+    v = _blob()
+    R = cem.random_rotations(3, generator=torch.Generator().manual_seed(0))
+    R[1] = NOT_ROTATIONS[name]
+    for method in ("real", "fourier"):
+        with pytest.raises(ValueError, match=r"rotations must be rotation matrices.*matrix 1 is not"):
+            cem.project_volume(v, R, method=method)
+    with pytest.raises(ValueError, match="rotation matrices"):
+        cem.project_volume_reference(v, R)
+    for convert in (cem.matrix_to_relion_euler, cem.matrix_to_axis_angle, cem.matrix_to_quaternion):
+        with pytest.raises(ValueError, match="R must be rotation matrices"):
+            convert(R)
+    R[1] = torch.eye(3) + 2e-4  # within the stated tolerance (float32 rounding, drift)
+    cem.project_volume(v, R)
+    cem.matrix_to_relion_euler(R)
+
+
+def test_transform_volume_takes_reflections_but_not_scalings():
+    v = _blob()
+    flipped = cem.transform_volume(v, NOT_ROTATIONS["reflection"])  # z -> -z about voxel D//2
+    torch.testing.assert_close(flipped[1:], v.flip(0)[:-1])
+    with pytest.raises(ValueError, match="matrix must be orthogonal matrices"):
+        cem.transform_volume(v, NOT_ROTATIONS["2I"])
