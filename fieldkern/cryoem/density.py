@@ -85,6 +85,34 @@ def _pdb_lacks_elements(path: Path) -> bool:
     return seen
 
 
+def _check_coordinates(path: Path, st) -> None:
+    """ValueError naming the file and line (PDB) or ``atom_site`` row (mmCIF) of the first
+    atom whose coordinates are not numbers: gemmi reads a PDB field like ``abc.def`` as 0,
+    which moves the atom to the box edge instead of refusing it."""
+    import gemmi
+
+    if st.input_format == gemmi.CoorFormat.Pdb:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rt", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.startswith(("ATOM  ", "HETATM")):
+                    continue
+                for axis, lo in (("x", 30), ("y", 38), ("z", 46)):
+                    field = line[lo:lo + 8]
+                    try:
+                        float(field)
+                    except ValueError:
+                        raise ValueError(f"{path}, line {number}: the {axis} coordinate {field.strip()!r} "
+                                         f"(columns {lo + 1}-{lo + 8}) is not a number") from None
+    elif st.input_format == gemmi.CoorFormat.Mmcif:
+        table = gemmi.cif.read(str(path)).sole_block().find("_atom_site.", ["Cartn_x", "Cartn_y", "Cartn_z"])
+        for row in range(len(table)):
+            for j, axis in enumerate("xyz"):
+                if not math.isfinite(gemmi.cif.as_number(table[row][j])):
+                    raise ValueError(f"{path}: the {axis} coordinate {table[row][j]!r} of atom_site row {row + 1} "
+                                     "is not a number")
+
+
 def load_atoms(
     structure: str | PathLike, *, hydrogens: bool = False, waters: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +133,7 @@ def load_atoms(
     if len(st) == 0 or not any(len(res) for chain in st[0] for res in chain):
         raise ValueError(f"{path}: could not be read as a structure (no atom records found; "
                          f"is it a PDB or mmCIF file?)")
+    _check_coordinates(path, st)
     st.remove_alternative_conformations()
     infer = _pdb_lacks_elements(path)
     xyz, zs = [], []

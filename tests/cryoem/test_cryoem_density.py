@@ -109,3 +109,28 @@ def test_structure_must_fit_in_the_box():
 def test_density_argument_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         cem.density_from_structure("1ol5", **kwargs)
+
+
+def test_coordinates_that_do_not_parse_are_refused_with_file_and_line(tmp_path):
+    """gemmi read ``abc.def`` in a PDB x field as 0, and the error then blamed the box."""
+    import gemmi
+
+    lines = cem.structure_path("1ol5").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("ATOM  "))
+    bad = list(lines)
+    bad[first + 2] = bad[first + 2][:30] + " abc.def" + bad[first + 2][38:]
+    (tmp_path / "bad.pdb").write_text("\n".join(bad) + "\n")
+    with pytest.raises(ValueError, match=rf"bad\.pdb, line {first + 3}: the x coordinate 'abc.def' \(columns 31-38\)"):
+        cem.load_atoms(tmp_path / "bad.pdb")
+    # mmCIF: the same atom written by gemmi, its y coordinate broken
+    st = gemmi.read_structure(str(cem.structure_path("1ol5")))
+    st.setup_entities()
+    cif = st.make_mmcif_document().as_string().splitlines()
+    row = next(i for i, line in enumerate(cif) if line.startswith("ATOM"))
+    fields = cif[row].split()
+    fields[11] = "12.x4"  # Cartn_y
+    cif[row] = " ".join(fields)
+    (tmp_path / "bad.cif").write_text("\n".join(cif) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.cif: the y coordinate '12\.x4' of atom_site row 1"):
+        cem.load_atoms(tmp_path / "bad.cif")
+    cem.load_atoms(cem.structure_path("1ol5"))  # the intact file reads
