@@ -64,11 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/cryoem", metavar="DIR", help="output folder (default runs/cryoem)")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (a folder holding anything "
+                   "is refused without --resume or --overwrite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.pose_init is None:  # a real set's poses are the best start; the paper perturbs simulated ones
         args.pose_init = "refine" if args.particles else "perturbed"
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     if args.reference and not args.particles:
         p.error("--reference needs --particles")
     for flag in ("invert", "downsample"):
@@ -97,7 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     """The experiment on this rank; returns the results on rank 0 (None on the others)."""
 
-    from fieldkern._files import check_writable
     from fieldkern.cryoem import experiment
 
     device = dist.device
@@ -109,8 +112,8 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
         preset = experiment.scale_epochs(preset, args.epochs)
     out = Path(args.out)
     with dist.agree(f"checking --out {out}"):
-        if dist.is_main:
-            check_writable(out)  # fail now, not after hours of training
+        if dist.is_main:  # fail now, not after hours of training; never mix two runs
+            experiment.prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite)
     progress = not args.no_progress and dist.is_main
 
     start = time.perf_counter()

@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda if available, else cpu)")
     p.add_argument("--out", default="runs/image", metavar="DIR", help="output folder (default runs/image)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --out (a folder holding "
+                   "anything is refused without it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m not in fimage.METHODS]
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> None:
     out = None
     with dist.agree(f"checking --out {args.out}"):
         if dist.is_main:
-            out = fimage.check_writable(args.out)
+            out = fimage.prepare_output_dir(args.out, overwrite=args.overwrite)  # never mix two runs
     if args.image:
         images, names = load_user_images(args.image, args.n_images, preset)
         dataset = args.image

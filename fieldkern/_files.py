@@ -32,6 +32,52 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
     return p
 
 
+class OutputDirError(ValueError):
+    """An output folder that already holds another run (see :func:`prepare_output_dir`)."""
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, outputs: tuple[str, ...], *, resume: bool = False,
+                       overwrite: bool = False) -> Path:
+    """The rule for an output folder, applied before any work (then :func:`check_writable`).
+
+    * An empty or new folder is used as it is.
+    * A folder holding anything else is refused (:class:`OutputDirError`) unless the run
+      continues the one there (``resume``) or replaces it (``overwrite``): runs never mix.
+    * ``overwrite`` first deletes what a run writes (``outputs``: glob patterns, folders
+      included); other files are left alone.
+
+    A resumed run deletes the old run's final results once it has loaded its checkpoint
+    (:func:`remove_outputs`), so a folder's ``results.json`` (written last) always belongs to
+    the files beside it. Returns the folder.
+    """
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise OutputDirError(f"output directory {str(p)!r} is a file")
+    entries = sorted(e.name for e in p.iterdir()) if p.is_dir() else []
+    if entries and not (resume or overwrite):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputDirError(
+            f"output directory {str(p)!r} is not empty ({shown}): pass --resume to continue the run there, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    if overwrite:
+        remove_outputs(p, outputs)
+    return check_writable(p)
+
+
+def remove_outputs(out_dir: str | os.PathLike, patterns: tuple[str, ...]) -> None:
+    """Delete what matches the glob ``patterns`` in ``out_dir`` (files and folders); OSError
+    names the path."""
+    import shutil
+
+    for pattern in patterns:
+        for path in Path(out_dir).glob(pattern):
+            try:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError as exc:
+                raise OSError(exc.errno, f"could not remove {str(path)!r}: {exc.strerror or exc}") from exc
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     tmp = None

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fieldkern._files import prepare_output_dir as _prepare_output_dir
+from fieldkern._files import remove_outputs
 from fieldkern._files import write_atomic
 from fieldkern.cryoem._checks import check_finite
 from fieldkern.cryoem.alignment import align_volume
@@ -549,6 +551,11 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
                 rec.load(checkpoint)
             elif h == 1:
                 raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+            if h == 1:
+                # The run goes on: the old run's final results no longer describe the folder.
+                with rec.dist.agree(f"removing the old results in {out}"):
+                    if rec.dist.is_main:
+                        remove_outputs(out, RESULTS)
         rec.fit(checkpoint, progress=progress, callbacks=[StageMapWriter(rec, out, ds.apix, tag)])
         recs.append((index, rec))
     return recs
@@ -583,6 +590,22 @@ def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstructio
 
 def _json_float(x: float):
     return None if x is None or not math.isfinite(x) else x
+
+
+#: Everything a run writes to ``--out`` (globs): what ``--overwrite`` deletes first.
+OUTPUTS = ("data", "ground_truth.mrc", "reconstruction_scale*.mrc", "half*_scale*.mrc", "stage*_scale*.mrc",
+           "fsc.csv", "fsc.png", "slices.png", "poses.star", "results.json", "checkpoint*.pt", ".*.tmp*")
+#: What only the end of a run writes (:func:`write_outputs`): what ``--resume`` deletes first.
+RESULTS = ("results.json", "ground_truth.mrc", "reconstruction_scale*.mrc", "half[12]_scale*.mrc", "fsc.csv",
+           "fsc.png", "slices.png", "poses.star")
+
+
+def prepare_output_dir(out, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """``--out`` checked before any work (:func:`fieldkern._files.prepare_output_dir`): a folder
+    holding another run is refused unless ``resume`` (:func:`reconstruct` deletes its final
+    results once the checkpoint has loaded) or ``overwrite`` (every file a run writes is
+    deleted first)."""
+    return _prepare_output_dir(out, OUTPUTS, resume=resume, overwrite=overwrite)
 
 
 def write_outputs(out: Path, data: ExperimentData, rotations: torch.Tensor, shifts_A: torch.Tensor, losses,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fieldkern._files import check_writable, write_atomic  # noqa: F401 - check_writable is re-exported
+from fieldkern._files import prepare_output_dir as _prepare_output_dir
 from fieldkern.coords import grid_coordinates
 from fieldkern.distributed import DistContext
 from fieldkern.image import metrics
@@ -339,6 +340,16 @@ def settings_dict(dataset: str, names: list[str], methods: list[Method], preset:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+#: Everything a run writes to ``--out`` (globs): what ``--overwrite`` deletes first.
+OUTPUTS = ("results.json", "results.md", "scales_*.png", "spectra_*.png", "reconstructions_*.png", ".*.tmp")
+
+
+def prepare_output_dir(out, *, overwrite: bool = False) -> Path:
+    """``--out`` checked before any work: a folder holding anything is refused unless
+    ``overwrite`` (what a run writes is deleted first; :func:`fieldkern._files.prepare_output_dir`)."""
+    return _prepare_output_dir(out, OUTPUTS, overwrite=overwrite)
 
 
 def write_results(out_dir, summary: dict, results: list[list[FitResult]], methods: list[Method],

@@ -403,3 +403,54 @@ def test_resume_with_other_starting_poses_is_refused(uninterrupted, tmp_path):
     assert "other starting poses" in proc.stderr and "--pose-init" in proc.stderr
     assert (out / "results.json").read_text() == before
     assert _example(out, "--resume").returncode == 0  # the settings it was started with
+
+
+def test_an_output_folder_holding_a_run_is_refused_without_resume_or_overwrite(uninterrupted, tmp_path):
+    """A run without --resume over a finished folder replaced its checkpoint; another kind of
+    run there kept the old ground_truth.mrc, checkpoint and stage maps beside the new maps."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    proc = _example(out)
+    assert proc.returncode == 1
+    assert "is not empty" in proc.stderr and "--resume" in proc.stderr and "--overwrite" in proc.stderr
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint  # nothing was touched
+    both = subprocess.run([sys.executable, str(ROOT / "examples" / "cryoem.py"), "--resume", "--overwrite",
+                           "--out", str(out)], capture_output=True, text=True, env=_env(), timeout=60)
+    assert both.returncode == 2 and "pass one of them" in both.stderr
+    # --overwrite: a half-map run (no ground truth) into the simulated run's folder.
+    star = tmp_path / "particles" / "particles.star"
+    shutil.copytree(uninterrupted / "data", star.parent)
+    (out / "notes.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "cryoem.py"), "--preset", "tiny", "--epochs", "3",
+                           "--particles", str(star), "--no-progress", "--device", "cpu", "--out", str(out),
+                           "--overwrite"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"ground_truth.mrc", "checkpoint.pt", "data", "stage0_scale0.mrc"}, names
+    assert {"checkpoint_half1.pt", "half1_scale0.mrc", "results.json", "notes.txt"} <= names
+    assert json.loads((out / "results.json").read_text())["fsc_against"] == "half maps"
+
+
+def test_a_resumed_run_drops_the_old_results_once_its_checkpoint_loads(uninterrupted, tmp_path, monkeypatch):
+    """A re-run killed after it started left the old results.json and maps looking complete."""
+    import importlib.util
+
+    from fieldkern.cryoem.reconstruct import Reconstruction
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    spec = importlib.util.spec_from_file_location("cryoem_example", ROOT / "examples" / "cryoem.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    seen = {}
+
+    def killed(self, *args, **kwargs):
+        seen["results"] = sorted(p.name for p in out.iterdir() if p.name in ("results.json", "poses.star")
+                                 or p.name.startswith("reconstruction_"))
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Reconstruction, "fit", killed)
+    assert example.main([*EXAMPLE_ARGS, "--out", str(out), "--resume"]) == 1
+    assert seen["results"] == []  # gone before training went on
+    assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()

@@ -135,3 +135,21 @@ def test_more_images_asked_for_than_the_folder_holds(example, tmp_path, capsys):
     err = capsys.readouterr().err
     _assert_failed_cleanly(rc, err, out)
     assert f"--n-images 3: {folder} holds only 1 image(s)" in err
+
+
+def test_a_folder_holding_results_is_refused_without_overwrite(example, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", "--dataset", "text", "--n-images", "1", "--methods", "sape", "--out", str(out),
+            "--device", "cpu", "--no-progress"]
+    assert example.main(args) == 0
+    before = (out / "results.json").read_text()
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert example.main(args) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    stale = out / "scales_old.png"
+    stale.write_bytes(b"from an earlier run")
+    assert example.main([*args, "--overwrite"]) == 0
+    assert not stale.exists() and (out / "notes.txt").read_text() == "mine"
+    assert (out / "results.json").is_file()
