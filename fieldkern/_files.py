@@ -107,6 +107,16 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return _atomic(Path(path), lambda f: f.write(payload))
 
 
+def save_figure_atomic(fig, path: str | os.PathLike, **savefig) -> Path:
+    """A matplotlib figure rendered in memory, then :func:`write_atomic` (OSError names the
+    path: matplotlib's own errors say only ``[Errno 28]``)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+    return write_atomic(path, buffer.getvalue())
+
+
 def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` atomically; OSError names the path."""
     import torch

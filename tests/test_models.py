@@ -232,3 +232,10 @@ def test_numpy_integers_are_counts_and_bools_are_not():
     assert grid_coordinates((np.int64(4), 4)).shape == (4, 4, 2)
     with pytest.raises(ValueError, match="n_scales must be an int >= 1, got True"):
         ResidualMFN(2, 8, 1, n_scales=True, resolution=16)
+
+
+def test_coordinates_on_another_device_than_the_model_are_named():
+    """A CPU model given a meta input raised torch's own device error."""
+    model = ResidualMFN(2, 8, 1, 2, 16)
+    with pytest.raises(ValueError, match=r"x is on meta, the model's parameters on cpu"):
+        model(torch.zeros(3, 2, device="meta"))

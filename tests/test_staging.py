@@ -158,3 +158,10 @@ def test_stage_loss_rejects_a_target_that_would_broadcast():
     with pytest.raises(TypeError, match="outputs must be the list"):
         model.stage_loss(ys[-1], torch.rand(6, 1))
     assert model.stage_loss(ys, torch.rand(6, 1)).dim() == 0
+
+
+def test_stage_loss_of_no_outputs_is_refused():
+    """The sum over no scales was the int 0, which backward() cannot take."""
+    model = ResidualMFN(2, 8, 1, 2, 16)
+    with pytest.raises(ValueError, match="outputs is empty"):
+        model.stage_loss([], torch.zeros(4, 1))

@@ -60,6 +60,8 @@ def _resolve(structure: str | PathLike) -> Path:
     if not isinstance(structure, (str, PathLike)):
         raise TypeError(f"structure must be a path or a packaged name, got {type(structure).__name__}")
     path = Path(structure)
+    if path.is_dir():
+        raise IsADirectoryError(f"structure file {str(path)!r} is a directory, not a PDB/mmCIF file")
     if not path.is_file():
         raise FileNotFoundError(
             f"structure file {str(path)!r} not found (packaged names: {sorted(STRUCTURES)})"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from fieldkern._files import save_figure_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -34,8 +36,10 @@ def plot_fsc(path: Path, curves: list[list[float]], resolutions: list[float], ap
     ax.set_title(f"FSC (Nyquist {2 * apix:.2f} A)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_slices(path: Path, maps: list[torch.Tensor], ground_truth: torch.Tensor | None) -> None:
@@ -59,5 +63,7 @@ def plot_slices(path: Path, maps: list[torch.Tensor], ground_truth: torch.Tensor
             if a == 0:
                 ax.set_ylabel(name)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)

@@ -114,6 +114,14 @@ def _zyx_order(mrc) -> tuple[int, int, int] | None:
     return tuple(axes.index(label) for label in (3, 2, 1))
 
 
+def _check_is_file(path: Path, what: str) -> None:
+    """FileNotFoundError for a missing path, IsADirectoryError for a folder (both name it)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found")
+
+
 def read_mrc(path: str | PathLike) -> tuple[torch.Tensor, float]:
     """Read an MRC map or stack: ``(tensor float32, apix)``.
 
@@ -125,8 +133,7 @@ def read_mrc(path: str | PathLike) -> tuple[torch.Tensor, float]:
     import mrcfile
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MRC file {str(path)!r} not found")
+    _check_is_file(path, "MRC file")
     try:
         with mrcfile.open(path, mode="r", permissive=False) as mrc:
             data = np.array(mrc.data, dtype=np.float32)
@@ -511,8 +518,7 @@ def load_particles(
     import starfile
 
     star = Path(star_path)
-    if not star.is_file():
-        raise FileNotFoundError(f"STAR file {str(star)!r} not found")
+    _check_is_file(star, "STAR file")
     try:
         blocks = starfile.read(star, always_dict=True)
     except Exception as e:  # starfile raises assorted parser errors on malformed files
@@ -573,18 +579,22 @@ def load_particles(
             mag = per_particle("rlnMagnification", required=False)
             if det is not None and mag is not None:
                 px = det * 1e4 / mag
+        # In the file's words: the command line has no pixel-size option for --particles.
+        fix = "set it in the file (the API takes load_particles(..., apix=))"
         if px is None:
             raise ValueError(
                 f"{star}: no pixel size (rlnImagePixelSize in data_optics, or rlnPixelSize, or "
-                f"rlnDetectorPixelSize and rlnMagnification); pass apix="
+                f"rlnDetectorPixelSize and rlnMagnification); {fix}"
             )
+        bad = ~(np.isfinite(px) & (px > 0))
+        if bad.any():
+            raise ValueError(f"{star}: the pixel size of {int(bad.sum())} particle(s) is "
+                             f"{float(px[bad][0]):g} A, not a positive number; {fix}")
         if not np.allclose(px, px[0], rtol=1e-6):
             raise ValueError(
                 f"{star}: particles have different pixel sizes {sorted(set(px.tolist()))[:5]}; not supported"
             )
         apix = float(px[0])
-        if not (math.isfinite(apix) and apix > 0):
-            raise ValueError(f"{star}: the pixel size in the file is {apix:g}, not a positive number; pass apix=")
     apix = check_positive("apix", apix)
     star_box = per_particle("rlnImageSize", required=False)
 

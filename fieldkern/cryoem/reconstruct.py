@@ -649,8 +649,7 @@ class Reconstruction:
             ckpt = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: {e}); "
-                "it may be truncated or not a checkpoint"
+                f"checkpoint {str(path)!r} could not be read ({_reason(e)}); it may be truncated or not a checkpoint"
             ) from e
         if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
             missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
@@ -725,6 +724,16 @@ class Reconstruction:
             return [v.detach().cpu() for v in self.volume(all_scales=True)]
         finally:
             self.model.set_stage(stage)
+
+
+def _reason(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in a line: torch's weights-only message advises loading with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only" in text:
+        return "torch's safe loader refused it: not a file of tensors and plain data"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _fingerprint(rotations: torch.Tensor, shifts: torch.Tensor | None) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fieldkern._files import save_figure_atomic
 from fieldkern.image.metrics import magnitude_spectrum
 
 
@@ -116,6 +117,7 @@ def write_figures(out_dir: Path, results, methods, images, preset) -> list[Path]
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure_atomic(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -84,7 +84,8 @@ class _FilterNetwork(nn.Module):
         self._detach_heads_below = 0
 
     def _run(self, x: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
-        check_coordinates(x, self.in_features, dtype=self.filters[0].weight.dtype)
+        weight = self.filters[0].weight
+        check_coordinates(x, self.in_features, dtype=weight.dtype, device=weight.device)
         tensors = [f.filter_tensors() for f in self.filters[:n_layers]]
         head_weight: list[torch.Tensor | None] = [None] * n_layers
         head_bias: list[torch.Tensor | None] = [None] * n_layers
@@ -211,6 +212,8 @@ class _MultiscaleNetwork(_FilterNetwork):
         loss_fn = loss_fn or torch.nn.functional.mse_loss
         if isinstance(outputs, torch.Tensor):
             raise TypeError("outputs must be the list model(x) returns (one tensor per scale), got a tensor")
+        if len(outputs) == 0:  # the sum over no scales would be the int 0, not a loss
+            raise ValueError("outputs is empty: pass the list model(x) returns (one tensor per scale)")
         # the losses broadcast: a (N,) target against (N, 1) outputs would give an N x N error
         for k, y in enumerate(outputs):
             if y.shape != target.shape:

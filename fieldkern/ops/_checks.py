@@ -22,9 +22,10 @@ def check_floating(name: str, t: object) -> torch.Tensor:
 
 
 def check_coordinates(x: torch.Tensor, in_features: int, name: str = "x",
-                      dtype: torch.dtype | None = None) -> None:
-    """``(..., in_features)`` floating coordinates; with ``dtype``, of the parameters' dtype
-    (numpy-built coordinates are float64 while models are float32)."""
+                      dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    """``(..., in_features)`` floating coordinates; with ``dtype``/``device``, of the
+    parameters' dtype (numpy-built coordinates are float64 while models are float32) and on
+    their device."""
     check_floating(name, x)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(
@@ -32,6 +33,9 @@ def check_coordinates(x: torch.Tensor, in_features: int, name: str = "x",
             f"feature), got {tuple(x.shape)}"
         )
     check_dtype(name, x, dtype)
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the model's parameters on {device}: move one of them "
+                         f"(x.to({str(device)!r}) or model.to({str(x.device)!r}))")
 
 
 def check_dtype(name: str, t: torch.Tensor | None, dtype: torch.dtype | None) -> None:

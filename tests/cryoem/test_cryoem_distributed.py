@@ -229,6 +229,11 @@ def test_corrupt_or_mismatched_checkpoints_are_refused_and_not_loaded(tmp_path):
     refused(tmp_path / "truncated.pt", "could not be read.*truncated")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     refused(tmp_path / "garbage.pt", "could not be read")
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="could not be read") as info:
+        rec.load(tmp_path / "random.pt")
+    # never torch's advice to load with weights_only=False (which would run the file's code)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
     torch.save({"model": {}}, tmp_path / "other.pt")
     refused(tmp_path / "other.pt", "not a fieldkern reconstruction checkpoint.*missing config")
 

@@ -306,6 +306,33 @@ def test_unknown_optics_group_and_garbage(tmp_path):
         cem.load_particles(tmp_path / "missing.star")
 
 
+@pytest.mark.parametrize("pixel, shown", [(float("nan"), "nan"), (0.0, "0")])
+def test_a_pixel_size_that_is_not_positive_is_named_in_the_files_words(tmp_path, pixel, shown):
+    """NaN said "different pixel sizes [nan, ...]" and 0 said "pass apix=" (no such option
+    on the command line)."""
+    _stack(tmp_path / "s.mrcs")
+    star = _write_sim_star(tmp_path)
+    blocks = starfile.read(star, always_dict=True)
+    blocks["optics"]["rlnImagePixelSize"] = pixel
+    starfile.write(blocks, star)
+    with pytest.raises(ValueError, match=rf"pixel size of 4 particle\(s\) is {shown} A, not a positive number; "
+                                         r"set it in the file") as info:
+        cem.load_particles(star)
+    assert "different pixel sizes" not in str(info.value)
+
+
+def test_a_directory_given_as_a_file_is_named_as_one(tmp_path):
+    (tmp_path / "d.star").mkdir()
+    (tmp_path / "d.mrc").mkdir()
+    (tmp_path / "d.pdb").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"STAR file .*d\.star' is a directory"):
+        cem.load_particles(tmp_path / "d.star")
+    with pytest.raises(IsADirectoryError, match=r"MRC file .*d\.mrc' is a directory"):
+        cem.read_mrc(tmp_path / "d.mrc")
+    with pytest.raises(IsADirectoryError, match=r"structure file .*d\.pdb' is a directory"):
+        cem.load_atoms(tmp_path / "d.pdb")
+
+
 # --------------------------------------------------------------------------- MRC
 
 

@@ -153,3 +153,23 @@ def test_a_folder_holding_results_is_refused_without_overwrite(example, tmp_path
     assert example.main([*args, "--overwrite"]) == 0
     assert not stale.exists() and (out / "notes.txt").read_text() == "mine"
     assert (out / "results.json").is_file()
+
+
+def test_a_figure_that_cannot_be_written_names_its_path(tmp_path, monkeypatch):
+    """Disk full while saving a figure said only "[Errno 28]"."""
+    import errno
+    import os
+
+    import matplotlib.pyplot as plt
+
+    from fieldkern._files import save_figure_atomic
+
+    def full(fd, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    fig = plt.figure()
+    with pytest.raises(OSError, match=r"could not write .*scales_a\.png.*No space left on device") as info:
+        save_figure_atomic(fig, tmp_path / "scales_a.png")
+    plt.close(fig)
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
