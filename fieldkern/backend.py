@@ -46,6 +46,30 @@ def triton_usable(device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_usable(device, op: str | None = None) -> None:
+    """RuntimeError, saying why, when the current backend cannot run on ``device`` (only
+    ``"triton"`` can fail: where Triton cannot run). Command lines call it before any work."""
+    import torch
+
+    device = torch.device(device)
+    if get_backend() != "triton" or triton_usable(device):
+        return
+    from fieldkern.kernels import AVAILABLE, UNAVAILABLE_REASON
+
+    if not AVAILABLE:
+        reason = UNAVAILABLE_REASON
+    else:
+        reason = (
+            f"tensors are on {device}; the Triton kernels need CUDA tensors, or CPU "
+            "tensors with TRITON_INTERPRET=1 set before triton is imported"
+        )
+    what = f"for {op}" if op else f"(FIELDKERN_BACKEND or set_backend) on {device}"
+    raise RuntimeError(
+        f"fieldkern backend 'triton' was requested {what}, but {reason}. "
+        "Use fieldkern.set_backend('auto') or 'torch' (FIELDKERN_BACKEND=auto) to run the PyTorch reference."
+    )
+
+
 def resolve(op: str, *tensors) -> str:
     """Pick "torch" or "triton" for ``op`` on ``tensors`` under the current setting."""
     name = get_backend()
@@ -54,18 +78,5 @@ def resolve(op: str, *tensors) -> str:
         return "torch"
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
-    if not triton_usable(device):
-        from fieldkern.kernels import AVAILABLE, UNAVAILABLE_REASON
-
-        if not AVAILABLE:
-            reason = UNAVAILABLE_REASON
-        else:
-            reason = (
-                f"tensors are on {device}; the Triton kernels need CUDA tensors, or CPU "
-                "tensors with TRITON_INTERPRET=1 set before triton is imported"
-            )
-        raise RuntimeError(
-            f"fieldkern backend 'triton' was requested for {op}, but {reason}. "
-            "Use fieldkern.set_backend('auto') or 'torch' to run the PyTorch reference."
-        )
+    check_usable(device, op)
     return "triton"

@@ -227,9 +227,17 @@ def init_from_env(device=None, backend: str | None = None, timeout_s: float = 18
             slow, but it tests multi-process code on a one-GPU machine.
         timeout_s: how long a collective may wait for the other ranks.
     """
-    want = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        want = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError as exc:
+        raise RuntimeError(f"--device {device}: not a device name (cpu, cuda or cuda:N)") from exc
+    if want.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"--device {device}: fieldkern trains on cpu or cuda, not on {want.type}")
     if want.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device}: CUDA is not available here; use --device cpu")
+    from fieldkern.backend import check_usable
+
+    check_usable(want)  # FIELDKERN_BACKEND=triton where Triton cannot run: say so before any work
     if not launched_with_torchrun():
         return DistContext.single(want)
     try:

@@ -196,72 +196,79 @@ def simulate(
     euler = matrix_to_relion_euler(rotations)
     rotations = relion_euler_to_matrix(euler)
 
-    write_mrc(paths["volume"], volume, apix)
-    vol_dev = volume.to(device)
-    P = ctf_pad * D
-    total, total_sq = 0.0, 0.0
-    with mrcfile.new_mmap(paths["stack"], shape=(N, D, D), mrc_mode=2, overwrite=True) as mrc:
-        mrc.set_image_stack()
-        mrc.voxel_size = apix
-        with torch.no_grad():
-            for b0 in tqdm(range(0, N, batch_size), desc="project + CTF", disable=not progress):
-                b1 = min(N, b0 + batch_size)
-                # Blocks of 2^22 sample points rather than the default 2^24: the same images
-                # (only the image blocks differ), 8.5 -> 6.4 s for 3000 at box 40 on a 2-core CPU.
-                proj = project_volume(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32),
-                                      max_points=1 << 22)
-                c = ctf(P, apix, dfu[b0:b1], dfv[b0:b1], dfang[b0:b1], volt, cs, w, device=device)
-                img = apply_ctf(proj, c).cpu()
-                x = img.to(torch.float64)
-                total += float(x.sum())
-                total_sq += float((x * x).sum())
-                mrc.data[b0:b1] = img.numpy()
-            count = N * D * D
-            var = max(total_sq / count - (total / count) ** 2, 0.0)
-            sigma = 0.0 if snr is None else (var / snr) ** 0.5
-            if snr is not None:
-                for b0 in tqdm(range(0, N, batch_size), desc="noise", disable=not progress):
+    # A simulation that fails part-way (a device or backend that cannot run, a full disk,
+    # an interrupt) removes what it wrote: never an all-zero stack that looks like data.
+    try:
+        write_mrc(paths["volume"], volume, apix)
+        vol_dev = volume.to(device)
+        P = ctf_pad * D
+        total, total_sq = 0.0, 0.0
+        with mrcfile.new_mmap(paths["stack"], shape=(N, D, D), mrc_mode=2, overwrite=True) as mrc:
+            mrc.set_image_stack()
+            mrc.voxel_size = apix
+            with torch.no_grad():
+                for b0 in tqdm(range(0, N, batch_size), desc="project + CTF", disable=not progress):
                     b1 = min(N, b0 + batch_size)
-                    noise = torch.randn((b1 - b0, D, D), generator=gen, dtype=torch.float32)
-                    mrc.data[b0:b1] += (sigma * noise).numpy()
-        mrc.update_header_stats()
+                    # Blocks of 2^22 sample points rather than the default 2^24: the same images
+                    # (only the image blocks differ), 8.5 -> 6.4 s for 3000 at box 40 on a 2-core CPU.
+                    proj = project_volume(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32),
+                                          max_points=1 << 22)
+                    c = ctf(P, apix, dfu[b0:b1], dfv[b0:b1], dfang[b0:b1], volt, cs, w, device=device)
+                    img = apply_ctf(proj, c).cpu()
+                    x = img.to(torch.float64)
+                    total += float(x.sum())
+                    total_sq += float((x * x).sum())
+                    mrc.data[b0:b1] = img.numpy()
+                count = N * D * D
+                var = max(total_sq / count - (total / count) ** 2, 0.0)
+                sigma = 0.0 if snr is None else (var / snr) ** 0.5
+                if snr is not None:
+                    for b0 in tqdm(range(0, N, batch_size), desc="noise", disable=not progress):
+                        b1 = min(N, b0 + batch_size)
+                        noise = torch.randn((b1 - b0, D, D), generator=gen, dtype=torch.float32)
+                        mrc.data[b0:b1] += (sigma * noise).numpy()
+            mrc.update_header_stats()
 
-    names = [f"{i + 1:06d}@{STACK_NAME}" for i in range(N)]
-    write_particles_star(
-        paths["star"],
-        image_names=names,
-        euler_deg=euler,
-        dfu=dfu,
-        dfv=dfv,
-        dfang=dfang,
-        apix=apix,
-        box=D,
-        volt=volt,
-        cs=cs,
-        w=w,
-        extra_columns={"rlnRandomSubset": (torch.arange(N) % 2 + 1)},
-    )
-    meta = {
-        "source": source,
-        "n_particles": N,
-        "box": D,
-        "apix": apix,
-        "snr": snr,
-        "snr_definition": "var(all clean pixels of all images) / var(noise)",
-        "noise_sigma": sigma,
-        "seed": int(seed),
-        "ctf_pad": ctf_pad,
-        "ctf_sign": "CTF(0) = -w (cryoDRGN convention; RELION's getCTF is the negative)",
-        "defocus_range": list(defocus_range),
-        "astigmatism_range": list(astigmatism_range),
-        "defocus_angle_range": list(defocus_angle_range),
-        "volt": volt,
-        "cs": cs,
-        "w": w,
-        "resolution": resolution,
-        "shifts": "none",
-    }
-    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+        names = [f"{i + 1:06d}@{STACK_NAME}" for i in range(N)]
+        write_particles_star(
+            paths["star"],
+            image_names=names,
+            euler_deg=euler,
+            dfu=dfu,
+            dfv=dfv,
+            dfang=dfang,
+            apix=apix,
+            box=D,
+            volt=volt,
+            cs=cs,
+            w=w,
+            extra_columns={"rlnRandomSubset": (torch.arange(N) % 2 + 1)},
+        )
+        meta = {
+            "source": source,
+            "n_particles": N,
+            "box": D,
+            "apix": apix,
+            "snr": snr,
+            "snr_definition": "var(all clean pixels of all images) / var(noise)",
+            "noise_sigma": sigma,
+            "seed": int(seed),
+            "ctf_pad": ctf_pad,
+            "ctf_sign": "CTF(0) = -w (cryoDRGN convention; RELION's getCTF is the negative)",
+            "defocus_range": list(defocus_range),
+            "astigmatism_range": list(astigmatism_range),
+            "defocus_angle_range": list(defocus_angle_range),
+            "volt": volt,
+            "cs": cs,
+            "w": w,
+            "resolution": resolution,
+            "shifts": "none",
+        }
+        paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise
     params = CTFParams(
         dfu=dfu,
         dfv=dfv,

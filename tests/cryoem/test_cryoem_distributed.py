@@ -459,3 +459,34 @@ def test_a_resumed_run_drops_the_old_results_once_its_checkpoint_loads(uninterru
     assert example.main([*EXAMPLE_ARGS, "--out", str(out), "--resume"]) == 1
     assert seen["results"] == []  # gone before training went on
     assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("extra, env, match", [
+    (("--device", "meta"), {}, "--device meta: fieldkern trains on cpu or cuda"),
+    ((), {"FIELDKERN_BACKEND": "triton", "TRITON_INTERPRET": "0"}, "backend 'triton' was requested"),
+])
+def test_a_device_or_backend_that_cannot_run_fails_before_any_file_is_written(tmp_path, extra, env, match):
+    """Both left all-zero data/particles.mrcs and ground_truth.mrc behind, in torch's words."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "cryoem.py"), *EXAMPLE_ARGS[:6], "--out", str(out),
+                           *extra], capture_output=True, text=True, env={**_env(), **env}, timeout=120)
+    assert proc.returncode == 1 and match in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_a_simulation_that_fails_part_way_removes_what_it_wrote(tmp_path, monkeypatch):
+    import importlib
+
+    sim = importlib.import_module("fieldkern.cryoem.simulate")  # the module, not the function
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return project_volume(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "project_volume", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        sim.simulate("1ol5", tmp_path, n_particles=600, box=16, apix=6.0, progress=False)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
