@@ -110,6 +110,14 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     preset = experiment.get_preset(args.preset, structure_key, **overrides)
     if args.epochs is not None:
         preset = experiment.scale_epochs(preset, args.epochs)
+    # Memory, before any work: a simulation from the preset's sizes now, a particle set once read.
+    sizes = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+             if k in ("box", "n_particles", "pose_search") and v is not None]
+    settings = " ".join(sizes) or f"--preset {args.preset}"
+    if not args.particles and not experiment.is_map(args.structure):
+        needs = experiment.memory_needs(preset.recon, preset.box, preset.n_particles, simulate=True,
+                                        world_size=dist.world_size)
+        experiment.check_memory(needs, device, settings)
     out = Path(args.out)
     with dist.agree(f"checking --out {out}"):
         if dist.is_main:  # fail now, not after hours of training; never mix two runs
@@ -122,6 +130,9 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
                                    downsample=args.downsample)
     if data.true_rotations is None:
         raise ValueError(f"{data.source}: the particles have no poses to start from")
+    ds = data.dataset
+    experiment.check_memory(experiment.memory_needs(preset.recon, ds.box, len(ds), world_size=dist.world_size),
+                            device, f"{data.source} (box {ds.box}, {len(ds)} particles; {settings})")
     init = experiment.initial_poses(data.true_rotations, args.pose_init, preset, args.seed)
     # Known poses stay fixed; otherwise they are refined.
     recon_cfg = replace(preset.recon, refine_poses=args.pose_init != "gt")

@@ -490,3 +490,28 @@ def test_a_simulation_that_fails_part_way_removes_what_it_wrote(tmp_path, monkey
     with pytest.raises(RuntimeError, match="device lost"):
         sim.simulate("1ol5", tmp_path, n_particles=600, box=16, apix=6.0, progress=False)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--pose-search", "100000000"), r"--n-particles 160 --pose-search 100000000: the run needs at least .* GiB \(the pose search's"),
+    (("--box", "2000"), r"--box 2000 --n-particles 160: the run needs at least .* GiB .* are free on cpu"),
+])
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, extra, match):
+    """Both failed with raw allocator errors (or the OOM killer) after training had begun."""
+    import re
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "cryoem.py"), *EXAMPLE_ARGS, "--out", str(out),
+                           *extra], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 1 and re.search(match, proc.stderr), proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_memory_needs_of_the_presets_fit_their_machines():
+    from fieldkern.cryoem import experiment
+
+    quick = experiment.get_preset("quick", "1ol5")
+    assert sum(experiment.memory_needs(quick.recon, quick.box, quick.n_particles, simulate=True).values()) < 2**30
+    paper = experiment.get_preset("paper", "4ake")
+    # measured terms: 3.6 GiB of particle data, 0.7 GiB of field activations at box 80
+    assert 4 * 2**30 < sum(experiment.memory_needs(paper.recon, 80, 50_000).values()) < 8 * 2**30
