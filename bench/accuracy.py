@@ -2,7 +2,8 @@
 
 ``max |triton - reference| / max |reference|`` over every output and over every parameter
 gradient (loss: sum over scales of the MSE to 0.3), 512 random points in [-0.5, 0.5)^d,
-for each forward strategy (fused, layered) and precision. On a GPU it measures the device
+for each forward variant (fused, layered: ``fieldkern.ops.set_variant(mfn_forward=...)``) and
+precision, the backward's products as the rule picks them. On a GPU it measures the device
 (tensor-core products, SFU sines); without one it runs the kernels under the Triton
 interpreter, which computes products and sines exactly (and emulates bf16), so there it
 checks the arithmetic's structure rather than the hardware's rounding; ``--tf32
@@ -24,7 +25,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
 import fieldkern  # noqa: E402
-from fieldkern.kernels import mfn_stack as M  # noqa: E402
 
 NETWORKS = (("2D hidden 256, 4 scales", 2, 256, 4, None), ("3D hidden 128, 3 scales, ReLU heads", 3, 128, 3, "relu"))
 
@@ -63,14 +63,13 @@ def _table(device, where) -> None:
         model = fieldkern.ResidualMFN(d, h, 1, n_scales=s, resolution=64, head_activation=head).to(device)
         x = (torch.rand(512, d, generator=torch.Generator().manual_seed(1)) - 0.5).to(device)
         ref_y, ref_g = step(model, x, "torch", "float32")
-        for strategy in ("fused", "layered"):
-            M.FORWARD_STRATEGY = strategy
+        for forward in ("fused", "layered"):
             for precision in ("float32", "mixed"):
-                y, g = step(model, x, "triton", precision)
+                with fieldkern.ops.set_variant(mfn_forward=forward):
+                    y, g = step(model, x, "triton", precision)
                 out = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(y, ref_y))
                 err, worst = max((((g[n] - ref_g[n]).abs().max() / ref_g[n].abs().max()).item(), n) for n in ref_g)
-                print(f"| {name} | {strategy} | {precision} | {out:.1e} | {err:.1e} ({worst}) |", flush=True)
-    M.FORWARD_STRATEGY = None
+                print(f"| {name} | {forward} | {precision} | {out:.1e} | {err:.1e} ({worst}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,15 @@ def _float32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = old
     else:
         yield
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record the library versions in the JSON, so ``bench/summarize.py`` can print them
+    beside every table (pytest-benchmark records only the interpreter and the host)."""
+    machine_info["torch_version"] = torch.__version__
+    try:
+        import triton
+    except ImportError:
+        triton = None
+    machine_info["triton_version"] = getattr(triton, "__version__", None)
+    machine_info["device_name"] = torch.cuda.get_device_name() if CUDA else "cpu"

@@ -15,7 +15,8 @@ import torch
 
 import fieldkern
 from fieldkern.cryoem import random_rotations
-from fieldkern.cryoem.reconstruct import Reconstruction, ReconstructionConfig
+from fieldkern.cryoem.config import ReconstructionConfig
+from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.ops.project_volume import project_volume_reference
 
 

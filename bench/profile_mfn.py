@@ -93,7 +93,7 @@ def point_sum_products():
                 res[f"slabs{m}"] = time_ms(slabs)
             res["dz mm (n,H)@(H,H)"] = time_ms(lambda: torch.mm(a, b[:h], **kw))
             # the backward's own Triton GEMMs (tf32x3 / bf16) at the same shapes (float32
-            # picks between them and cuBLAS by timing, mfn_stack._backward_products)
+            # takes cuBLAS unless they are named: mfn_stack.choose_products)
             mixed = dtype == torch.bfloat16
             sq = b[:h].float().contiguous()
             M._points_sum_kernel.cache.clear()
@@ -101,8 +101,8 @@ def point_sum_products():
             # float32: the second operand split as the backward provides it (mm_split)
             b_hi, b_lo = (b, None) if mixed else split_tf32(b)
             sq_hi, sq_lo = (sq, None) if mixed else split_tf32(sq)
-            res["triton sum"] = time_ms(lambda: M._points_sum(a, b_hi, b_lo, mixed, False))
-            res["triton rows"] = time_ms(lambda: M._rows_matmul(a, sq_hi, sq_lo, mixed, False))
+            res["triton sum"] = time_ms(lambda: M._points_sum(a, b_hi, b_lo, mixed=mixed, cublas=False))
+            res["triton rows"] = time_ms(lambda: M._rows_matmul(a, sq_hi, sq_lo, mixed=mixed, cublas=False))
             flops = 2 * n * h * h
             print(f"n={n} H={h} {str(dtype)[6:]}: " + ", ".join(
                 f"{k} {v:.3f} ms ({flops / v / 1e9:.0f} TFLOPS)" for k, v in res.items()))

@@ -46,7 +46,7 @@ if has sanity; then  # two of the device tests (wide 2D and 3D ReLU nets), first
 fi
 if has tests; then
   # the second group alone outran 150 s on an H100 (sixth session): split
-  late="backward_products or project_volume_deterministic or gradient_timed or strategies_timed"
+  late="backward_products or project_volume_deterministic or gradient_variants or forward_variants"
   t "not every and (mfn_stack and (case0 or case1))" 7 &
   t "not every and not (mfn_stack and (case0 or case1)) and not ($late)" 8 & t "not every and ($late)" 11 &
 fi
@@ -67,7 +67,7 @@ bench() {  # name, time limit, pytest args...
   return $rc
 }
 if has mfn; then
-  bench mfn 240 bench/test_bench_mfn_stack.py -k "not compile"  # first calls time both forwards and both product paths
+  bench mfn 240 bench/test_bench_mfn_stack.py -k "not compile"
 fi
 has project && bench project 100 bench/test_bench_project_volume.py -k "triton or reference or fourier"
 if has epoch; then

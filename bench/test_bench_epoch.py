@@ -2,7 +2,7 @@
 
 The data are the quick default's own: 3000 simulated 4AKE particles (box 32, 3 A, SNR 0.1,
 seed 0), simulated once per session into a temporary folder (a few seconds; needs gemmi).
-The model and settings are ``experiment.get_preset("quick", "4ake")``; poses start 10
+The model and settings are ``presets.cryoem_preset("quick", "4ake")``; poses start 10
 degrees off (``--pose-init perturbed``), as in the default run.
 
 Implementations (same data, same settings, same run):
@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from _bench_utils import CUDA
-from fieldkern.cryoem import experiment
+from fieldkern.cryoem import data, poses, presets
 from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.host_memory import reuse_freed_memory
 
@@ -46,10 +46,10 @@ pytestmark = pytest.mark.skipif(CUDA, reason="the CPU figure of the quick defaul
 def quick_data(tmp_path_factory):
     pytest.importorskip("gemmi")
     reuse_freed_memory()  # as examples/cryoem.py does
-    preset = experiment.get_preset("quick", "4ake")
-    data = experiment.prepare_data("4ake", tmp_path_factory.mktemp("quick"), preset, seed=0, progress=False)
-    start = experiment.initial_poses(data.true_rotations, "perturbed", preset, seed=0)
-    return preset, data.dataset, start
+    preset = presets.cryoem_preset("quick", "4ake")
+    prepared = data.prepare_data("4ake", tmp_path_factory.mktemp("quick"), preset, seed=0, progress=False)
+    start = poses.initial_poses(prepared.true_rotations, "perturbed", preset, seed=0)
+    return preset, prepared.dataset, start
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

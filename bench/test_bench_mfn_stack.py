@@ -75,7 +75,7 @@ def test_bench_mfn_stack(benchmark, problem, impl, mode, device):
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         precision=precision,
         configs=_chosen_configs(mode) if impl.startswith("triton") else None,
-        strategies=_strategies() if impl.startswith("triton") else None,
+        strategies=_strategies(n, d, h, s, mode, precision) if impl.startswith("triton") else None,
     )
 
 
@@ -111,13 +111,15 @@ def _graphed_step(model, x, target, mode):
     return step
 
 
-def _strategies():
-    """What mfn_stack measured so far, by key: forward "fused" / "layered", float32
-    backward products "cublas" / "triton"."""
+def _strategies(n_points, d, h, s, mode, precision):
+    """The variants this case ran (``fieldkern.ops.set_variant`` and the fixed rule):
+    forward "fused" / "layered", backward products "cublas" / "triton"."""
     from fieldkern.kernels import mfn_stack as M
 
-    return {"forward": M.FORWARD_STRATEGY or {str(k): v for k, v in M._forward_choice.items()},
-            "backward_products": M.BACKWARD_PRODUCTS or {str(k): v for k, v in M._backward_choice.items()}}
+    variants = fieldkern.ops.get_variants()
+    save = mode == "forward_backward"
+    return {"forward": M.choose_forward(variants["mfn_forward"], fits=M.fused_fits(n_points, d, s, h, 1, save)),
+            "backward_products": M.choose_products(variants["mfn_backward_products"], precision) if save else None}
 
 
 def _chosen_configs(mode):

@@ -251,12 +251,16 @@ def test_bench_project_volume(benchmark, problem, impl, mode, device):
         peak_memory_bytes=peak,
         peak_memory_note=note,
         device=torch.cuda.get_device_name() if CUDA else "cpu",
-        volume_gradient_method=_volume_gradient_methods() if impl.startswith("triton") else None,
+        volume_gradient_method=_volume_gradient_method(impl, mode),
     )
 
 
-def _volume_gradient_methods():
-    """The scatter / gather choices the Triton backward timed so far, by key."""
+def _volume_gradient_method(impl, mode):
+    """The volume-gradient variant the Triton backward ran (``fieldkern.ops.set_variant`` and
+    the fixed rule), None where no Triton backward ran."""
+    if not impl.startswith("triton") or mode != "forward_backward":
+        return None
     from fieldkern.kernels import project_volume as PV
 
-    return {str(k): v for k, v in PV._volume_gradient_choice.items()}
+    return PV.choose_volume_gradient(fieldkern.ops.get_variants()["volume_gradient"],
+                                     deterministic=impl == "triton_deterministic")

@@ -32,12 +32,12 @@ def main(problem: str, precision: str, index: int) -> None:
     model = fieldkern.ResidualMFN(d, h, 1, n_scales=s, resolution=64).cuda()
     x = torch.rand(4096, d, device="cuda") - 0.5  # P % 16 == 0, like the benchmark grids
     with fieldkern.set_backend("triton"), fieldkern.ops.set_precision(precision):
-        for strategy in ("fused", "layered"):  # both forwards, as their timing will run them
-            M.FORWARD_STRATEGY = strategy
-            with torch.no_grad():  # the forward without saving for a backward is its own variant
-                model(x)
-            if backward:
-                sum(y.square().mean() for y in model(x)).backward()
+        for forward in ("fused", "layered"):  # both forward variants: the benchmarks may name either
+            with fieldkern.ops.set_variant(mfn_forward=forward):
+                with torch.no_grad():  # the forward without saving for a backward is its own kernel key
+                    model(x)
+                if backward:
+                    sum(y.square().mean() for y in model(x)).backward()
     torch.cuda.synchronize()
     print(f"warm {problem} {precision} fwd={fwd.configs[0]} layer={layer.configs[0]} "
           f"bwd={bwd.configs[0] if backward else '-'}")

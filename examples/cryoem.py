@@ -28,11 +28,12 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     import torch
 
-    from fieldkern.cryoem import experiment
-    from fieldkern.cryoem.reconstruct import PROJECTORS, SUPPORTS
+    from fieldkern.cryoem.config import PROJECTORS, SUPPORTS
+    from fieldkern.cryoem.poses import POSE_INITS
+    from fieldkern.cryoem.presets import CRYOEM_PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--structure", default="4ake", help="4ake | 1ol5 | PATH.pdb | PATH.cif | PATH.mrc | PATH.map (default 4ake; "
@@ -44,13 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(even; a reference map of their box too): real sets of 200-400 pixels are far more than needed")
     p.add_argument("--reference", metavar="MRC", help="ground-truth map for FSC with --particles "
                    "(without it: FSC 0.143 between two independently reconstructed half sets)")
-    p.add_argument("--preset", choices=tuple(experiment.PRESETS), default="quick",
+    p.add_argument("--preset", choices=tuple(CRYOEM_PRESETS), default="quick",
                    help="quick: minutes on a CPU (default); paper: the authors' settings (GPU); tiny: smoke test")
     p.add_argument("--box", type=int, help="box size D of the simulation (even)")
     p.add_argument("--apix", type=float, help="pixel size of the simulation (A)")
     p.add_argument("--n-particles", type=int, help="particles to simulate")
     p.add_argument("--snr", type=float, help="signal-to-noise ratio of the simulation")
-    p.add_argument("--pose-init", choices=experiment.POSE_INITS,
+    p.add_argument("--pose-init", choices=POSE_INITS,
                    help="gt: true (or the file's) poses, kept fixed; refine: those poses, refined (default with "
                    "--particles); perturbed: up to 20 deg off (default otherwise); coarse: 45-90 deg off")
     p.add_argument("--pose-search", type=int, metavar="N", help="global pose search over N grid rotations at the "
@@ -68,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (a folder holding anything "
                    "is refused without --resume or --overwrite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: exit status 2 with a message for arguments that cannot go together."""
+    from fieldkern.cryoem.data import check_map_geometry, is_map
+
+    p = _parser()
     args = p.parse_args(argv)
     if args.pose_init is None:  # a real set's poses are the best start; the paper perturbs simulated ones
         args.pose_init = "refine" if args.particles else "perturbed"
@@ -90,9 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.particles and experiment.is_map(args.structure):
+    if not args.particles and is_map(args.structure):
         try:
-            experiment.check_map_geometry(args.structure, args.box, args.apix)
+            check_map_geometry(args.structure, args.box, args.apix)
         except ValueError as exc:
             p.error(str(exc))
     return args
@@ -102,38 +111,42 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     """The experiment on this rank; returns the results on rank 0 (None on the others)."""
 
     from fieldkern.cryoem import experiment
+    from fieldkern.cryoem.data import is_map, prepare_data
+    from fieldkern.cryoem.memory import check_memory, memory_needs
+    from fieldkern.cryoem.outputs import cryoem_settings, prepare_output_dir, write_outputs
+    from fieldkern.cryoem.poses import initial_poses
+    from fieldkern.cryoem.presets import cryoem_preset, scale_epochs
 
     device = dist.device
     structure_key = str(args.structure).lower()
     overrides = {"box": args.box, "apix": args.apix, "n_particles": args.n_particles, "snr": args.snr,
                  "projector": args.projector, "support": args.support, "seed": args.seed, "pose_search": args.pose_search}
-    preset = experiment.get_preset(args.preset, structure_key, **overrides)
+    preset = cryoem_preset(args.preset, structure_key, **overrides)
     if args.epochs is not None:
-        preset = experiment.scale_epochs(preset, args.epochs)
+        preset = scale_epochs(preset, args.epochs)
     # Memory, before any work: a simulation from the preset's sizes now, a particle set once read.
     sizes = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
              if k in ("box", "n_particles", "pose_search") and v is not None]
     settings = " ".join(sizes) or f"--preset {args.preset}"
-    if not args.particles and not experiment.is_map(args.structure):
-        needs = experiment.memory_needs(preset.recon, preset.box, preset.n_particles, simulate=True,
-                                        world_size=dist.world_size)
-        experiment.check_memory(needs, device, settings)
+    if not args.particles and not is_map(args.structure):
+        needs = memory_needs(preset.recon, preset.box, preset.n_particles, simulate=True,
+                             world_size=dist.world_size)
+        check_memory(needs, device, settings)
     out = Path(args.out)
     with dist.agree(f"checking --out {out}"):
         if dist.is_main:  # fail now, not after hours of training; never mix two runs
-            experiment.prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite)
+            prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite)
     progress = not args.no_progress and dist.is_main
 
     start = time.perf_counter()
-    data = experiment.prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
-                                   progress=progress, device=device, dist=dist, invert=args.invert,
-                                   downsample=args.downsample)
+    data = prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
+                        progress=progress, device=device, dist=dist, invert=args.invert, downsample=args.downsample)
     if data.true_rotations is None:
         raise ValueError(f"{data.source}: the particles have no poses to start from")
     ds = data.dataset
-    experiment.check_memory(experiment.memory_needs(preset.recon, ds.box, len(ds), world_size=dist.world_size),
-                            device, f"{data.source} (box {ds.box}, {len(ds)} particles; {settings})")
-    init = experiment.initial_poses(data.true_rotations, args.pose_init, preset, args.seed)
+    check_memory(memory_needs(preset.recon, ds.box, len(ds), world_size=dist.world_size),
+                 device, f"{data.source} (box {ds.box}, {len(ds)} particles; {settings})")
+    init = initial_poses(data.true_rotations, args.pose_init, preset, args.seed)
     # Known poses stay fixed; otherwise they are refined.
     recon_cfg = replace(preset.recon, refine_poses=args.pose_init != "gt")
     train_start = time.perf_counter()
@@ -146,13 +159,12 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     ev, volumes, rotations, shifts_A, losses = experiment.evaluate_reconstructions(recs, data, init)
     seconds = time.perf_counter() - start
     launcher = ["python"] if not dist.distributed else ["torchrun", f"--nproc_per_node {dist.world_size}"]
-    settings = experiment.settings_dict(preset, {
+    settings = cryoem_settings(preset, {
         "structure": args.structure, "particles": args.particles, "pose_init": args.pose_init,
         "device": str(device), "world_size": dist.world_size, "backend": dist.backend,
         "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
     })
-    return experiment.write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, preset, settings, seconds,
-                                    train_seconds)
+    return write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, settings, seconds, train_seconds)
 
 
 def main(argv=None) -> int:
@@ -176,7 +188,7 @@ def main(argv=None) -> int:
         if dist is not None:
             shutdown(dist)
     if results is not None:
-        from fieldkern.cryoem.experiment import summary_lines
+        from fieldkern.cryoem.outputs import summary_lines
 
         print("\n".join(summary_lines(results)))
         print(f"outputs in {args.out}")

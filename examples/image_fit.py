@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"evaluation size ({eval_sizes()})")
     p.add_argument("--methods", nargs="+", metavar="METHOD", default=list(fimage.METHODS),
                    help=f"methods to run (default: all): {', '.join(fimage.METHODS)}")
-    p.add_argument("--preset", choices=tuple(fimage.PRESETS), default="quick",
+    p.add_argument("--preset", choices=tuple(fimage.IMAGE_PRESETS), default="quick",
                    help="quick: minutes on a CPU; paper: the authors' settings (GPU); tiny: smoke tests")
     p.add_argument("--n-images", type=int, metavar="K",
                    help="images to use (default 2 for a dataset, all files for --image)")
@@ -81,11 +81,11 @@ def load_user_images(path: str, n_images: int | None, preset) -> tuple[list, lis
 
 def eval_sizes() -> str:
     """Evaluation size of each preset, for messages."""
-    return ", ".join(f"{name} {p.eval_size}" for name, p in fimage.PRESETS.items())
+    return ", ".join(f"{name} {p.eval_size}" for name, p in fimage.IMAGE_PRESETS.items())
 
 
 def run(args: argparse.Namespace, argv: list[str], dist) -> None:
-    preset = fimage.get_preset(args.preset)
+    preset = fimage.image_preset(args.preset)
     methods = [fimage.get_method(m) for m in dict.fromkeys(args.methods)]  # dedupe, keep order
     device = dist.device
     out = None
@@ -109,8 +109,8 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> None:
     wall = time.perf_counter() - start
     if not dist.is_main:
         return
-    fimage.experiment.finite_or_raise(results)
-    settings = fimage.settings_dict(dataset, names, methods, preset, device, args.seed)
+    fimage.finite_or_raise(results)
+    settings = fimage.image_settings(dataset, names, methods, preset, device, args.seed)
     settings["wall_seconds"] = wall
     settings["world_size"] = dist.world_size
     launcher = ["python"] if not dist.distributed else ["torchrun", f"--nproc_per_node {dist.world_size}"]

@@ -183,6 +183,21 @@ class DistContext:
             else:
                 dist.barrier()
 
+    def data_parallel(self, module: torch.nn.Module, device=None, sync_buffers: bool = True) -> torch.nn.Module:
+        """``module`` wrapped in ``DistributedDataParallel`` on ``device`` (default this rank's;
+        its construction broadcasts rank 0's parameters). ``sync_buffers=False``: no buffer
+        broadcast before every forward, for modules whose buffers are equal on every rank."""
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = self.device if device is None else torch.device(device)
+        ids = [device.index] if device.type == "cuda" else None
+        # torch >= 2.13 renames broadcast_buffers to forward_sync_buffers.
+        params = inspect.signature(DistributedDataParallel).parameters
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        return DistributedDataParallel(module, device_ids=ids, **{sync: sync_buffers})
+
     @contextmanager
     def agree(self, what: str):
         """Run a block on every rank; if it raised on any rank, raise on all of them.

@@ -5,7 +5,7 @@ Conventions (details in each module's docstring and in docs/cryoem.md):
 * Volumes ``(D, D, D)`` indexed ``[z, y, x]`` (MRC order), images ``(D, D)`` indexed
   ``[y, x]``, D even. Index ``i`` sits at ``(i - D//2) * apix`` A: rotations act about
   voxel ``D//2``. Neural-field coordinates are ``(i - D//2) / D`` (:func:`field_coordinates`).
-* A rotation ``R`` acts on column vectors ``(x, y, z)``; the projection is
+* A rotation ``R`` acts on column vectors ``(x, y, z)``; the projection (:func:`project`) is
   ``I[y, x] = sum_k V(R^T (x, y, z_k))`` (trilinear, zero outside the box).
   RELION Euler angles give ``R`` directly (:func:`relion_euler_to_matrix`).
 * Fourier arrays are centred: index ``i`` is frequency ``(i - D//2) / (D apix)`` 1/A.
@@ -40,12 +40,7 @@ from fieldkern.cryoem.io import (
     write_particles_star,
 )
 from fieldkern.cryoem.noise import add_noise, noise_sigma
-from fieldkern.cryoem.projection import (
-    field_coordinates,
-    project_volume,
-    project_volume_reference,
-    transform_volume,
-)
+from fieldkern.cryoem.projection import field_coordinates, project, transform_volume
 from fieldkern.cryoem.rotations import (
     angular_distance,
     angular_distance_deg,
@@ -109,8 +104,7 @@ __all__ = [
     "matrix_to_relion_euler",
     "noise_sigma",
     "perturb_rotations",
-    "project_volume",
-    "project_volume_reference",
+    "project",
     "projection_direction",
     "quaternion_to_matrix",
     "random_rotations",

@@ -204,9 +204,8 @@ def align_volume(
         )
 
 
-def _align_volume(
-    volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk, local
-):
+def _box_sizes(volume, reference, search_size, refine_size) -> tuple[int, int, int]:
+    """The maps' box D and the (checked) boxes of the search and of the refinement."""
     D = check_volume("volume", volume)
     D_ref = check_volume("reference", reference)
     if D_ref != D:
@@ -218,7 +217,13 @@ def _align_volume(
     for name, n in (("search_size", s_size), ("refine_size", r_size)):
         if n < 4 or n % 2:
             raise ValueError(f"{name} must be an even number >= 4, got {n}")
+    return D, s_size, r_size
 
+
+def _align_volume(
+    volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk, local
+):
+    D, s_size, r_size = _box_sizes(volume, reference, search_size, refine_size)
     v64 = volume.detach().to(torch.float64).cpu()
     r64 = reference.detach().to(torch.float64).cpu()
     # A NaN map scores 0 everywhere and would come back as a finite all-zero "alignment".

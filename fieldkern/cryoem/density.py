@@ -210,16 +210,29 @@ def density_from_structure(
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     xyz, z = load_atoms(structure, hydrogens=hydrogens, waters=waters)
-    xyz_t = torch.from_numpy(xyz)
     w = torch.from_numpy(z).to(torch.float64)
+    rel = _centred(torch.from_numpy(xyz), w, center)
+    _check_fits(rel, D, apix)
+    sigma = math.sqrt((SIGMA_PER_RESOLUTION * resolution) ** 2 + bfactor / (8 * math.pi**2))
+    vol = _gaussian_sum(rel / apix, w, D, apix, sigma)  # positions in voxels from the centre voxel
+    return vol.to(dtype=dtype, device=device)
+
+
+def _centred(xyz: torch.Tensor, w: torch.Tensor, center) -> torch.Tensor:
+    """Atom positions ``(N, 3)`` relative to ``center`` (A), by default the ``w``-weighted centre."""
     if center is None:
-        c0 = (xyz_t * w[:, None]).sum(0) / w.sum()
+        c0 = (xyz * w[:, None]).sum(0) / w.sum()
     else:
         c0 = torch.as_tensor(center, dtype=torch.float64).reshape(-1)
         if c0.numel() != 3:
             raise ValueError(f"center must be (x, y, z) in A, got {center!r}")
         check_finite("center", c0)
-    rel = xyz_t - c0
+    return xyz - c0
+
+
+def _check_fits(rel: torch.Tensor, D: int, apix: float) -> None:
+    """ValueError, with the box size that would do, for atoms (``rel``, A from the centre)
+    outside the sphere of radius ``(D/2 - 1) * apix``."""
     r_max = float(rel.norm(dim=1).max())
     limit = (D // 2 - 1) * apix
     if r_max > limit:
@@ -230,8 +243,12 @@ def density_from_structure(
             f"(D/2 - 1) * apix = {limit:.1f} A; use box >= {need + need % 2} at this apix "
             f"or a larger apix"
         )
-    sigma = math.sqrt((SIGMA_PER_RESOLUTION * resolution) ** 2 + bfactor / (8 * math.pi**2))
-    pos = rel / apix  # voxels from the centre voxel, (x, y, z)
+
+
+def _gaussian_sum(pos: torch.Tensor, w: torch.Tensor, D: int, apix: float, sigma: float) -> torch.Tensor:
+    """``sum_a w_a G_a`` over a ``(D, D, D)`` ``[z, y, x]`` grid, float64, per A^3: each atom a
+    Gaussian of width ``sigma`` A integrated over each voxel, ``pos`` ``(N, 3)`` (x, y, z)
+    in voxels from voxel D//2."""
     vol = torch.zeros(D * D, D, dtype=torch.float64)
     # Separable Gaussians: V = sum_a Z_a gz_a (x) gy_a (x) gx_a, as a (D^2 x N) @ (N x D)
     # product per chunk of atoms (exact, no truncation radius; ~0.1 s for 3341 atoms at D=64).
@@ -243,5 +260,4 @@ def density_from_structure(
         gz = _voxel_profiles(p[:, 2], D, apix, sigma) * w[a0 : a0 + chunk, None]
         zy = (gz[:, :, None] * gy[:, None, :]).reshape(p.shape[0], D * D)
         vol += zy.T @ gx
-    vol = vol.reshape(D, D, D) / apix**3
-    return vol.to(dtype=dtype, device=device)
+    return vol.reshape(D, D, D) / apix**3

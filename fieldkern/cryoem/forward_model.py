@@ -14,7 +14,7 @@ same projections (``ReconstructionConfig.projector``):
   autograd: the reference, and the trainer's model before the taps (a finest-stage epoch of the
   quick default takes 2.8x as long with it on the CPU: ``bench/test_bench_epoch.py``).
 * ``"real"`` (:class:`RealSpaceProjection`): the FFT of real-space ray sums
-  (:func:`fieldkern.cryoem.project_volume`).
+  (:func:`fieldkern.cryoem.project`).
 
 Every variant has the same four steps: :meth:`~ForwardModel.select` brings centred ``(n, D,
 D)`` data (image spectra, CTFs) to the ``(n, K)`` layout; :meth:`~ForwardModel.prepare` turns a
@@ -30,7 +30,7 @@ import torch
 
 from fieldkern.cryoem.fourier import fft2_centered
 from fieldkern.cryoem.fourier_slice import central_slices, padded_size, volume_spectrum
-from fieldkern.cryoem.projection import project_volume
+from fieldkern.cryoem.projection import project
 from fieldkern.cryoem.slice_taps import (
     gradient_spectra,
     half_plane,
@@ -78,10 +78,10 @@ class ForwardModel:
 
 
 class RealSpaceProjection(ForwardModel):
-    """``CTF * FFT(project_volume(V, R))`` on the full plane."""
+    """``CTF * FFT(project(V, R))`` on the full plane."""
 
     def predict(self, volume, rotations, ctf):
-        return ctf * fft2_centered(project_volume(volume, rotations)).flatten(-2)
+        return ctf * fft2_centered(project(volume, rotations)).flatten(-2)
 
 
 class GridSampleSlices(ForwardModel):

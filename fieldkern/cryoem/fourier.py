@@ -9,6 +9,7 @@ fieldkern, where ``fftshift`` and ``ifftshift`` coincide.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -86,6 +87,17 @@ def fourier_shift(x: torch.Tensor, shift: Sequence[float] | torch.Tensor, ndim: 
     cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
     out = torch.fft.ifftn(torch.fft.fftn(x, dim=dims) * ramp.to(cdtype), dim=dims)
     return out.real.to(x.dtype)
+
+
+def shift_phases(shifts: torch.Tensor, D: int) -> torch.Tensor:
+    """``(n, D, D)`` complex64 factors that move images by ``shifts`` ``(n, 2)`` pixels ``(x, y)``
+    when multiplied into their centred spectra: ``shift_phases(t[None], D)[0] * fft2_centered(img)``
+    equals ``fft2_centered(fourier_shift(img, t, 2))`` (for a sub-pixel shift, except on the
+    Nyquist row and column, index 0, where :func:`fourier_shift`'s real part differs)."""
+    k = frequency_indices(D, dtype=torch.float64)
+    t = torch.as_tensor(shifts, dtype=torch.float64).reshape(-1, 2, 1, 1)
+    phase = (k[None, None, :] * t[:, 0] + k[None, :, None] * t[:, 1]) / D
+    return torch.polar(torch.ones_like(phase), -2 * math.pi * phase).to(torch.complex64)
 
 
 def fourier_crop(x: torch.Tensor, size: int, ndim: int) -> torch.Tensor:

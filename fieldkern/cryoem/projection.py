@@ -21,12 +21,10 @@ import torch
 from fieldkern import ops
 from fieldkern.cryoem._checks import check_box_size, check_rotations, check_tensor, check_volume
 from fieldkern.cryoem.fourier_slice import project_volume_fourier
-from fieldkern.ops.project_volume import (  # noqa: F401  (re-exported)
-    DEFAULT_MAX_POINTS,
-    _centred_grid,
-    _rotate_points,
-    project_volume_reference,
-)
+# The reference projector's voxel grid and point rotation: transform_volume samples at the
+# points a real-space projection does (tested: projecting a transformed map under the
+# identity equals projecting the map).
+from fieldkern.ops.project_volume import _centred_grid, _rotate_points
 
 PROJECTION_METHODS = ("real", "fourier")
 
@@ -46,16 +44,8 @@ def field_coordinates(D: int, device=None, dtype: torch.dtype = torch.float32) -
     return torch.stack([x, y, z], dim=-1)
 
 
-def project_volume(
-    volume: torch.Tensor,
-    rotations: torch.Tensor,
-    *,
-    method: str = "real",
-    oversampling: int = 2,
-    chunk_size: int | None = None,
-    slice_chunk: int | None = None,
-    max_points: int = DEFAULT_MAX_POINTS,
-) -> torch.Tensor:
+def project(volume: torch.Tensor, rotations: torch.Tensor, *, method: str = "real",
+            oversampling: int = 2) -> torch.Tensor:
     """Project a ``(D, D, D)`` volume under ``(B, 3, 3)`` rotations: ``(B, D, D)`` images.
 
     ``I_b[y, x] = sum_k V(R_b^T (x, y, z_k))``, centred voxel coordinates, trilinear
@@ -63,12 +53,11 @@ def project_volume(
     and the rotations, memory bounded independently of B.
 
     Args:
-        method: ``"real"`` sums rotated-grid samples along each ray (:func:`fieldkern.ops.
-            project_volume`: the Triton kernel on GPUs, the chunked ``grid_sample``
-            reference elsewhere, which takes ``chunk_size``/``slice_chunk``/``max_points``);
-            ``"fourier"`` takes central slices of the ``oversampling``-times zero-padded
-            spectrum (:mod:`fieldkern.cryoem.fourier_slice`): one 3D FFT, then O(D^2) per
-            image; within ~2% of the real-space result on smooth maps (tested).
+        method: ``"real"`` sums rotated-grid samples along each ray
+            (:func:`fieldkern.ops.project_volume`); ``"fourier"`` takes central slices of the
+            ``oversampling``-times zero-padded spectrum (:mod:`fieldkern.cryoem.fourier_slice`):
+            one 3D FFT, then O(D^2) per image; within ~2% of the real-space result on smooth
+            maps (tested).
         oversampling: ``"fourier"`` only: a number >= 1 making ``oversampling * D`` an
             even integer (any int does).
 
@@ -81,9 +70,7 @@ def project_volume(
         return project_volume_fourier(volume, rotations, oversampling)
     if method != "real":
         raise ValueError(f"method must be one of {PROJECTION_METHODS}, got {method!r}")
-    return ops.project_volume(
-        volume, rotations, chunk_size=chunk_size, slice_chunk=slice_chunk, max_points=max_points
-    )
+    return ops.project_volume(volume, rotations)
 
 
 def transform_volume(
@@ -100,8 +87,8 @@ def transform_volume(
         shift: ``(3,)`` or ``(n, 3)`` translation ``t`` in voxels, ``(x, y, z)`` order.
 
     Returns:
-        ``(D, D, D)`` or ``(n, D, D, D)``: so ``project_volume(transform_volume(V, R), I)``
-        equals ``project_volume(V, R)``. Trilinear, zero outside the box; differentiable.
+        ``(D, D, D)`` or ``(n, D, D, D)``: so ``project(transform_volume(V, R), I)``
+        equals ``project(V, R)``. Trilinear, zero outside the box; differentiable.
     """
     D = check_volume("volume", volume)
     check_tensor("matrix", matrix)

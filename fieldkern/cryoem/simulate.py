@@ -1,7 +1,7 @@
 """Simulated particle data sets, as in the paper (its appendix B).
 
 Image formation per particle ``i``:
-``I_i = apply_ctf(project_volume(V, R_i), ctf(P, apix, dfU_i, dfV_i, dfang_i, ...)) + noise``
+``I_i = apply_ctf(project(V, R_i), ctf(P, apix, dfU_i, dfV_i, dfang_i, ...)) + noise``
 with ``R_i`` uniform on SO(3), no shifts, the CTF applied on a ``P = ctf_pad * D`` padded
 grid, and white Gaussian noise at the given data-set SNR (``var`` of all clean pixels of
 all images over the noise variance; :mod:`fieldkern.cryoem.noise`). The paper's settings:
@@ -35,7 +35,7 @@ from fieldkern.cryoem._checks import (
 from fieldkern.cryoem.ctf import apply_ctf, ctf
 from fieldkern.cryoem.density import density_from_structure
 from fieldkern.cryoem.io import CTFParams, write_mrc, write_particles_star
-from fieldkern.cryoem.projection import project_volume
+from fieldkern.cryoem.projection import project
 from fieldkern.cryoem.rotations import matrix_to_relion_euler, random_rotations, relion_euler_to_matrix
 
 #: The paper's data-set settings (box/apix are fieldkern's choice; see the module docstring).
@@ -136,9 +136,8 @@ def simulate(
     Returns:
         :class:`SimulationResult` (paths, true poses and CTF parameters).
     """
-    import mrcfile
-    from tqdm.auto import tqdm
-
+    # Long by its signature and Args (17 settings); the steps are _volume, _output_paths,
+    # the draws below (in the seeded order), _write_stack and the STAR and JSON files.
     n_particles = check_count("n_particles", n_particles)
     ctf_pad = check_count("ctf_pad", ctf_pad)
     batch_size = check_count("batch_size", batch_size)
@@ -150,39 +149,8 @@ def simulate(
     if snr is not None:
         snr = check_positive("snr", snr)
     device = torch.device("cpu") if device is None else torch.device(device)
-
-    if isinstance(structure, torch.Tensor):
-        D = check_volume("structure", structure)
-        if box is not None and box != D:
-            raise ValueError(f"box ({box}) must match the volume's size {D} (or be None)")
-        if apix is None:
-            raise ValueError("apix is required when structure is a volume tensor")
-        apix = check_positive("apix", apix)
-        volume = structure.detach().to(torch.float32)
-        # NaN/inf would make every image NaN; load_particles would only notice much later
-        check_finite("structure", volume)
-        source = "volume tensor"
-    else:
-        D = check_box_size("box", PAPER_SETTINGS["box"] if box is None else box)
-        apix = check_positive("apix", PAPER_SETTINGS["apix"] if apix is None else apix)
-        volume = density_from_structure(structure, D, apix, resolution=resolution)
-        source = str(structure)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        k: out / v
-        for k, v in (
-            ("stack", STACK_NAME),
-            ("star", STAR_NAME),
-            ("volume", VOLUME_NAME),
-            ("meta", METADATA_NAME),
-        )
-    }
-    if not overwrite:
-        existing = [str(p) for p in paths.values() if p.exists()]
-        if existing:
-            raise FileExistsError(f"files exist (pass overwrite=True): {', '.join(existing)}")
+    volume, D, apix, source = _volume(structure, box, apix, resolution)
+    paths = _output_paths(Path(out_dir), overwrite)
 
     N = n_particles
     gen = torch.Generator().manual_seed(int(seed))
@@ -200,69 +168,22 @@ def simulate(
     # an interrupt) removes what it wrote: never an all-zero stack that looks like data.
     try:
         write_mrc(paths["volume"], volume, apix)
-        vol_dev = volume.to(device)
-        P = ctf_pad * D
-        total, total_sq = 0.0, 0.0
-        with mrcfile.new_mmap(paths["stack"], shape=(N, D, D), mrc_mode=2, overwrite=True) as mrc:
-            mrc.set_image_stack()
-            mrc.voxel_size = apix
-            with torch.no_grad():
-                for b0 in tqdm(range(0, N, batch_size), desc="project + CTF", disable=not progress):
-                    b1 = min(N, b0 + batch_size)
-                    # Blocks of 2^22 sample points rather than the default 2^24: the same images
-                    # (only the image blocks differ), 8.5 -> 6.4 s for 3000 at box 40 on a 2-core CPU.
-                    proj = project_volume(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32),
-                                          max_points=1 << 22)
-                    c = ctf(P, apix, dfu[b0:b1], dfv[b0:b1], dfang[b0:b1], volt, cs, w, device=device)
-                    img = apply_ctf(proj, c).cpu()
-                    x = img.to(torch.float64)
-                    total += float(x.sum())
-                    total_sq += float((x * x).sum())
-                    mrc.data[b0:b1] = img.numpy()
-                count = N * D * D
-                var = max(total_sq / count - (total / count) ** 2, 0.0)
-                sigma = 0.0 if snr is None else (var / snr) ** 0.5
-                if snr is not None:
-                    for b0 in tqdm(range(0, N, batch_size), desc="noise", disable=not progress):
-                        b1 = min(N, b0 + batch_size)
-                        noise = torch.randn((b1 - b0, D, D), generator=gen, dtype=torch.float32)
-                        mrc.data[b0:b1] += (sigma * noise).numpy()
-            mrc.update_header_stats()
-
-        names = [f"{i + 1:06d}@{STACK_NAME}" for i in range(N)]
+        sigma = _write_stack(paths["stack"], volume, rotations, (dfu, dfv, dfang), (volt, cs, w), apix=apix,
+                             ctf_pad=ctf_pad, snr=snr, gen=gen, batch_size=batch_size, device=device,
+                             progress=progress)
         write_particles_star(
-            paths["star"],
-            image_names=names,
-            euler_deg=euler,
-            dfu=dfu,
-            dfv=dfv,
-            dfang=dfang,
-            apix=apix,
-            box=D,
-            volt=volt,
-            cs=cs,
-            w=w,
+            paths["star"], image_names=[f"{i + 1:06d}@{STACK_NAME}" for i in range(N)], euler_deg=euler,
+            dfu=dfu, dfv=dfv, dfang=dfang, apix=apix, box=D, volt=volt, cs=cs, w=w,
             extra_columns={"rlnRandomSubset": (torch.arange(N) % 2 + 1)},
         )
         meta = {
-            "source": source,
-            "n_particles": N,
-            "box": D,
-            "apix": apix,
-            "snr": snr,
+            "source": source, "n_particles": N, "box": D, "apix": apix, "snr": snr,
             "snr_definition": "var(all clean pixels of all images) / var(noise)",
-            "noise_sigma": sigma,
-            "seed": int(seed),
-            "ctf_pad": ctf_pad,
+            "noise_sigma": sigma, "seed": int(seed), "ctf_pad": ctf_pad,
             "ctf_sign": "CTF(0) = -w (cryoDRGN convention; RELION's getCTF is the negative)",
-            "defocus_range": list(defocus_range),
-            "astigmatism_range": list(astigmatism_range),
-            "defocus_angle_range": list(defocus_angle_range),
-            "volt": volt,
-            "cs": cs,
-            "w": w,
-            "resolution": resolution,
-            "shifts": "none",
+            "defocus_range": list(defocus_range), "astigmatism_range": list(astigmatism_range),
+            "defocus_angle_range": list(defocus_angle_range), "volt": volt, "cs": cs, "w": w,
+            "resolution": resolution, "shifts": "none",
         }
         paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
@@ -270,27 +191,83 @@ def simulate(
             path.unlink(missing_ok=True)
         raise
     params = CTFParams(
-        dfu=dfu,
-        dfv=dfv,
-        dfang=dfang,
-        volt=torch.full((N,), float(volt), dtype=torch.float64),
-        cs=torch.full((N,), float(cs), dtype=torch.float64),
-        w=torch.full((N,), float(w), dtype=torch.float64),
-        phase_shift=torch.zeros(N, dtype=torch.float64),
-        bfactor=torch.zeros(N, dtype=torch.float64),
+        dfu=dfu, dfv=dfv, dfang=dfang, volt=torch.full((N,), float(volt), dtype=torch.float64),
+        cs=torch.full((N,), float(cs), dtype=torch.float64), w=torch.full((N,), float(w), dtype=torch.float64),
+        phase_shift=torch.zeros(N, dtype=torch.float64), bfactor=torch.zeros(N, dtype=torch.float64),
     )
     return SimulationResult(
-        star_path=paths["star"],
-        stack_path=paths["stack"],
-        volume_path=paths["volume"],
-        metadata_path=paths["meta"],
-        n_particles=N,
-        box=D,
-        apix=apix,
-        snr=snr,
-        noise_sigma=sigma,
-        ctf_pad=ctf_pad,
-        rotations=rotations,
-        euler_deg=euler,
-        ctf_params=params,
+        star_path=paths["star"], stack_path=paths["stack"], volume_path=paths["volume"],
+        metadata_path=paths["meta"], n_particles=N, box=D, apix=apix, snr=snr, noise_sigma=sigma,
+        ctf_pad=ctf_pad, rotations=rotations, euler_deg=euler, ctf_params=params,
     )
+
+
+def _volume(structure, box, apix, resolution) -> tuple[torch.Tensor, int, float, str]:
+    """The map to project ``(D, D, D)`` float32, its box D and voxel size (A), and its source."""
+    if isinstance(structure, torch.Tensor):
+        D = check_volume("structure", structure)
+        if box is not None and box != D:
+            raise ValueError(f"box ({box}) must match the volume's size {D} (or be None)")
+        if apix is None:
+            raise ValueError("apix is required when structure is a volume tensor")
+        apix = check_positive("apix", apix)
+        volume = structure.detach().to(torch.float32)
+        # NaN/inf would make every image NaN; load_particles would only notice much later
+        check_finite("structure", volume)
+        return volume, D, apix, "volume tensor"
+    D = check_box_size("box", PAPER_SETTINGS["box"] if box is None else box)
+    apix = check_positive("apix", PAPER_SETTINGS["apix"] if apix is None else apix)
+    return density_from_structure(structure, D, apix, resolution=resolution), D, apix, str(structure)
+
+
+def _output_paths(out: Path, overwrite: bool) -> dict[str, Path]:
+    """The files of a simulation in ``out`` (created); FileExistsError unless ``overwrite``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = (("stack", STACK_NAME), ("star", STAR_NAME), ("volume", VOLUME_NAME), ("meta", METADATA_NAME))
+    paths = {k: out / v for k, v in names}
+    if not overwrite:
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"files exist (pass overwrite=True): {', '.join(existing)}")
+    return paths
+
+
+def _write_stack(path: Path, volume: torch.Tensor, rotations: torch.Tensor, defocus, optics, *, apix: float,
+                 ctf_pad: int, snr: float | None, gen: torch.Generator, batch_size: int, device,
+                 progress: bool) -> float:
+    """The images ``apply_ctf(project(V, R_i), CTF_i)`` plus noise at the data-set ``snr``
+    (drawn from ``gen`` after all clean images), written to the MRC stack ``path`` in batches;
+    returns the noise standard deviation (0 without noise). ``defocus``: ``(dfu, dfv, dfang)``
+    ``(N,)`` each (A, A, degrees); ``optics``: ``(volt, cs, w)``."""
+    import mrcfile
+    from tqdm.auto import tqdm
+
+    N, D = rotations.shape[0], volume.shape[-1]
+    dfu, dfv, dfang = defocus
+    volt, cs, w = optics
+    vol_dev = volume.to(device)
+    P = ctf_pad * D
+    total, total_sq = 0.0, 0.0
+    with mrcfile.new_mmap(path, shape=(N, D, D), mrc_mode=2, overwrite=True) as mrc:
+        mrc.set_image_stack()
+        mrc.voxel_size = apix
+        with torch.no_grad():
+            for b0 in tqdm(range(0, N, batch_size), desc="project + CTF", disable=not progress):
+                b1 = min(N, b0 + batch_size)
+                proj = project(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32))
+                c = ctf(P, apix, dfu[b0:b1], dfv[b0:b1], dfang[b0:b1], volt, cs, w, device=device)
+                img = apply_ctf(proj, c).cpu()
+                x = img.to(torch.float64)
+                total += float(x.sum())
+                total_sq += float((x * x).sum())
+                mrc.data[b0:b1] = img.numpy()
+            count = N * D * D
+            var = max(total_sq / count - (total / count) ** 2, 0.0)
+            sigma = 0.0 if snr is None else (var / snr) ** 0.5
+            if snr is not None:
+                for b0 in tqdm(range(0, N, batch_size), desc="noise", disable=not progress):
+                    b1 = min(N, b0 + batch_size)
+                    noise = torch.randn((b1 - b0, D, D), generator=gen, dtype=torch.float32)
+                    mrc.data[b0:b1] += (sigma * noise).numpy()
+        mrc.update_header_stats()
+    return sigma

@@ -1,71 +1,15 @@
-"""The six methods of the paper's Table 2 and the experiment presets.
+"""The six methods of the paper's Table 2.
 
 Every method is a named configuration of the same staged trainer
-(:func:`fieldkern.image.experiment.fit_image`): which model, and whether/how it is staged.
+(:func:`fieldkern.image.fit_image`): which model, and whether/how it is staged.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fieldkern.image._checks import check_count
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Network size and schedule of one experiment setting.
-
-    Attributes:
-        name: preset name.
-        hidden: hidden width of every network (MFN trunks, SAPE's MLP).
-        n_scales: scales of the multiscale models (stages of the staged ones).
-        iterations: Adam steps per image and method.
-        stage_fractions: stage switches as fractions of ``iterations``; the paper's
-            500/1000/2000 of 10000 are 5%/10%/20%. ``n_scales - 1`` values.
-        lr: Adam learning rate.
-        train_size: training grid, pixels per side (Lanczos-downsampled evaluation image).
-        eval_size: evaluation grid, pixels per side (the image as loaded).
-        sape_frequencies: SAPE's Fourier feature count.
-    """
-
-    name: str
-    hidden: int
-    n_scales: int
-    iterations: int
-    train_size: int
-    eval_size: int
-    stage_fractions: tuple[float, ...] = (0.05, 0.1, 0.2)
-    lr: float = 5e-3
-    sape_frequencies: int = 256
-
-    def __post_init__(self):
-        # Stored as Python ints: numpy integers (a sweep over np.arange) would otherwise
-        # reach the model constructors and grid_coordinates, which want int.
-        for name in ("hidden", "n_scales", "iterations", "train_size", "eval_size", "sape_frequencies"):
-            object.__setattr__(self, name, check_count(f"preset {self.name!r}: {name}", getattr(self, name)))
-        if len(self.stage_fractions) != self.n_scales - 1:
-            raise ValueError(f"preset {self.name!r}: need {self.n_scales - 1} stage fractions")
-        if self.train_size < 2 * self.n_scales:
-            raise ValueError(f"preset {self.name!r}: train_size must be >= 2 * n_scales for BACON")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-PRESETS: dict[str, Preset] = {
-    # The authors' settings (the paper's appendix A): needs a GPU for reasonable time.
-    "paper": Preset("paper", hidden=256, n_scales=4, iterations=10000, train_size=256, eval_size=512),
-    # A few minutes for all six methods on 2 images on a 2-core CPU: half the resolution
-    # (train 128, evaluate 256), a quarter of the width, a twentieth of the iterations, same
-    # stage proportions and learning rate.
-    "quick": Preset("quick", hidden=64, n_scales=4, iterations=500, train_size=128, eval_size=256,
-                    sape_frequencies=128),
-    # For tests and smoke runs only: seconds, meaningless numbers.
-    "tiny": Preset("tiny", hidden=16, n_scales=4, iterations=40, train_size=16, eval_size=32,
-                   sape_frequencies=16),
-}
+from fieldkern.image.presets import ImagePreset
 
 
 @dataclass(frozen=True)
@@ -90,9 +34,10 @@ class Method:
 
     @property
     def multiscale(self) -> bool:
+        """Whether the model returns one output per scale (all but SAPE)."""
         return self.kind != "sape"
 
-    def build(self, out_features: int, preset: Preset, progress_steps: int | None = None):
+    def build(self, out_features: int, preset: ImagePreset, progress_steps: int | None = None):
         """The untrained model for images with ``out_features`` channels (current torch RNG)."""
         from fieldkern.nn import BACON, ResidualMFN
 
@@ -123,14 +68,9 @@ METHODS: dict[str, Method] = {
 
 
 def get_method(name: str) -> Method:
+    """The method called ``name`` in :data:`METHODS` (ValueError listing them otherwise)."""
     try:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None

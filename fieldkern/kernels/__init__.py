@@ -4,8 +4,8 @@ Nothing outside this package imports triton. ``AVAILABLE`` says whether the kern
 used at all in this installation; the ops in :mod:`fieldkern.ops` consult it through
 :mod:`fieldkern.backend`.
 
-The kernel modules (``filters``, ``multiplicative_layer``, ``mfn_stack``) are imported
-lazily by the ops on first Triton call: ``triton.jit`` decides at decoration time whether a
+The kernel modules (``filters``, ``multiplicative_layer``, ``mfn_stack``,
+``project_volume``) are imported lazily by the ops on first Triton call: ``triton.jit`` decides at decoration time whether a
 kernel is compiled or interpreted, so ``TRITON_INTERPRET=1`` must be set before that
 import (not merely before ``import triton``).
 """

@@ -1,12 +1,11 @@
-"""Helpers shared by the kernel files: interpreter detection, autotune configs, timed choices
-between strategies, block sizes, sines, split tf32x3 products, filters."""
+"""Helpers shared by the kernel files: interpreter detection, autotune configs, block sizes,
+IEEE float32 cuBLAS calls, sines, split tf32x3 products, filters."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-import warnings
 
 import torch
 import triton
@@ -18,65 +17,18 @@ def interpreting() -> bool:
 
 
 def autotuning() -> bool:
-    """False under ``FIELDKERN_AUTOTUNE=0``: first candidates only, nothing timed."""
+    """False under ``FIELDKERN_AUTOTUNE=0``: each kernel keeps its first autotune config."""
     return os.environ.get("FIELDKERN_AUTOTUNE", "1") != "0"
-
-
-def fastest(options, run):
-    """The option whose ``run(option)`` takes least device time: each runs once untimed
-    (compilation, autotuning of its kernels), then three times timed; the best of three.
-    An option whose first run raises (a kernel the compiler or the device cannot take) is
-    left out with a warning, as autotuning leaves out configs that do not fit; if every
-    option fails, the last error is raised."""
-    times = {}
-    error = None
-    for option in options:
-        try:
-            run(option)
-        except Exception as exc:  # noqa: BLE001 - reported, and re-raised if nothing works
-            warnings.warn(f"fieldkern: {option!r} could not run here ({type(exc).__name__}: {exc}); "
-                          "choosing among the others", RuntimeWarning, stacklevel=2)
-            error = exc
-            continue
-        best = float("inf")
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(option)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end))
-        times[option] = best
-    if not times:
-        raise error
-    return min(times, key=times.get)
-
-
-def timed_choice(cache, key, device, options, run, default):
-    """The choice cached for ``key``; else, where ``can_time``, the ``fastest`` option, cached;
-    else ``default`` (not cached: a later call may be able to time)."""
-    if key in cache:
-        return cache[key]
-    if not can_time(device):
-        return default
-    cache[key] = fastest(options, run)
-    return cache[key]
-
-
-def can_time(device):
-    """Whether a strategy may be chosen by timing: on CUDA, outside CUDA-graph capture, with
-    autotuning on, and not under ``torch.use_deterministic_algorithms`` (a timing can pick
-    differently in another process, and the paths differ in the last bits)."""
-    return (device.type == "cuda" and autotuning() and not torch.are_deterministic_algorithms_enabled()
-            and not torch.cuda.is_current_stream_capturing())
 
 
 def configs(gpu_configs: list[triton.Config], interp_config: triton.Config) -> list[triton.Config]:
     """Autotune configs: the GPU list, or one small config under the interpreter (autotuning
-    there would rerun every candidate in Python). ``FIELDKERN_AUTOTUNE=0`` keeps only the
-    first GPU config: each candidate costs a compilation (2-3 s per stack-forward candidate
-    on one CPU core, triton 3.6 and 3.9; the first, unrolled kernels took 40-70 s) and its
-    timing runs on the first call, which short jobs (tests, smoke runs) need not pay."""
+    there would rerun every candidate in Python). ``@triton.autotune`` times the candidates
+    on the first launch per key and keeps the fastest: it chooses tile sizes and warps, never
+    which code path runs (that is a fixed rule, ``fieldkern.ops.set_variant``).
+    ``FIELDKERN_AUTOTUNE=0`` keeps only the first GPU config: each candidate costs a
+    compilation (2-3 s per stack-forward candidate on one CPU core, triton 3.6 and 3.9) and a
+    timing on the first call, which short jobs (tests, smoke runs) need not pay."""
     if interpreting():
         return [interp_config]
     if not autotuning():
@@ -110,6 +62,40 @@ def point_chunks(P: int, *widths: int) -> list[tuple[int, int]]:
     return [(p0, min(P, p0 + rows)) for p0 in range(0, P, rows)]
 
 
+def or_dummy(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """``t``, or ``dummy`` where ``t`` is None or empty: a kernel takes a valid pointer for
+    every argument, also for those a constexpr switch leaves unread."""
+    return dummy if t is None or t.numel() == 0 else t
+
+
+@contextlib.contextmanager
+def ieee_float32():
+    """Within the block, torch's float32 matmuls (cuBLAS on a GPU) compute in IEEE float32,
+    whatever torch's TF32 switch says (``torch.backends.cuda.matmul.allow_tf32``,
+    ``.fp32_precision``, ``torch.set_float32_matmul_precision``); the switch is restored on
+    exit, also on error. Python flags only: cheap, and safe under CUDA-graph capture (the
+    captured GEMMs keep the precision they were captured with). The kernels' launchers hold
+    it around every float32 torch product; the custom ops are opaque to torch.compile, so
+    it never runs inside a traced graph."""
+    matmul = torch.backends.cuda.matmul
+    new_api = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; None before
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the legacy and new APIs were mixed: only the new one reads
+        legacy = None
+    if new_api == "ieee" or (new_api is None and legacy == "highest"):
+        yield
+        return
+    matmul.allow_tf32 = False  # sets both APIs to IEEE float32
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        if new_api is not None:
+            matmul.fp32_precision = new_api
+
+
 def device_guard(device: torch.device | None):
     """Make ``device`` the current CUDA device for the block (nothing for other devices)."""
     if device is not None and device.type == "cuda":
@@ -119,8 +105,8 @@ def device_guard(device: torch.device | None):
 
 def on_input_device(launcher):
     """Run a launcher with its first tensor argument's GPU as the current device: Triton
-    launches on the current device (and the timed choices time there), so tensors on
-    ``cuda:1`` while ``cuda:0`` is current would otherwise be read by kernels on another GPU."""
+    launches on the current device, so tensors on ``cuda:1`` while ``cuda:0`` is current
+    would otherwise be read by kernels on another GPU."""
 
     @functools.wraps(launcher)
     def wrapper(*args, **kwargs):

@@ -29,6 +29,7 @@ from fieldkern.kernels._common import (
     filter_values,
     max_programs,
     on_input_device,
+    or_dummy,
     point_chunks,
 )
 
@@ -98,8 +99,8 @@ def filter_forward(x, w, b, gamma=None, mu=None):
     for p0, p1 in point_chunks(P, H, D):
         n = p1 - p0
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
-        _filter_fwd_kernel[grid](x[p0:p1], w, b, gamma if gamma is not None else b,
-                                 mu if mu is not None else w, out[p0:p1], n, H, D=D, GABOR=gamma is not None)
+        _filter_fwd_kernel[grid](x[p0:p1], w, b, or_dummy(gamma, b), or_dummy(mu, w), out[p0:p1], n, H,
+                                 D=D, GABOR=gamma is not None)
     return out
 
 
@@ -121,8 +122,8 @@ def filter_backward_launch(grad, x, w, b, gamma=None, mu=None, need_dw=True):
     for p0, p1 in point_chunks(P, H, D):
         n = p1 - p0
         grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), nprog),)  # noqa: E731
-        _filter_bwd_kernel[grid](grad[p0:p1], x[p0:p1], w, b, gamma if gamma is not None else b,
-                                 mu if mu is not None else w, dx[p0:p1], pw, pb, pg, pm, n, H, D=D,
+        _filter_bwd_kernel[grid](grad[p0:p1], x[p0:p1], w, b, or_dummy(gamma, b), or_dummy(mu, w),
+                                 dx[p0:p1], pw, pb, pg, pm, n, H, D=D,
                                  GABOR=gamma is not None, NEED_DW=bool(need_dw),
                                  BLOCK_D=block(D, 2))
     gabor = gamma is not None

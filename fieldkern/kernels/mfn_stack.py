@@ -1,6 +1,11 @@
-"""Fully fused MFN stack: trunk, every head, residual sums and ReLU in one launch.
+"""The multiplicative filter network stack: trunk, every head, residual sums and ReLU.
 
-Design (forward, ``_mfn_stack_fwd_kernel``):
+Parameters arrive stacked per layer as ``StackParams`` with the network's ``StackSpec``
+(:mod:`fieldkern.ops._stack`). Which code runs is a fixed rule (``choose_forward``,
+``choose_products``) unless the caller names a variant (:mod:`fieldkern.ops._variants`);
+``@triton.autotune`` chooses tile sizes and warps only.
+
+Fused forward (``_mfn_stack_fwd_kernel``, the default):
 
 * Persistent grid (``2 x #SMs`` programs on CUDA); each program loops over tiles of
   ``BLOCK_P`` points. Per tile and layer, the output features are produced in column blocks
@@ -30,18 +35,16 @@ Design (forward, ``_mfn_stack_fwd_kernel``):
   block.
 * Sines: the SFU's ``sin.approx`` after an explicit reduction to [-pi, pi]
   (``_common.sine``), not libdevice's ``sinf`` (see there; 1.6x on the 3D forward).
+* Offsets are int32 and the kernel addresses its buffers whole: it runs only where every
+  one has fewer than ``_common.MAX_ELEMENTS`` elements (``fused_fits``).
 
-Second forward (``_forward_layered``): the filter kernel for layer 0, then per layer the
+Layered forward (``_forward_layered``): the filter kernel for layer 0, then per layer the
 multiplicative-layer kernel (a pipelined GEMM, 64-128 wide tiles, with the filter in its
-epilogue; it also writes ``lin_i`` when saving) and the heads as ``addmm``, over chunks of
-points (``FWD_WORKSPACE_BYTES``). ``z_i`` makes a round trip through global memory, but
-the products run as plain pipelined GEMMs, where the fused kernel's small column blocks,
-two programs per SM (255 registers) and scratch reads leave it far below the tensor
-cores' rate (~10%, bench/RESULTS.md). Which is faster depends on the GPU, the width and
-the number of points, and was never measured: ``_forward_strategy`` times both on the
-first call per network shape and size and keeps the faster, as autotuning does for
-configs (fused without timing on the interpreter, under CUDA-graph capture, with
-``FIELDKERN_AUTOTUNE=0`` and under ``torch.use_deterministic_algorithms``).
+epilogue; it also writes ``lin_i`` when saving) and the heads as GEMMs (``_head``: IEEE
+float32, or bf16-rounded operands with fp32 accumulation in mixed mode, as in the fused
+kernel), over chunks of points (``FWD_WORKSPACE_BYTES``). ``z_i`` makes a round trip
+through global memory, but the products run as plain pipelined GEMMs. It runs where the
+fused kernel does not fit, or when named (``mfn_forward="layered"``).
 
 Backward (``mfn_stack_backward``): per chunk of points (work buffers bounded by
 ``BWD_WORKSPACE_BYTES``), top layer first,
@@ -52,18 +55,19 @@ Backward (``mfn_stack_backward``): per chunk of points (work buffers bounded by
    ``db, dW (if trainable), dgamma, dmu``, ``dc`` and this layer's share of ``dx``; writes
    ``dlin_i = dz_i g_i`` and ``z_{i-1}`` (sines of layer i-1 recomputed);
 2. three GEMMs over the chunk's points: ``dA_i += dlin_i^T z_{i-1}``,
-   ``dU_{i-1} += dh_{i-1}^T z_{i-1}``, ``dz_{i-1} = dlin_i A_i`` (``_points_sum_kernel`` /
-   ``_rows_matmul_kernel``: tf32x3 or bf16 on tensor cores; float32 may run on cuBLAS
-   instead, whichever ``_backward_products`` times faster on the first call). In float32 each
-   GEMM's second operand arrives split into TF32 head and remainder (``mm_split``): the
-   weights ``A_i`` split on the host, ``z_{i-1}`` written split by the layer kernel (a
-   fourth work buffer), and the top layer's own ``z`` goes first in ``(z^T dh)^T`` with
-   the top head's ``dh`` split on the host.
+   ``dU_{i-1} += dh_{i-1}^T z_{i-1}``, ``dz_{i-1} = dlin_i A_i``: in float32 on cuBLAS in
+   IEEE float32 by default, or as the Triton GEMMs ``_points_sum_kernel`` /
+   ``_rows_matmul_kernel`` (tf32x3 on tensor cores; mixed precision: bf16, always). For
+   the float32 Triton GEMMs each second operand arrives split into TF32 head and
+   remainder (``mm_split``): the weights ``A_i`` split on the host, ``z_{i-1}`` written
+   split by the layer kernel (a fourth work buffer), and the top layer's own ``z`` goes
+   first in ``(z^T dh)^T`` with the top head's ``dh`` split on the host.
 
-The previous design recomputed the whole trunk inside one fused backward kernel and
-accumulated ``dA`` per tile with FMA products (255 registers, spills); on an H200 it took
-8.3 ms of the 3D 9.7 ms fwd+bwd (bench/RESULTS.md). Keeping ``lin_i`` costs (L-1) x P x H
-floats (0.17-0.19 of eager PyTorch's training memory for the benchmark networks).
+The backward reads ``lin_i`` instead of recomputing the trunk: a design that recomputed it
+inside one fused backward kernel, accumulating ``dA`` per tile with FMA products (255
+registers, spills), took 8.3 ms of a 9.7 ms 3D fwd+bwd on an H200 (bench/RESULTS.md).
+Keeping ``lin_i`` costs (L-1) x P x H floats (0.17-0.19 of eager PyTorch's training memory
+for the benchmark networks).
 
 Reductions over points are deterministic: each program adds its tiles into its own row of
 ``[n_programs, ...]`` partial buffers (plain load/add/store, no atomics), the GEMMs' slab
@@ -71,6 +75,9 @@ partials are summed in a fixed order, and ``dx`` rows belong to one program each
 """
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
 
 import torch
 import triton
@@ -86,20 +93,23 @@ from fieldkern.kernels._common import (
     filter_args,
     filter_backward,
     filter_values,
+    ieee_float32,
     interpreting,
     load_split,
     max_programs,
     mm,
     mm_split,
     on_input_device,
+    or_dummy,
     sine,
     split_tf32,
-    timed_choice,
     weight_parts,
     _split_tf32,
 )
 from fieldkern.kernels.filters import filter_forward
 from fieldkern.kernels.multiplicative_layer import multiplicative_layer_forward
+from fieldkern.ops._stack import StackParams, StackSpec
+from fieldkern.ops._variants import check_variant
 
 
 def _config(bp, warps, bn, bk=None):
@@ -162,12 +172,19 @@ def _linear_block(z_ptr, a_ptr, alo_ptr, c_ptr, offs_r, offs_n, mask_n, offs_bk,
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["SAVE"])
 @triton.jit
 def _mfn_stack_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, a_ptr, alo_ptr, c_ptr, u_ptr, ulo_ptr, d_ptr, gamma_ptr, mu_ptr, out_ptr, scratch_ptr,
-    lin_ptr, hpre_ptr,
+    # inputs: coordinates and the stacked parameters (``StackParams``); ``alo_ptr`` /
+    # ``ulo_ptr``: the ``split_tf32`` remainders of A and U in float32 (A, U again in mixed)
+    x_ptr, w_ptr, b_ptr, a_ptr, alo_ptr, c_ptr, u_ptr, ulo_ptr, d_ptr, gamma_ptr, mu_ptr,
+    # outputs (L, P, O), the per-program scratch pair, and for the backward (``SAVE``)
+    # lin (L-1, P, H) and the ReLU heads' pre-activations (L, P, O)
+    out_ptr, scratch_ptr, lin_ptr, hpre_ptr,
+    # sizes: points, hidden width, head outputs
     P, H, O,
+    # the network (``StackSpec`` and which parameters exist)
     D: tl.constexpr, N_LAYERS: tl.constexpr, HEAD_MASK: tl.constexpr, HAS_C: tl.constexpr,
     GABOR: tl.constexpr, RELU: tl.constexpr, RESIDUAL: tl.constexpr, MIXED: tl.constexpr,
     SAVE: tl.constexpr,
+    # blocks (BLOCK_N, BLOCK_K, BLOCK_P autotuned)
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -248,14 +265,24 @@ def _store_z(hi_ptr, lo_ptr, offs, z, mask, SPLIT: tl.constexpr):
 )
 @triton.jit
 def _mfn_stack_bwd_kernel(
+    # inputs: the head gradient dh_i, coordinates, filter i (w, b, gamma, mu), filter i-1
+    # (wp, bp, gammap, mup: z_{i-1}'s sines), head weights U_i
     dh_ptr, x_ptr, w_ptr, b_ptr, gamma_ptr, mu_ptr, wp_ptr, bp_ptr, gammap_ptr, mup_ptr, u_ptr,
-    lin_ptr, linp_ptr, dz_ptr, dlin_ptr, zp_ptr, zplo_ptr, z_ptr, dx_ptr,
+    # saved lin_i and lin_{i-1}, dz_i from layer i+1
+    lin_ptr, linp_ptr, dz_ptr,
+    # outputs for the products: dlin_i, z_{i-1} (head and remainder with ``SPLIT_Z``), z_i
+    # (``STORE_Z``); dx, added to
+    dlin_ptr, zp_ptr, zplo_ptr, z_ptr, dx_ptr,
+    # this layer's program-owned partial sums of dW, db, dgamma, dmu, dc (rows ROW apart)
     pw_ptr, pb_ptr, pg_ptr, pm_ptr, pc_ptr,
+    # sizes: points of the chunk, hidden width, head outputs, partial-row stride
     P, H, O, ROW,
+    # what layer i has and needs
     D: tl.constexpr, HAS_LIN: tl.constexpr, HAS_DZ: tl.constexpr, HAS_PREV_LIN: tl.constexpr,
     HEAD_TO_TRUNK: tl.constexpr, STORE_Z: tl.constexpr, SPLIT_Z: tl.constexpr, HAS_C: tl.constexpr,
     GABOR: tl.constexpr,
     NEED_DW: tl.constexpr, MIXED: tl.constexpr,
+    # blocks (BLOCK_P, BLOCK_N autotuned)
     BLOCK_H: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -337,10 +364,10 @@ def _mfn_stack_bwd_kernel(
         tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx, mask=dx_mask)
 
 
-# The backward's products over points, as Triton GEMMs so that float32 runs on tensor
-# cores as tf32x3 (cuBLAS float32 is SIMT FMA: 37-54 TFLOPS on an H200, 0.18-0.75 ms per
-# product at 2^18 points, bench/RESULTS.md) and mixed as bf16, both with fp32 results;
-# float32 may take cuBLAS instead (``_backward_products``).
+# The backward's products over points as Triton GEMMs: float32 on tensor cores as tf32x3
+# (cuBLAS float32 is SIMT FMA: 37-54 TFLOPS on an H200, 0.18-0.75 ms per product at 2^18
+# points, bench/RESULTS.md), mixed as bf16, both with fp32 results. Mixed precision always
+# takes them; float32 takes cuBLAS unless they are named (``choose_products``).
 _ROWS_CANDIDATES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                     for bm, bn, bk, w in ((128, 128, 32, 8), (128, 64, 32, 4), (64, 128, 32, 4))]
 _SUM_CANDIDATES = [triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=3)
@@ -393,49 +420,393 @@ def _points_sum_kernel(a_ptr, b_ptr, blo_ptr, part_ptr, M, NA, NB, SLAB, MIXED: 
              mask=(offs_a[:, None] < NA) & (offs_b[None, :] < NB))
 
 
-#: Pins the float32 backward's products, "cublas" or "triton" (tests, benchmarks); None:
-#: measured (``_backward_products``).
-BACKWARD_PRODUCTS = None
-_backward_choice: dict[tuple, str] = {}
 
 
-def _default_products(hidden):
-    """Without a timing: cuBLAS at H <= 128. Measured on an H200 (bench/RESULTS.md), before
-    the pre-split operands (``mm_split``): 3D hidden 128 fwd+bwd took 4.4 ms with cuBLAS's
-    SIMT products and 6.9 ms with the Triton GEMMs, while at hidden 256 these cut 2D
-    fwd+bwd from 13.1 to 10.9 ms."""
-    return "cublas" if hidden <= 128 else "triton"
+# --- what runs: fixed rules (the measurements are in bench/RESULTS.md) ---------------------
 
 
-def _backward_products(key, device, hidden, run):
-    """"cublas" or "triton" for the float32 backward's products: on the first call per key
-    both backwards run and are timed on the device, the faster is kept (as for the
-    forward's strategy); ``_default_products`` where nothing can be timed."""
-    if BACKWARD_PRODUCTS is not None:
-        return BACKWARD_PRODUCTS
-    return timed_choice(_backward_choice, key, device, ("cublas", "triton"), run, _default_products(hidden))
+def fused_fits(P: int, D: int, L: int, H: int, O: int, save: bool) -> bool:
+    """Whether the fused kernel can take the problem: it addresses x (P, D), the outputs and
+    ReLU pre-activations (L, P, O) and, when saving, lin (L-1, P, H) whole with int32
+    offsets, which wrap at ``_common.MAX_ELEMENTS`` (lin of the 3D net at hidden 128 with 3
+    layers reaches it at 2^23 points: a 203^3 grid evaluated with gradients). The layered
+    forward walks the points in chunks and has no such limit."""
+    return max(L * P * O, P * D, (L - 1) * P * H if save else 0) < _common.MAX_ELEMENTS
 
 
-def _rows_matmul(a, b, b_lo, mixed, cublas):
-    """(M, K) @ (K, N) -> (M, N) float32 for a weight ``b``, by cuBLAS or the Triton GEMM
-    (``b_lo``: the ``split_tf32`` remainder of ``b`` for the float32 Triton GEMM, ``b``
-    being its head; None elsewhere)."""
+def choose_forward(requested: str, *, fits: bool) -> str:
+    """The forward that runs: "layered" where the fused kernel does not fit (``fused_fits``:
+    whatever was requested, as the fused kernel cannot address such buffers), else the
+    requested ``mfn_forward`` variant, "fused" for "auto". Source: on an H100 (bench/
+    RESULTS.md, sixth session) the earlier code's timed choice took the fused forward for
+    every 3D case and most 2D ones; the layered one for 2D hidden 256 in float32 at 2^20
+    points (with and without saved activations) and at 2^18 with them, and in mixed
+    precision at 2^16 without: the measured alternative there."""
+    check_variant("mfn_forward", requested)
+    if not fits:
+        return "layered"
+    return "fused" if requested == "auto" else requested
+
+
+def choose_products(requested: str, precision: str) -> str:
+    """How the backward's products over points run. float32: "cublas" (IEEE float32) for
+    "auto": the H100 timed cuBLAS faster for every float32 product, hidden 256 included
+    (bench/RESULTS.md, sixth session); "triton" is the measured alternative, which an H200
+    had timed faster at hidden 256 (2D, 2^18 points: 10.9 against 13.1 ms fwd+bwd, third
+    session). Mixed: the Triton bf16 GEMMs, its only implementation ("cublas" raises)."""
+    check_variant("mfn_backward_products", requested)
+    if precision == "mixed":
+        if requested == "cublas":
+            raise ValueError("mfn_backward_products='cublas' is a float32 variant: mixed precision's "
+                             "backward products are the Triton bf16 GEMMs ('triton' or 'auto')")
+        return "triton"
+    return "cublas" if requested == "auto" else requested
+
+
+# --- forward --------------------------------------------------------------------------------
+
+#: Bytes of (points x H) float32 buffers the layer-by-layer forward holds at once (two
+#: ``z`` tiles); it walks the points in chunks that fit.
+FWD_WORKSPACE_BYTES = 256 << 20
+
+
+@on_input_device
+def mfn_stack_forward(x: torch.Tensor, params: StackParams, spec: StackSpec, save: bool):
+    """The forward, fused or layer by layer as ``choose_forward`` says. ``x`` (P, D) and
+    ``params`` (shapes in ``StackParams``) float32 contiguous. Returns (L, P, O) float32
+    (rows of layers without a head uninitialised) and, with ``save``, what the backward
+    needs: ``lin_i = z_{i-1} A_i^T + c_i`` (L-1, P, H) and, for ReLU heads, the
+    pre-activations (L, P, O); else two empty tensors."""
+    P, D = x.shape
+    L, H, _ = params.w.shape
+    O = params.u.shape[1]
+    variant = choose_forward(spec.forward, fits=fused_fits(P, D, L, H, O, save))
+    choose_products(spec.products, spec.precision)  # a refused variant fails here, not in the backward
+    f32 = dict(device=x.device, dtype=torch.float32)
+    out = torch.empty((L, P, O), **f32)
+    lin = torch.empty((L - 1, P, H) if save else (0,), **f32)
+    hpre = torch.empty((L, P, O) if save and spec.relu else (0,), **f32)
+    if P > 0:
+        impl = _forward_fused if variant == "fused" else _forward_layered
+        impl(x, params, spec, save=save, out=out, lin=lin, hpre=hpre)
+    return out, lin, hpre
+
+
+def _flags(params: StackParams, spec: StackSpec) -> dict:
+    """The network's constexpr switches of the fused kernel."""
+    return dict(HEAD_MASK=spec.head_mask, HAS_C=params.c is not None, GABOR=params.gamma is not None,
+                RELU=bool(spec.relu), RESIDUAL=bool(spec.residual), MIXED=spec.mixed)
+
+
+def _forward_fused(x, params, spec, *, save, out, lin, hpre):
+    """``_mfn_stack_fwd_kernel``: the whole stack in one launch (module docstring)."""
+    P, D = x.shape
+    L, H, _ = params.w.shape
+    O = params.u.shape[1]
+    block_h = block(H, _MIN_BLOCK_H)
+    # no config launches more programs than this (small P: fewer tiles than SMs)
+    nprog = min(max_programs(x.device), triton.cdiv(P, _MIN_BLOCK_P))
+    scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
+    # float32: weights split for the kernel's tf32x3 products (``mm_split``), once per call
+    (a, a_lo), (u, u_lo) = weight_parts(params.a, spec.precision), weight_parts(params.u, spec.precision)
+    w, b = params.w, params.b
+    _mfn_stack_fwd_kernel[grid](
+        x, w, b, or_dummy(a, w), or_dummy(a_lo, w), or_dummy(params.c, b), u, u_lo, params.d,
+        or_dummy(params.gamma, b), or_dummy(params.mu, w),
+        out, scratch, or_dummy(lin, out), or_dummy(hpre, out),
+        P, H, O,
+        D=D, N_LAYERS=L, BLOCK_H=block_h, BLOCK_O=block(O), SAVE=bool(save), **_flags(params, spec),
+    )
+
+
+def _layer(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    """Layer ``i`` of a stacked optional parameter."""
+    return None if t is None else t[i]
+
+
+def _forward_layered(x, params, spec, *, save, out, lin, hpre):
+    """The fused kernel's results, one launch per layer instead: the filter kernel for layer
+    0, then the multiplicative-layer kernel (a pipelined GEMM with the filter in its
+    epilogue, writing ``lin_i`` too when saving), the heads by ``_head``. ``z_i`` goes
+    through global memory, in chunks of points bounded by ``FWD_WORKSPACE_BYTES``."""
+    P = x.shape[0]
+    L, H, _ = params.w.shape
+    a_hi, a_lo = weight_parts(params.a, spec.precision)  # split once for all chunks
+    # mixed: U rounded to bf16 once, as the fused kernel's bf16 products take it
+    u = params.u.bfloat16().float() if spec.mixed else params.u
+    chunk = max(1, FWD_WORKSPACE_BYTES // (2 * 4 * H))
+    with ieee_float32():
+        for p0 in range(0, P, chunk):
+            p1 = min(P, p0 + chunk)
+            xs = x[p0:p1]
+            total = z = None
+            for i in range(L):
+                filt = (params.w[i], params.b[i], _layer(params.gamma, i), _layer(params.mu, i))
+                if i == 0:
+                    z = filter_forward(xs, *filt)
+                else:
+                    z = multiplicative_layer_forward(z, params.a[i - 1], _layer(params.c, i - 1), xs, *filt,
+                                                     spec.precision, lin=lin[i - 1, p0:p1] if save else None,
+                                                     a_parts=(a_hi[i - 1], a_lo[i - 1]))
+                if not spec.has_head(i):
+                    continue
+                y = _head(z, u[i], params.d[i], spec.mixed)
+                if spec.relu:
+                    if save:
+                        hpre[i, p0:p1] = y
+                    y = y.clamp_min(0.0)
+                if spec.residual:
+                    total = y if total is None else total + y
+                    y = total
+                out[i, p0:p1] = y
+
+
+def _head(z: torch.Tensor, u: torch.Tensor, d: torch.Tensor, mixed: bool) -> torch.Tensor:
+    """``z U^T + d`` (n, O) float32 (the caller holds ``ieee_float32``). Mixed: ``z`` rounded
+    to bf16 (``u`` arrives rounded), then exact products with fp32 accumulation: what the
+    fused kernel's bf16 tensor-core products compute."""
+    if mixed:
+        z = z.bfloat16().float()
+    return torch.addmm(d, z, u.t())
+
+
+# --- backward -------------------------------------------------------------------------------
+
+
+@on_input_device
+def mfn_stack_backward(grad_out, x, params: StackParams, spec: StackSpec, *, lin, hpre, need_dw, need_da):
+    """Backward from what the forward saved (``lin``, ``hpre``). ``grad_out`` (L, P, O)
+    (zero rows where no head). Returns dx (P, D) and the parameter gradients as a
+    ``StackParams``: dW zeros unless ``need_dw``, dA zeros unless ``need_da``, dc, dgamma,
+    dmu None where the parameter is absent.
+
+    Per chunk of points (``_backward_chunk``), top layer first: the layer kernel does
+    everything elementwise (sines recomputed, never stored) and writes ``dlin_i`` and
+    ``z_{i-1}``; then three GEMMs (``_layer_products``), on cuBLAS or the Triton GEMMs as
+    ``choose_products`` says (mixed: Triton GEMMs with bf16 operands, the work buffers being
+    bf16 then, as their products round them to bf16 anyway)."""
+    cublas = choose_products(spec.products, spec.precision) == "cublas"
+    call = _BackwardCall.start(grad_out, x, params, spec, lin=lin, hpre=hpre, need_dw=need_dw,
+                               need_da=need_da, cublas=cublas)
+    with ieee_float32():
+        for p0, p1 in call.chunks():
+            _backward_chunk(call, p0=p0, p1=p1)
+    return call.finish()
+
+
+def _head_gradients(grad_out: torch.Tensor, hpre: torch.Tensor, spec: StackSpec) -> torch.Tensor:
+    """Gradients of the head pre-activations, (L, P, O): running sums from the top for
+    residual outputs, times the ReLU masks (rows of layers without a head unused)."""
+    dh = grad_out.flip(0).cumsum(0).flip(0) if spec.residual else grad_out
+    if spec.relu:
+        dh = dh * (hpre > 0)
+    return dh
+
+
+class _Partials:
+    """Program-owned partial sums of the filter and bias gradients, one row per program and
+    layer, all in one ``(n_programs, L, 2 H D + 3 H)`` buffer (one fill, one fixed-order
+    reduction instead of one per layer and parameter): dW and dmu (H x D each), db, dgamma
+    and dc (H each; layer i's dc is c_{i-1}'s gradient)."""
+
+    def __init__(self, nprog: int, L: int, H: int, D: int, device):
+        self.sizes = {"w": H * D, "m": H * D, "b": H, "g": H, "c": H}
+        self.offsets = dict(zip(self.sizes, itertools.accumulate(self.sizes.values(), initial=0)))
+        self.buf = torch.zeros((nprog, L, sum(self.sizes.values())), device=device, dtype=torch.float32)
+
+    def row(self, key: str, i: int) -> torch.Tensor:
+        """Layer ``i``'s partials of ``key`` for every program (rows ``stride`` floats apart)."""
+        o = self.offsets[key]
+        return self.buf[:, i, o:o + self.sizes[key]]
+
+    @property
+    def stride(self) -> int:
+        return self.buf.stride(0)
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """(L, size) sums over the programs, in a fixed order: deterministic."""
+        total = self.buf.sum(0)
+        # copies: outputs of a custom op may not alias each other
+        return {k: total[:, o:o + self.sizes[k]].clone() for k, o in self.offsets.items()}
+
+
+@dataclasses.dataclass
+class _BackwardCall:
+    """One backward call: its inputs, the operands its GEMMs take, and its accumulators."""
+
+    x: torch.Tensor
+    params: StackParams
+    spec: StackSpec
+    lin: torch.Tensor
+    dh: torch.Tensor  # (L, P, O), ``_head_gradients``
+    need_dw: bool
+    need_da: bool
+    cublas: bool  # products on cuBLAS, else the Triton GEMMs
+    split: bool  # float32 Triton GEMMs: second operands split into TF32 head and remainder
+    a_hi: torch.Tensor  # the weights of dz = dlin A (split's head with ``split``)
+    a_lo: torch.Tensor | None  # and remainder
+    top_dh: tuple[torch.Tensor, torch.Tensor] | None  # the top head's dh, split (``_head_sum``)
+    work_dtype: torch.dtype  # of the (points x H) work buffers
+    nprog: int
+    dx: torch.Tensor
+    da: torch.Tensor
+    du: torch.Tensor
+    dd: torch.Tensor
+    partials: _Partials
+
+    @classmethod
+    def start(cls, grad_out, x, params, spec, *, lin, hpre, need_dw, need_da, cublas):
+        P, D = x.shape
+        L, H, _ = params.w.shape
+        O = params.u.shape[1]
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dh = _head_gradients(grad_out, hpre, spec)
+        split = not spec.mixed and not cublas
+        nprog = max(1, min(max_programs(x.device), triton.cdiv(max(P, 1), _MIN_BLOCK_P)))
+        a_hi, a_lo = split_tf32(params.a) if split else (params.a, None)
+        return cls(
+            x=x, params=params, spec=spec, lin=lin, dh=dh, need_dw=bool(need_dw), need_da=bool(need_da),
+            cublas=cublas, split=split, a_hi=a_hi, a_lo=a_lo,
+            top_dh=split_tf32(dh[L - 1]) if split and spec.has_head(L - 1) else None,
+            work_dtype=torch.bfloat16 if spec.mixed else torch.float32, nprog=nprog,
+            dx=torch.zeros((P, D), **f32), da=torch.zeros((max(L - 1, 0), H, H), **f32),
+            du=torch.zeros((L, O, H), **f32), dd=dh.sum(1),  # rows of layers without a head unused
+            partials=_Partials(nprog, L, H, D, x.device),
+        )
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """Point ranges whose work buffers fit ``BWD_WORKSPACE_BYTES``: at most three
+        (points x H) buffers alive at once (dz_i or z_i, dlin_i, z_{i-1}), four with
+        ``split`` (z_{i-1}'s remainder)."""
+        P, H = self.x.shape[0], self.params.w.shape[1]
+        chunk = max(_MIN_BLOCK_P, BWD_WORKSPACE_BYTES // ((4 if self.split else 3) * 4 * H))
+        return [(p0, min(P, p0 + chunk)) for p0 in range(0, P, chunk)]
+
+    def finish(self) -> tuple[torch.Tensor, StackParams]:
+        """dx and the parameter gradients (``mfn_stack_backward``)."""
+        p = self.params
+        L, H, D = p.w.shape
+        sums = self.partials.sums()
+        return self.dx, StackParams(
+            w=sums["w"].view(L, H, D), b=sums["b"], a=self.da, c=sums["c"][1:] if p.c is not None else None,
+            u=self.du, d=self.dd, gamma=sums["g"] if p.gamma is not None else None,
+            mu=sums["m"].view(L, H, D) if p.mu is not None else None,
+        )
+
+
+@dataclasses.dataclass
+class _LayerBuffers:
+    """What layer i's kernel writes for its products: dlin_i and z_{i-1} (i >= 1; with
+    ``split`` also z_{i-1}'s remainder), and z_i on a top layer with a head (a lower layer's
+    z_i is the z_{i-1} of the layer above). Empty where not written."""
+
+    dlin: torch.Tensor | None
+    zprev: torch.Tensor | None
+    zprev_lo: torch.Tensor | None
+    z: torch.Tensor | None
+
+
+def _backward_chunk(call: _BackwardCall, *, p0: int, p1: int) -> None:
+    """Points p0..p1, top layer first: each layer's kernel, then its products, which hand
+    dz_{i-1} down. dz_i is freed once the kernel has read it, dlin_i and z_i once the
+    products have: each before the next buffer of its size is allocated (the budget of
+    ``_BackwardCall.chunks``)."""
+    dz = None  # dz_i, from layer i + 1
+    for i in reversed(range(call.params.w.shape[0])):
+        bufs = _layer_kernel(call, i=i, p0=p0, p1=p1, dz=dz)
+        del dz
+        dz = _layer_products(call, i=i, p0=p0, p1=p1, bufs=bufs)
+        del bufs
+
+
+def _layer_kernel(call: _BackwardCall, *, i: int, p0: int, p1: int, dz: torch.Tensor | None) -> _LayerBuffers:
+    """``_mfn_stack_bwd_kernel`` for layer i on points p0..p1: adds to the filter partials and
+    dx, and returns the buffers it wrote for the products."""
+    p, spec = call.params, call.spec
+    L, H, D = p.w.shape
+    O = p.u.shape[1]
+    n = p1 - p0
+    has_head = spec.has_head(i)
+    store_z = has_head and i == L - 1
+
+    def buf(live):
+        return torch.empty((n, H) if live else (0,), device=call.x.device, dtype=call.work_dtype)
+
+    out = _LayerBuffers(dlin=buf(i >= 1), zprev=buf(i >= 1), zprev_lo=buf(i >= 1 and call.split), z=buf(store_z))
+    dummy = call.dx  # a valid pointer where a constexpr switch leaves an argument unused
+    ip = max(i - 1, 0)
+    part = call.partials
+    grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), call.nprog),)  # noqa: E731
+    _mfn_stack_bwd_kernel[grid](
+        call.dh[i, p0:p1] if has_head else dummy, call.x[p0:p1],
+        p.w[i], p.b[i], or_dummy(_layer(p.gamma, i), dummy), or_dummy(_layer(p.mu, i), dummy),
+        p.w[ip], p.b[ip], or_dummy(_layer(p.gamma, ip), dummy), or_dummy(_layer(p.mu, ip), dummy), p.u[i],
+        call.lin[i - 1, p0:p1] if i >= 1 else dummy, call.lin[i - 2, p0:p1] if i >= 2 else dummy,
+        or_dummy(dz, dummy),
+        or_dummy(out.dlin, dummy), or_dummy(out.zprev, dummy), or_dummy(out.zprev_lo, dummy),
+        or_dummy(out.z, dummy), call.dx[p0:p1],
+        part.row("w", i), part.row("b", i), part.row("g", i), part.row("m", i), part.row("c", i),
+        n, H, O, part.stride,
+        D=D, HAS_LIN=i >= 1, HAS_DZ=dz is not None, HAS_PREV_LIN=i >= 2,
+        HEAD_TO_TRUNK=has_head and i >= spec.detach_heads_below, STORE_Z=store_z, SPLIT_Z=call.split,
+        HAS_C=p.c is not None, GABOR=p.gamma is not None, NEED_DW=call.need_dw, MIXED=spec.mixed,
+        BLOCK_H=block(H, _MIN_BLOCK_H), BLOCK_O=block(O), BLOCK_D=block(D, 2),
+    )
+    return out
+
+
+def _layer_products(call: _BackwardCall, *, i: int, p0: int, p1: int, bufs: _LayerBuffers):
+    """Layer i's GEMMs over points p0..p1: dU_i += dh_i^T z_i on the top layer,
+    dU_{i-1} += dh_{i-1}^T z_{i-1}, dA_i += dlin_i^T z_{i-1}; returns dz_{i-1} = dlin_i A_i
+    (None for i = 0)."""
+    spec = call.spec
+    kw = dict(mixed=spec.mixed, cublas=call.cublas)
+    if i == call.params.w.shape[0] - 1 and spec.has_head(i):
+        _head_sum(call, i=i, p0=p0, p1=p1, z=bufs.z, z_lo=None)
+    if i == 0:
+        return None
+    zprev_lo = bufs.zprev_lo if call.split else None
+    if spec.has_head(i - 1):
+        _head_sum(call, i=i - 1, p0=p0, p1=p1, z=bufs.zprev, z_lo=zprev_lo)
+    if call.need_da:
+        call.da[i - 1] += _points_sum(bufs.dlin, bufs.zprev, zprev_lo, **kw)
+    bufs.zprev = bufs.zprev_lo = zprev_lo = None  # freed before dz_{i-1} is allocated
+    return _rows_matmul(bufs.dlin, call.a_hi[i - 1], None if call.a_lo is None else call.a_lo[i - 1], **kw)
+
+
+def _head_sum(call: _BackwardCall, *, i: int, p0: int, p1: int, z: torch.Tensor, z_lo: torch.Tensor | None):
+    """dU_i += dh_i^T z_i over points p0..p1. With ``split``, the top layer's own z arrives
+    unsplit (the kernel splits only the z_{i-1} it writes): it goes first, (z^T dh)^T, with
+    the top head's dh split on the host."""
+    kw = dict(mixed=call.spec.mixed, cublas=call.cublas)
+    if call.split and z_lo is None:
+        dh_hi, dh_lo = call.top_dh
+        call.du[i] += _points_sum(z, dh_hi[p0:p1], dh_lo[p0:p1], **kw).t()
+    else:
+        call.du[i] += _points_sum(call.dh[i, p0:p1], z, z_lo, **kw)
+
+
+def _rows_matmul(a, b, b_lo, *, mixed, cublas):
+    """(M, K) @ (K, N) -> (M, N) float32 for a weight ``b``, by cuBLAS (the caller holds
+    ``ieee_float32``) or the Triton GEMM (``b_lo``: the ``split_tf32`` remainder of ``b``
+    for the float32 Triton GEMM, ``b`` being its head; None elsewhere)."""
     if cublas:
         return torch.mm(a, b)
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _rows_matmul_kernel[grid](a, b, b if b_lo is None else b_lo, c, M, N, K, MIXED=mixed)
+    _rows_matmul_kernel[grid](a, b, or_dummy(b_lo, b), c, M, N, K, MIXED=mixed)
     return c
 
 
-def _points_sum(a, b, b_lo, mixed, cublas):
-    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB), by cuBLAS or the Triton GEMM
-    (``b_lo``: the ``split_tf32`` remainder of ``b`` for the float32 Triton GEMM, ``b``
-    being its head; None elsewhere): the sum over points split into slabs (parallelism; a
-    (H, H) result alone is one or four tiles), the slab partials summed in a fixed order
-    (deterministic)."""
+def _points_sum(a, b, b_lo, *, mixed, cublas):
+    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB), by cuBLAS (the caller holds
+    ``ieee_float32``) or the Triton GEMM (``b_lo``: the ``split_tf32`` remainder of ``b``
+    for the float32 Triton GEMM, ``b`` being its head; None elsewhere): the sum over points
+    split into slabs (parallelism; a (H, H) result alone is one or four tiles), the slab
+    partials summed in a fixed order (deterministic)."""
     if cublas:
         return torch.mm(a.t(), b)
     M, NA = a.shape
@@ -446,245 +817,5 @@ def _points_sum(a, b, b_lo, mixed, cublas):
     n_slabs = triton.cdiv(M, slab)
     part = torch.empty((n_slabs, NA, NB), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_A"]), triton.cdiv(NB, meta["BLOCK_B"]), n_slabs)  # noqa: E731
-    _points_sum_kernel[grid](a, b, b if b_lo is None else b_lo, part, M, NA, NB, slab, MIXED=mixed)
+    _points_sum_kernel[grid](a, b, or_dummy(b_lo, b), part, M, NA, NB, slab, MIXED=mixed)
     return part.sum(0)
-
-
-def _flags(head_mask, gamma, c, relu, residual, precision):
-    return dict(HEAD_MASK=head_mask, HAS_C=c is not None, GABOR=gamma is not None,
-                RELU=bool(relu), RESIDUAL=bool(residual), MIXED=precision == "mixed")
-
-
-#: Bytes of (points x H) float32 buffers the layer-by-layer forward holds at once (two
-#: ``z`` tiles); it walks the points in chunks that fit.
-FWD_WORKSPACE_BYTES = 256 << 20
-#: Pins the forward's strategy, "fused" or "layered" (tests, benchmarks); None: measured.
-FORWARD_STRATEGY = None
-_forward_choice: dict[tuple, str] = {}
-
-
-def _forward_layered(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save, out, lin,
-                     hpre):
-    """The fused kernel's results, one launch per layer instead: the filter kernel for layer
-    0, then the multiplicative-layer kernel (a pipelined GEMM with the filter in its
-    epilogue, writing ``lin_i`` too when saving), the heads as ``addmm`` (float32 in both
-    precisions). ``z_i`` goes through global memory, in chunks of points bounded by
-    ``FWD_WORKSPACE_BYTES``."""
-    P = x.shape[0]
-    L, H, _ = w.shape
-    a_hi, a_lo = weight_parts(a, precision)  # split once for all chunks
-    chunk = max(1, FWD_WORKSPACE_BYTES // (2 * 4 * H))
-    for p0 in range(0, P, chunk):
-        p1 = min(P, p0 + chunk)
-        xs = x[p0:p1]
-        total = z = None
-        for i in range(L):
-            filt = (w[i], b[i], None if gamma is None else gamma[i], None if mu is None else mu[i])
-            if i == 0:
-                z = filter_forward(xs, *filt)
-            else:
-                z = multiplicative_layer_forward(z, a[i - 1], None if c is None else c[i - 1], xs, *filt,
-                                                 precision, lin=lin[i - 1, p0:p1] if save else None,
-                                                 a_parts=(a_hi[i - 1], a_lo[i - 1]))
-            if (head_mask >> i) & 1:
-                y = torch.addmm(d[i], z, u[i].t())
-                if relu:
-                    if save:
-                        hpre[i, p0:p1] = y
-                    y = y.clamp_min(0.0)
-                if residual:
-                    total = y if total is None else total + y
-                    y = total
-                out[i, p0:p1] = y
-
-
-def _forward_strategy(key, device, run):
-    """"fused" or "layered" for this network shape and size: on the first call per key
-    (the point count enters as its bit length), both run and are timed on the device and
-    the faster is kept, as autotuning does for kernel configs. Fused without timing where
-    ``_common.can_time`` says no."""
-    if FORWARD_STRATEGY is not None:
-        return FORWARD_STRATEGY
-    return timed_choice(_forward_choice, key, device, ("fused", "layered"), run, "fused")
-
-
-@on_input_device
-def mfn_stack_forward(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save):
-    """The forward, fused or layer by layer (``_forward_strategy``). Shapes: x (P, D); w (L, H, D); b (L, H); a (L-1, H, H);
-    c (L-1, H) or None; u (L, O, H); d (L, O) (rows of layers without a head unused);
-    gamma (L, H), mu (L, H, D) or None. All fp32 contiguous. Returns (L, P, O) fp32 (rows of
-    layers without a head uninitialised) and, with ``save``, what the backward needs:
-    ``lin_i = z_{i-1} A_i^T + c_i`` (L-1, P, H) and, for ReLU heads, the pre-activations
-    (L, P, O); else two empty tensors. Layered, without timing, where the fused kernel's
-    offsets would not fit in int32 (``_common.MAX_ELEMENTS``)."""
-    P, D = x.shape
-    L, H, _ = w.shape
-    O = u.shape[1]
-    f32 = dict(device=x.device, dtype=torch.float32)
-    out = torch.empty((L, P, O), **f32)
-    lin = torch.empty((L - 1, P, H) if save else (0,), **f32)
-    hpre = torch.empty((L, P, O) if save and relu else (0,), **f32)
-    if P == 0:
-        return out, lin, hpre
-
-    def run(strategy):
-        impl = _forward_layered if strategy == "layered" else _forward_fused
-        impl(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save, out, lin, hpre)
-
-    # The fused kernel addresses lin (L-1, P, H), out / hpre (L, P, O) and x whole, with int32
-    # offsets: for the 3D net at hidden 128 with 3 layers, lin passes 2^31 elements at 2^23
-    # points (a 203^3 grid evaluated with gradients). The layered forward walks the points
-    # in chunks, so it takes such problems whatever FORWARD_STRATEGY says.
-    if max(L * P * O, P * D, (L - 1) * P * H if save else 0) >= _common.MAX_ELEMENTS:
-        run("layered")
-        return out, lin, hpre
-    key = (P.bit_length(), H, D, L, O, head_mask, bool(residual), bool(relu), c is not None, gamma is not None,
-           precision, bool(save), x.device.index)
-    run(_forward_strategy(key, x.device, run))
-    return out, lin, hpre
-
-
-def _forward_fused(x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, precision, save, out, lin, hpre):
-    """``_mfn_stack_fwd_kernel``: the whole stack in one launch (module docstring)."""
-    P, D = x.shape
-    L, H, _ = w.shape
-    O = u.shape[1]
-    block_h = block(H, _MIN_BLOCK_H)
-    # no config launches more programs than this (small P: fewer tiles than SMs)
-    nprog = min(max_programs(x.device), triton.cdiv(P, _MIN_BLOCK_P))
-    scratch = torch.empty((nprog * 2 * _MAX_BLOCK_P_FWD * block_h,), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (min(triton.cdiv(P, meta["BLOCK_P"]), nprog),)  # noqa: E731
-    # float32: weights split for the kernel's tf32x3 products (``mm_split``), once per call
-    (a, a_lo), (u, u_lo) = weight_parts(a, precision), weight_parts(u, precision)
-    _mfn_stack_fwd_kernel[grid](
-        x, w, b, a if a.numel() else w, a_lo if a_lo.numel() else w, c if c is not None else b, u, u_lo, d,
-        gamma if gamma is not None else b, mu if mu is not None else w, out, scratch,
-        lin if lin.numel() else out, hpre if hpre.numel() else out,
-        P, H, O,
-        D=D, N_LAYERS=L, BLOCK_H=block_h, BLOCK_O=block(O), SAVE=bool(save),
-        **_flags(head_mask, gamma, c, relu, residual, precision),
-    )
-
-
-@on_input_device
-def mfn_stack_backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual,
-                       relu, detach_heads_below, need_dw, need_da, precision):
-    """Backward from what the forward saved (``lin``, ``hpre``). ``grad_out`` (L, P, O)
-    (zero rows where no head). Returns dx (P, D), dW (L, H, D) (zeros unless ``need_dw``),
-    db (L, H), dA (L-1, H, H) (zeros unless ``need_da``), dc (L-1, H) or None, dU (L, O, H),
-    dd (L, O), dgamma (L, H) or None, dmu (L, H, D) or None.
-
-    Per chunk of points, top layer first: the layer kernel does everything elementwise
-    (sines recomputed, never stored) and writes ``dlin_i`` and ``z_{i-1}``; then three
-    GEMMs: ``dA_i += dlin_i^T z_{i-1}``, ``dU_{i-1} += dh_{i-1}^T z_{i-1}`` and
-    ``dz_{i-1} = dlin_i A_i`` (float32 as tf32x3 Triton GEMMs or on cuBLAS, whichever
-    ``_backward_products`` measured faster; mixed: Triton GEMMs with bf16 operands, the
-    work buffers being bf16 then, as their products round them to bf16 anyway)."""
-    args = (grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual, relu,
-            detach_heads_below, need_dw, need_da, precision)
-    if precision == "mixed":
-        return _backward(*args, cublas=False)
-    P, D = x.shape
-    L, H, _ = w.shape
-    key = (P.bit_length(), H, D, L, u.shape[1], head_mask, bool(residual), bool(relu), detach_heads_below,
-           bool(need_dw), bool(need_da), c is not None, gamma is not None, x.device.index)
-    products = _backward_products(key, x.device, H, lambda p: _backward(*args, cublas=p == "cublas"))
-    return _backward(*args, cublas=products == "cublas")
-
-
-def _backward(grad_out, x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual, relu,
-              detach_heads_below, need_dw, need_da, precision, cublas):
-    """``mfn_stack_backward`` with its products on cuBLAS (``cublas``) or the Triton GEMMs."""
-    P, D = x.shape
-    L, H, _ = w.shape
-    O = u.shape[1]
-    dev = x.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    heads = [i for i in range(L) if (head_mask >> i) & 1]
-    # head gradients: running sums from the top for residual outputs, ReLU masks
-    dh_all = grad_out.flip(0).cumsum(0).flip(0) if residual else grad_out
-    if relu:
-        dh_all = dh_all * (hpre > 0)
-    dd = dh_all.sum(1)  # rows of layers without a head are not used
-    dx = torch.zeros((P, D), **f32)
-    da = torch.zeros((max(L - 1, 0), H, H), **f32)
-    du = torch.zeros((L, O, H), **f32)
-    nprog = max(1, min(max_programs(dev), triton.cdiv(max(P, 1), _MIN_BLOCK_P)))
-    # program-owned partial sums, one row per program (summed in a fixed order below), all
-    # in one buffer: one fill and one reduction instead of one per layer and parameter
-    sizes = {"w": H * D, "m": H * D, "b": H, "g": H, "c": H}
-    part = torch.zeros((nprog, L, sum(sizes.values())), **f32)
-    offsets = dict(zip(sizes, [0, H * D, 2 * H * D, 2 * H * D + H, 2 * H * D + 2 * H]))
-    view = lambda k, i: part[:, i, offsets[k]:offsets[k] + sizes[k]]  # noqa: E731
-    mixed = precision == "mixed"
-    # float32 Triton GEMMs take their second operand split (``mm_split``): the weights of
-    # dz = dlin A here, once; z_{i-1} of dA = dlin^T z_{i-1} and dU = dh^T z_{i-1} from the
-    # layer kernel, which writes head and remainder (one more work buffer); the top
-    # layer's own z goes first in (z^T dh)^T, with the top head's dh split here
-    split = not mixed and not cublas
-    a_hi, a_lo = split_tf32(a) if split else (a, None)
-    top_dh = split_tf32(dh_all[L - 1]) if split and L - 1 in heads else None
-    work_dtype = torch.bfloat16 if mixed else torch.float32
-    # at most three (points x H) buffers alive at once: dz_i (or z_i), dlin_i, z_{i-1}; four
-    # with ``split`` (z_{i-1}'s remainder)
-    chunk = max(_MIN_BLOCK_P, BWD_WORKSPACE_BYTES // ((4 if split else 3) * 4 * H))
-    block_h = block(H, _MIN_BLOCK_H)
-    has_c = c is not None
-    for p0 in range(0, P, chunk):
-        p1 = min(P, p0 + chunk)
-        n = p1 - p0
-        dz = None  # dz_i, from layer i + 1
-        grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), nprog),)  # noqa: E731
-
-        def head_sum(i, z, z_lo):  # dU_i += dh_i^T z_i
-            if split and z_lo is None:  # the top layer's own z, not split: (z^T dh)^T
-                du[i] += _points_sum(z, top_dh[0][p0:p1], top_dh[1][p0:p1], mixed, cublas).t()
-            else:
-                du[i] += _points_sum(dh_all[i, p0:p1], z, z_lo, mixed, cublas)
-
-        for i in reversed(range(L)):
-            has_head = i in heads
-            # z_i of lower layers is the z_{i-1} output of the layer above; the top writes its own
-            store_z = has_head and i == L - 1
-            buf = lambda live: torch.empty((n, H) if live else (0,), device=dev, dtype=work_dtype)  # noqa: E731
-            dlin, zprev, z = buf(i >= 1), buf(i >= 1), buf(store_z)
-            zprev_lo = buf(i >= 1 and split)
-            dummy = dx  # a valid pointer where a constexpr switch leaves an argument unused
-            ip = max(i - 1, 0)
-            _mfn_stack_bwd_kernel[grid](
-                dh_all[i, p0:p1] if has_head else dummy, x[p0:p1], w[i], b[i],
-                gamma[i] if gamma is not None else dummy, mu[i] if mu is not None else dummy,
-                w[ip], b[ip], gamma[ip] if gamma is not None else dummy,
-                mu[ip] if mu is not None else dummy, u[i],
-                lin[i - 1, p0:p1] if i >= 1 else dummy, lin[i - 2, p0:p1] if i >= 2 else dummy,
-                dz if dz is not None else dummy, dlin if i >= 1 else dummy,
-                zprev if i >= 1 else dummy, zprev_lo if zprev_lo.numel() else dummy,
-                z if store_z else dummy, dx[p0:p1],
-                view("w", i), view("b", i), view("g", i), view("m", i), view("c", i),
-                n, H, O, part.stride(0),
-                D=D, HAS_LIN=i >= 1, HAS_DZ=dz is not None, HAS_PREV_LIN=i >= 2,
-                HEAD_TO_TRUNK=has_head and i >= detach_heads_below, STORE_Z=store_z, SPLIT_Z=split,
-                HAS_C=has_c, GABOR=gamma is not None, NEED_DW=bool(need_dw), MIXED=mixed,
-                BLOCK_H=block_h, BLOCK_O=block(O), BLOCK_D=block(D, 2),
-            )
-            dz = None  # consumed
-            if store_z:
-                head_sum(i, z, None)
-            if i >= 1:
-                if i - 1 in heads:
-                    head_sum(i - 1, zprev, zprev_lo if split else None)
-                if need_da:
-                    da[i - 1] += _points_sum(dlin, zprev, zprev_lo if split else None, mixed, cublas)
-                zprev = zprev_lo = None
-                dz = _rows_matmul(dlin, a_hi[i - 1], None if a_lo is None else a_lo[i - 1], mixed, cublas)
-            dlin = z = None
-    # fixed-order reduction over the program rows: deterministic
-    total = part.sum(0)
-    # copies: outputs of a custom op may not alias each other
-    sums = {k: total[:, offsets[k]:offsets[k] + sizes[k]].clone() for k in sizes}
-    sums["w"], sums["m"] = sums["w"].view(L, H, D), sums["m"].view(L, H, D)
-    return (
-        dx, sums["w"], sums["b"], da, sums["c"][1:] if has_c else None,
-        du, dd, sums["g"] if gamma is not None else None,
-        sums["m"] if mu is not None else None,
-    )

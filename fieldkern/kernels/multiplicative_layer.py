@@ -9,8 +9,9 @@ it recomputes ``lin = z A^T + c`` and the filter (nothing saved by the forward),
 ``dlin = dout * g`` (P, h) fp32 -- the one intermediate -- and reduces the filter
 gradients (``db, dW, dgamma, dmu``) and ``dc`` into its own row of ``[n_programs, ...]``
 partials (deterministic fixed-order sum) and ``dx`` in registers. The two remaining
-products, ``dz = dlin A`` and ``dA = dlin^T z``, are plain GEMMs and go to
-``torch.matmul`` (cuBLAS on GPU; deterministic for a given shape and library).
+products, ``dz = dlin A`` and ``dA = dlin^T z``, are plain GEMMs and go to ``torch.mm``
+(cuBLAS on GPU, in IEEE float32 whatever torch's TF32 switch says; deterministic for a
+given shape and library).
 
 Both launchers walk the points in ``point_chunks`` (one launch per chunk; a single chunk
 below ``_common.MAX_ELEMENTS``), since the kernels' offsets are int32.
@@ -30,10 +31,12 @@ from fieldkern.kernels._common import (
     filter_args,
     filter_backward,
     filter_values,
+    ieee_float32,
     load_split,
     max_programs,
     mm_split,
     on_input_device,
+    or_dummy,
     point_chunks,
     weight_parts,
 )
@@ -162,9 +165,8 @@ def multiplicative_layer_forward(z, a, c, x, w, b, gamma, mu, precision, out=Non
         n = p1 - p0
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_P"]), triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
         _multiplicative_layer_fwd_kernel[grid](
-            z[p0:p1], a_hi, a_lo, c if c is not None else b, x[p0:p1], w, b,
-            gamma if gamma is not None else b,
-            mu if mu is not None else w, out[p0:p1], (lin if lin is not None else out)[p0:p1], n, H, K, D=D,
+            z[p0:p1], a_hi, a_lo, or_dummy(c, b), x[p0:p1], w, b, or_dummy(gamma, b), or_dummy(mu, w),
+            out[p0:p1], or_dummy(lin, out)[p0:p1], n, H, K, D=D,
             HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
             SAVE_LIN=lin is not None,
         )
@@ -196,9 +198,8 @@ def multiplicative_layer_backward(grad, z, a, c, x, w, b, gamma, mu, need_dw, pr
         n = p1 - p0
         grid = lambda meta: (min(triton.cdiv(n, meta["BLOCK_P"]), nprog),)  # noqa: E731
         _multiplicative_layer_bwd_kernel[grid](
-            grad[p0:p1], z[p0:p1], a_hi, a_lo, c if c is not None else b, x[p0:p1], w, b,
-            gamma if gamma is not None else b,
-            mu if mu is not None else w, dlin[p0:p1], dx[p0:p1], pc, pw, pb, pg, pm, n, H, K, D=D,
+            grad[p0:p1], z[p0:p1], a_hi, a_lo, or_dummy(c, b), x[p0:p1], w, b, or_dummy(gamma, b),
+            or_dummy(mu, w), dlin[p0:p1], dx[p0:p1], pc, pw, pb, pg, pm, n, H, K, D=D,
             HAS_C=c is not None, GABOR=gamma is not None, MIXED=precision == "mixed",
             NEED_DW=bool(need_dw), BLOCK_D=block(D, 2),
         )
@@ -206,8 +207,9 @@ def multiplicative_layer_backward(grad, z, a, c, x, w, b, gamma, mu, need_dw, pr
         dz = (dlin.bfloat16() @ a.bfloat16()).float()
         da = (dlin.t().bfloat16() @ z.bfloat16()).float()
     else:
-        dz = dlin @ a
-        da = dlin.t() @ z
+        with ieee_float32():
+            dz = torch.mm(dlin, a)
+            da = torch.mm(dlin.t(), z)
     gabor = gamma is not None
     return (dz, da, pc.sum(0) if c is not None else None, dx, pw.sum(0), pb.sum(0),
             pg.sum(0) if gabor else None, pm.sum(0) if gabor else None)

@@ -36,8 +36,10 @@ distinct 128-byte lines per gather. ``bench/gather_model.py`` (a numpy model, no
 measurement) counts per warp and step, D = 64: 181 line lookups summed over the gathers
 and 64 distinct 32-byte sectors with eight scalar loads, 91 and 62 with pairs. So pairs
 halve the L1 lookups and the load instructions (143 SASS instructions per iteration now)
-at about the same L2 traffic. **Not yet timed on a GPU.** Extra memory of the forward:
-the output plus 8 (D + 2)^3 bytes, 54 MiB at D = 128, B = 600 in float32.
+at about the same L2 traffic. The pairs were not timed against single taps alone; with
+them the forward took 1.02 ms at D = 64 and 8.3 ms at D = 128, B = 600, on an H100
+(bench/RESULTS.md, sixth session). Extra memory of the forward: the output plus
+8 (D + 2)^3 bytes, 54 MiB at D = 128, B = 600 in float32.
 
 Ray clipping: each program walks only the steps ``k`` between the earliest entry and the
 latest exit, over its lanes, of the rays into the padded box (slab method, with half a
@@ -54,20 +56,23 @@ to 11.0 ms on an H200 (bench/RESULTS.md).
 
 Backward (one kernel, constexpr switches for what is needed, fixed ``BLOCK``: the rotation
 gradient's partial buffer is sized by it) walks the same rays:
-- volume gradient: the adjoint, scattering ``w * dI`` to the eight taps of the in-box
+- volume gradient, one of ``VOLUME_GRADIENT_METHODS`` (``choose_volume_gradient``):
+  ``scatter`` is the adjoint, scattering ``w * dI`` to the eight taps of the in-box
   samples with relaxed ``tl.atomic_add`` into an x-paired padded float32 buffer (four
   8-byte atomics per sample), whose two slots per voxel are added afterwards (float32
-  atomics: the summation order, hence the last bits, vary run to run).
-  A separate kernel gathers instead (``project_volume_bwd_gather_kernel``): one thread
-  per voxel walks the images in order and sums the samples within one voxel of it (64
-  candidates per image, ~8 with weight), bitwise repeatable; about 8x the arithmetic of
-  the scatter and no atomics. It runs under ``torch.use_deterministic_algorithms(True)``,
-  and otherwise when it times faster than the scatter (over row runs or rectangles) on
-  the first call per D and batch size (neither has been timed on a GPU; the scatter's atomics took ~75 of the 86 ms of
-  a D = 128, B = 600 forward+backward on an H200);
+  atomics: the summation order, hence the last bits, vary run to run), each program
+  walking a run of pixels along a row; ``scatter_tiled`` the same over 8-pixel-wide
+  rectangles (fewer distinct sectors per warp-wide atomic, ``bench/gather_model.py``);
+  ``gather`` a separate kernel (``project_volume_bwd_gather_kernel``): one thread per voxel
+  walks the images in order and sums the samples within one voxel of it (64 candidates
+  per image, ~8 with weight), bitwise repeatable, about 8x the arithmetic of the scatter
+  and no atomics. On an H100 (D = 64 and 128, B = 600, bench/RESULTS.md, sixth session)
+  ``scatter_tiled`` was the fastest and the gather cost 1.5-1.7x its fwd+bwd time;
 - rotation gradient: ``dL/dR[i, j] = sum dI * dV/dq_j * p_i`` through the spatial gradient of
   the trilinear interpolant; each program reduces its tile to 9 numbers written to a
   ``(B, n_tiles, 9)`` buffer that is summed in a fixed order afterwards (deterministic).
+  It walks the volume gradient's tiles when the scatter runs (the same launch), else row
+  runs.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fieldkern.kernels._common import configs, interpreting, on_input_device, timed_choice
+from fieldkern.kernels._common import configs, interpreting, on_input_device, or_dummy
+from fieldkern.ops._variants import VARIANTS, check_variant
 
 BLOCK = 64 if interpreting() else 256  # pixels (lanes) per program of the backward
 
@@ -425,51 +431,55 @@ def project_volume_forward(volume: torch.Tensor, rotations: torch.Tensor) -> tor
     return out
 
 
-#: How the backward may make the volume gradient: the scatter walking runs of a row or
-#: 8-pixel-wide rectangles (as the forward's ``TILE_W`` candidates), or the gather kernel.
-VOLUME_GRADIENT_METHODS = ("scatter", "scatter_tiled", "gather")
-_volume_gradient_choice: dict[tuple, str] = {}
+#: How the backward may make the volume gradient (``fieldkern.ops.set_variant``'s
+#: ``volume_gradient``): the scatter walking runs of a row or 8-pixel-wide rectangles (as
+#: the forward's ``TILE_W`` candidates), or the gather kernel.
+VOLUME_GRADIENT_METHODS = VARIANTS["volume_gradient"][1:]
+assert VOLUME_GRADIENT_METHODS == ("scatter", "scatter_tiled", "gather")
+
+
+def choose_volume_gradient(requested: str, *, deterministic: bool) -> str:
+    """The volume gradient's method: "auto" takes ``scatter_tiled``, the fastest on an H100
+    at D = 64 and 128, B = 600 (bench/RESULTS.md, sixth session), or under ``deterministic``
+    (``torch.use_deterministic_algorithms(True)``) ``gather``, the only bitwise-repeatable
+    one. A named method runs as named; a scatter under ``deterministic`` raises
+    RuntimeError (its float32 atomics vary run to run)."""
+    check_variant("volume_gradient", requested)
+    if requested == "auto":
+        return "gather" if deterministic else "scatter_tiled"
+    if deterministic and requested != "gather":
+        raise RuntimeError(
+            f"fieldkern: volume_gradient={requested!r} sums with float32 atomics, which vary run to run, "
+            "but torch.use_deterministic_algorithms(True) is set: use 'gather' or 'auto'")
+    return requested
 
 
 @on_input_device
 def project_volume_backward(
-    volume: torch.Tensor, rotations: torch.Tensor, grad_out: torch.Tensor,
-    need_volume: bool, need_rotation: bool, deterministic: bool = False,
+    volume: torch.Tensor, rotations: torch.Tensor, grad_out: torch.Tensor, *,
+    need_volume: bool, need_rotation: bool, variant: str = "auto", deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`project_volume_forward` w.r.t. the volume and the rotations
-    (float32). The volume gradient comes from the scatter with float32 atomics or from the
-    gather kernel (no atomics, bitwise repeatable): the gather when ``deterministic``, else
-    whichever of ``VOLUME_GRADIENT_METHODS`` is faster, timed on the first call per ``D``
-    and batch size (its bit length; the scatter where nothing can be timed,
-    ``_common.can_time``)."""
-    method = "gather" if deterministic else "scatter"
-    if need_volume and not deterministic:
-        key = (volume.shape[0], rotations.shape[0].bit_length(), need_rotation, volume.dtype, volume.device.index)
-        method = timed_choice(_volume_gradient_choice, key, volume.device, VOLUME_GRADIENT_METHODS,
-                              lambda m: _backward(volume, rotations, grad_out, need_volume, need_rotation, m),
-                              method)
-    return _backward(volume, rotations, grad_out, need_volume, need_rotation, method)
-
-
-def _backward(volume, rotations, grad_out, need_volume, need_rotation, method):
-    """``project_volume_backward`` with the volume gradient made as ``method`` says
-    (``VOLUME_GRADIENT_METHODS``; the rotation gradient walks rows unless tiled)."""
+    (float32). The volume gradient is made as ``choose_volume_gradient(variant,
+    deterministic=...)`` says: the scatter kernel with float32 atomics, or the gather
+    kernel (no atomics, bitwise repeatable)."""
+    # without a volume gradient nothing is summed by atomics: no conflict with determinism
+    method = choose_volume_gradient(variant, deterministic=deterministic and need_volume)
     D = volume.shape[0]
     B = rotations.shape[0]
     rotations = rotations.to(torch.float32).contiguous()
     grad_out = grad_out.to(torch.float32).contiguous()
-    tile_w = 8 if method == "scatter_tiled" else 0
+    scatter = need_volume and method != "gather"
+    tile_w = 8 if scatter and method == "scatter_tiled" else 0
     n_tiles = _n_programs(D, BLOCK, tile_w)
     dev = volume.device
-    scatter = need_volume and method != "gather"
     grad_pairs = torch.zeros(D + 2, D + 2, D + 2, 2, device=dev, dtype=torch.float32) if scatter else None
     partial = torch.empty(B, n_tiles, 9, device=dev, dtype=torch.float32) if need_rotation else None
     if B > 0 and (scatter or need_rotation):
         dummy = grad_out  # a valid pointer for the buffers a constexpr switch leaves unused
         project_volume_bwd_kernel[(B, n_tiles)](
             _paired(volume) if need_rotation else dummy, rotations, grad_out,
-            grad_pairs if scatter else dummy,
-            partial if need_rotation else dummy,
+            or_dummy(grad_pairs, dummy), or_dummy(partial, dummy),
             D, n_tiles,
             NEED_VOLUME=scatter, NEED_ROTATION=need_rotation, BLOCK=BLOCK, TILE_W=tile_w,
         )

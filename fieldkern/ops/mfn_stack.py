@@ -1,20 +1,24 @@
 """A whole multiplicative filter network: trunk, per-scale heads and residual sums.
 
 This is the op behind :class:`fieldkern.MFN`, :class:`fieldkern.BACON` and
-:class:`fieldkern.ResidualMFN`. The Triton path evaluates it in one launch per tile of
-points without writing hidden activations to memory; the reference below is the
-definition it is checked against.
+:class:`fieldkern.ResidualMFN`. The Triton path (:mod:`fieldkern.kernels.mfn_stack`) runs
+the whole stack in one fused kernel by default, without writing hidden activations to
+memory (variants: :mod:`fieldkern.ops._variants`); the reference below is the definition
+it is checked against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from fieldkern.backend import resolve
-from fieldkern.ops._precision import get_precision
 from fieldkern.ops._checks import check_coordinates, check_shape, check_weight
+from fieldkern.ops._precision import get_precision
+from fieldkern.ops._stack import StackParams, StackSpec
+from fieldkern.ops._variants import get_variant
 from fieldkern.ops.filters import fourier_filter_reference, gabor_filter_reference
 from fieldkern.ops.multiplicative_layer import multiplicative_layer_reference
 
@@ -168,90 +172,96 @@ def mfn_stack(
 # the compiler either way for fullgraph capture, and ``wrap_triton`` does not accept the
 # interpreter's kernels, which the CPU test-suite relies on. Per-layer parameters are
 # stacked by the caller (cheap, differentiable), so the op sees a fixed set of tensors.
+#
+# The op boundary: the ops take tensors and scalars only, so ``StackParams`` and
+# ``StackSpec`` travel as their fields, in order (tensors, then the spec, then the call's
+# own flags), flattened and rebuilt here and nowhere else.
+
+_N_PARAMS = len(StackParams._fields)
+_N_SPEC = len(dataclasses.fields(StackSpec))
+
+
+def _bundles(args: tuple) -> tuple[StackParams, StackSpec, tuple]:
+    """The parameters, the spec and the remaining arguments from an op's flat arguments."""
+    return (StackParams(*args[:_N_PARAMS]), StackSpec(*args[_N_PARAMS:_N_PARAMS + _N_SPEC]),
+            tuple(args[_N_PARAMS + _N_SPEC:]))
 
 
 @torch.library.custom_op("fieldkern::mfn_stack", mutates_args=())
 def _mfn_stack_op(
-    x: torch.Tensor, filter_weight: torch.Tensor, filter_bias: torch.Tensor,
-    linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, head_weight: torch.Tensor,
-    head_bias: torch.Tensor, gabor_gamma: torch.Tensor | None, gabor_mu: torch.Tensor | None,
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None,
+    u: torch.Tensor, d: torch.Tensor, gamma: torch.Tensor | None, mu: torch.Tensor | None,
     head_mask: int, residual: bool, relu: bool, detach_heads_below: int, precision: str,
+    forward: str, products: str,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused stack on stacked parameters: (L, P, O) outputs (rows of head-less layers:
-    garbage) and, with ``save``, the backward's saved tensors (else empty)."""
+    """x, the ``StackParams`` fields, the ``StackSpec`` fields, ``save``: (L, P, O) outputs
+    (rows of head-less layers: garbage) and, with ``save``, the backward's saved tensors
+    (else empty)."""
     from fieldkern.kernels.mfn_stack import mfn_stack_forward
 
-    return mfn_stack_forward(x, filter_weight, filter_bias, linear_weight, linear_bias,
-                             head_weight, head_bias, gabor_gamma, gabor_mu, head_mask,
-                             residual, relu, precision, save)
+    params, spec, _ = _bundles((w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach_heads_below,
+                                precision, forward, products))
+    return mfn_stack_forward(x, params, spec, save)
 
 
 @_mfn_stack_op.register_fake
-def _(x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
-      gabor_gamma, gabor_mu, head_mask, residual, relu, detach_heads_below, precision, save):
-    L, H = filter_weight.shape[:2]
-    P, O = x.shape[0], head_weight.shape[1]
+def _(x, *args):
+    params, spec, (save,) = _bundles(args)
+    L, H = params.w.shape[:2]
+    P, O = x.shape[0], params.u.shape[1]
     return (x.new_empty((L, P, O)), x.new_empty((L - 1, P, H) if save else (0,)),
-            x.new_empty((L, P, O) if save and relu else (0,)))
+            x.new_empty((L, P, O) if save and spec.relu else (0,)))
 
 
 @torch.library.custom_op("fieldkern::mfn_stack_backward", mutates_args=())
 def _mfn_stack_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, filter_weight: torch.Tensor, filter_bias: torch.Tensor,
-    linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, head_weight: torch.Tensor,
-    head_bias: torch.Tensor, gabor_gamma: torch.Tensor | None, gabor_mu: torch.Tensor | None,
-    lin: torch.Tensor, hpre: torch.Tensor, head_mask: int, residual: bool, relu: bool,
-    detach_heads_below: int, need_dw: bool, need_da: bool, precision: str,
+    grad: torch.Tensor, x: torch.Tensor, lin: torch.Tensor, hpre: torch.Tensor,
+    w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None,
+    u: torch.Tensor, d: torch.Tensor, gamma: torch.Tensor | None, mu: torch.Tensor | None,
+    head_mask: int, residual: bool, relu: bool, detach_heads_below: int, precision: str,
+    forward: str, products: str,
+    need_dw: bool, need_da: bool,
 ) -> list[torch.Tensor]:
     """[dx, dW, db, dA, dc, dU, dd, dgamma, dmu]; absent ones (no bias / Fourier) are empty."""
     from fieldkern.kernels.mfn_stack import mfn_stack_backward
 
-    grads = mfn_stack_backward(grad, x, filter_weight, filter_bias, linear_weight, linear_bias,
-                               head_weight, head_bias, gabor_gamma, gabor_mu, lin, hpre, head_mask,
-                               residual, relu, detach_heads_below, need_dw, need_da, precision)
-    return [g if g is not None else x.new_empty((0,)) for g in grads]
+    params, spec, _ = _bundles((w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach_heads_below,
+                                precision, forward, products))
+    dx, grads = mfn_stack_backward(grad, x, params, spec, lin=lin, hpre=hpre, need_dw=need_dw, need_da=need_da)
+    return [g if g is not None else x.new_empty((0,)) for g in (dx, *grads)]
 
 
 @_mfn_stack_backward_op.register_fake
-def _(grad, x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
-      gabor_gamma, gabor_mu, lin, hpre, head_mask, residual, relu, detach_heads_below, need_dw,
-      need_da, precision):
-    def like(t):
-        return x.new_empty(t.shape) if t is not None else x.new_empty((0,))
-
-    return [x.new_empty(x.shape), like(filter_weight), like(filter_bias), like(linear_weight),
-            like(linear_bias), like(head_weight), like(head_bias), like(gabor_gamma),
-            like(gabor_mu)]
+def _(grad, x, lin, hpre, *args):
+    params, _, _ = _bundles(args)
+    return [x.new_empty(x.shape), *(x.new_empty(t.shape if t is not None else (0,)) for t in params)]
 
 
 def _mfn_stack_setup_context(ctx, inputs, output):
-    (x, w, b, a, c, u, d, gamma, mu, head_mask, residual, relu, detach, precision, save) = inputs
-    out, lin, hpre = output
+    x, *args = inputs
+    params, spec, (save,) = _bundles(args)
+    _, lin, hpre = output
     ctx.mark_non_differentiable(lin, hpre)
     # no zero-filled gradients for lin / hpre (autograd would allocate (L-1) x P x H of them)
     ctx.set_materialize_grads(False)
-    ctx.out_shape = out.shape
-    ctx.save_for_backward(x, w, b, a, c, u, d, gamma, mu, lin, hpre)
-    ctx.flags = (head_mask, residual, relu, detach, precision, save)
+    ctx.out_shape = output[0].shape
+    ctx.save_for_backward(x, lin, hpre, *params)
+    ctx.spec, ctx.save = spec, save
 
 
 def _mfn_stack_autograd_backward(ctx, grad, _grad_lin, _grad_hpre):
-    x, w, b, a, c, u, d, gamma, mu, lin, hpre = ctx.saved_tensors
-    head_mask, residual, relu, detach, precision, save = ctx.flags
-    if not save:
+    x, lin, hpre, *params = ctx.saved_tensors
+    if not ctx.save:
         raise RuntimeError("fieldkern: mfn_stack ran without saving for backward (no input "
                            "required grad when it was called)")
-    need = ctx.needs_input_grad
+    need = ctx.needs_input_grad  # x, the parameters, then the spec's and the call's scalars
     if grad is None:
         grad = x.new_zeros(ctx.out_shape)
     grads = torch.ops.fieldkern.mfn_stack_backward(
-        grad.contiguous(), x, w, b, a, c, u, d, gamma, mu, lin, hpre, head_mask, residual, relu,
-        detach, bool(need[1]), bool(need[3]), precision,
-    )
-    out = [g if n and t is not None else None
-           for g, n, t in zip(grads, need[:9], (x, w, b, a, c, u, d, gamma, mu))]
-    return (*out, None, None, None, None, None, None)
+        grad.contiguous(), x, lin, hpre, *params, *ctx.spec.fields(), bool(need[1]), bool(need[3]))
+    tensor_grads = [g if n and t is not None else None for g, n, t in zip(grads, need, (x, *params))]
+    return (*tensor_grads, *[None] * (len(need) - len(tensor_grads)))
 
 
 torch.library.register_autograd(
@@ -263,37 +273,46 @@ def _stack_or_zeros(tensors, shape, like):
     return torch.stack([t if t is not None else like.new_zeros(shape) for t in tensors]).float()
 
 
-def _mfn_stack_triton(x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight,
-                      head_bias, gabor_gamma, gabor_mu, residual, head_activation,
-                      detach_heads_below):
-    n_layers = len(filter_weight)
-    hidden, in_features = filter_weight[0].shape
-    heads = [i for i in range(n_layers) if head_weight[i] is not None]
+def _stacked_params(filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
+                    gabor_gamma, gabor_mu, heads, xf) -> StackParams:
+    """The per-layer parameter lists stacked into float32 contiguous tensors."""
+    hidden = filter_weight[0].shape[0]
     out_features = head_weight[heads[0]].shape[0]
-    lead = x.shape[:-1]
-    xf = x.reshape(-1, in_features).float().contiguous()
-    w = torch.stack(list(filter_weight)).float().contiguous()
     b = torch.stack(list(filter_bias)).float().contiguous()
-    if n_layers > 1:
+    if len(filter_weight) > 1:
         a = torch.stack(list(linear_weight)).float().contiguous()
         has_c = any(t is not None for t in linear_bias)
         c = _stack_or_zeros(linear_bias, (hidden,), b).contiguous() if has_c else None
     else:
         a, c = xf.new_zeros((0, hidden, hidden)), None
-    u = _stack_or_zeros(head_weight, (out_features, hidden), b).contiguous()
-    d = _stack_or_zeros(head_bias, (out_features,), b).contiguous()
-    gamma = torch.stack(list(gabor_gamma)).float().contiguous() if gabor_gamma is not None else None
-    mu = torch.stack(list(gabor_mu)).float().contiguous() if gabor_mu is not None else None
-    head_mask = sum(1 << i for i in heads)
-    params = (xf, w, b, a, c, u, d, gamma, mu)
+    return StackParams(
+        w=torch.stack(list(filter_weight)).float().contiguous(), b=b, a=a, c=c,
+        u=_stack_or_zeros(head_weight, (out_features, hidden), b).contiguous(),
+        d=_stack_or_zeros(head_bias, (out_features,), b).contiguous(),
+        gamma=torch.stack(list(gabor_gamma)).float().contiguous() if gabor_gamma is not None else None,
+        mu=torch.stack(list(gabor_mu)).float().contiguous() if gabor_mu is not None else None,
+    )
+
+
+def _mfn_stack_triton(x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight,
+                      head_bias, gabor_gamma, gabor_mu, residual, head_activation,
+                      detach_heads_below):
+    in_features = filter_weight[0].shape[1]
+    heads = [i for i in range(len(filter_weight)) if head_weight[i] is not None]
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, in_features).float().contiguous()
+    params = _stacked_params(filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
+                             gabor_gamma, gabor_mu, heads, xf)
     # the backward reads lin_i from the forward instead of recomputing the trunk: (L-1) x P x H
     # floats kept for it, only when a gradient can be asked for
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    out, _, _ = torch.ops.fieldkern.mfn_stack(
-        *params, head_mask, bool(residual), head_activation == "relu",
-        int(detach_heads_below), get_precision(), save,
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xf, *params))
+    spec = StackSpec(
+        head_mask=sum(1 << i for i in heads), residual=bool(residual), relu=head_activation == "relu",
+        detach_heads_below=int(detach_heads_below), precision=get_precision(),
+        forward=get_variant("mfn_forward"), products=get_variant("mfn_backward_products"),
     )
+    out, _, _ = torch.ops.fieldkern.mfn_stack(xf, *params, *spec.fields(), save)
     # unbind, not out[i] per head: its backward is one stack of the head gradients, where
     # each select's backward would zero-fill and add a whole (L, P, O) tensor
     per_layer = out.unbind(0)
-    return [per_layer[i].reshape(*lead, out_features).to(x.dtype) for i in heads]
+    return [per_layer[i].reshape(*lead, params.u.shape[1]).to(x.dtype) for i in heads]

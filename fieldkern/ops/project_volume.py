@@ -4,7 +4,8 @@
 (index minus ``D // 2``) of the output pixel and slice ``k``, trilinear interpolation, zero
 outside the box; volumes are indexed ``[z, y, x]``, images ``[y, x]``. The Triton path walks
 each pixel's ray in registers (:mod:`fieldkern.kernels.project_volume`); the reference
-below samples with ``grid_sample`` in blocks of images and slices.
+below (:func:`project_volume_reference`, which alone takes block sizes) samples with
+``grid_sample`` in blocks of images and slices.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from torch.utils.checkpoint import checkpoint
 
 from fieldkern.backend import resolve
 from fieldkern.ops._checks import check_chunk, check_rotations, check_volume
+from fieldkern.ops._variants import get_variant
 
-#: Default number of sample points (images x slices x D^2) per chunk: ~ 2^24 points keeps
-#: the per-chunk working set (grid, samples, their gradients) at a few hundred MB in float32.
-DEFAULT_MAX_POINTS = 1 << 24
+#: Default number of sample points (images x slices x D^2) per block of the reference:
+#: 2^22 keeps a block's working set (grid, samples, their gradients) near a hundred MB in
+#: float32. Measured: the simulation's projections (3000 images at box 40 on a 2-core CPU)
+#: took 6.4 s in blocks of 2^22 points against 8.5 s in blocks of 2^24; the images are the
+#: same, only the blocks differ.
+DEFAULT_MAX_POINTS = 1 << 22
 
 
 def _centred_grid(D: int, z_lo: int, z_hi: int, device, dtype) -> torch.Tensor:
@@ -133,16 +138,19 @@ def project_volume_reference(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
 
 
+# --- Triton path: torch.library custom ops (see fieldkern/ops/mfn_stack.py for why
+# custom_op). ``volume_gradient`` is read when the op is called and used by its backward.
+
 
 @torch.library.custom_op("fieldkern::project_volume", mutates_args=())
-def _project_volume_op(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+def _project_volume_op(volume: torch.Tensor, rotations: torch.Tensor, volume_gradient: str) -> torch.Tensor:
     from fieldkern.kernels.project_volume import project_volume_forward
 
     return project_volume_forward(volume, rotations)
 
 
 @_project_volume_op.register_fake
-def _(volume, rotations):
+def _(volume, rotations, volume_gradient):
     D = volume.shape[0]
     return volume.new_empty((rotations.shape[0], D, D), dtype=torch.float32)
 
@@ -150,63 +158,59 @@ def _(volume, rotations):
 @torch.library.custom_op("fieldkern::project_volume_backward", mutates_args=())
 def _project_volume_backward_op(
     volume: torch.Tensor, rotations: torch.Tensor, grad: torch.Tensor, need_volume: bool, need_rotation: bool,
-    deterministic: bool,
+    volume_gradient: str, deterministic: bool,
 ) -> list[torch.Tensor]:
     from fieldkern.kernels.project_volume import project_volume_backward
 
-    dv, dr = project_volume_backward(volume, rotations, grad, need_volume, need_rotation, deterministic)
+    dv, dr = project_volume_backward(volume, rotations, grad, need_volume=need_volume, need_rotation=need_rotation,
+                                     variant=volume_gradient, deterministic=deterministic)
     return [dv if dv is not None else grad.new_empty((0,)), dr if dr is not None else grad.new_empty((0,))]
 
 
 @_project_volume_backward_op.register_fake
-def _(volume, rotations, grad, need_volume, need_rotation, deterministic):
+def _(volume, rotations, grad, need_volume, need_rotation, volume_gradient, deterministic):
     D = volume.shape[0]
     return [grad.new_empty((D, D, D) if need_volume else (0,)),
             grad.new_empty((rotations.shape[0], 3, 3) if need_rotation else (0,))]
 
 
-def _setup_context(ctx, inputs, output):
-    volume, rotations = inputs
+def _project_volume_setup_context(ctx, inputs, output):
+    volume, rotations, ctx.volume_gradient = inputs
     ctx.save_for_backward(volume, rotations)
 
 
-def _backward(ctx, grad):
+def _project_volume_autograd_backward(ctx, grad):
     volume, rotations = ctx.saved_tensors
     need_v, need_r = ctx.needs_input_grad[:2]
-    # torch.use_deterministic_algorithms(True) selects the gather kernel for the volume
-    # gradient: no atomics, the same bits every run
+    # torch.use_deterministic_algorithms(True) when the backward runs selects the gather
+    # kernel for the volume gradient under "auto": no atomics, the same bits every run
     dv, dr = torch.ops.fieldkern.project_volume_backward(
-        volume, rotations, grad.contiguous(), bool(need_v), bool(need_r),
+        volume, rotations, grad.contiguous(), bool(need_v), bool(need_r), ctx.volume_gradient,
         torch.are_deterministic_algorithms_enabled(),
     )
-    return (dv.to(volume.dtype) if need_v else None, dr.to(rotations.dtype) if need_r else None)
+    return (dv.to(volume.dtype) if need_v else None, dr.to(rotations.dtype) if need_r else None, None)
 
 
-torch.library.register_autograd("fieldkern::project_volume", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fieldkern::project_volume", _project_volume_autograd_backward,
+                                setup_context=_project_volume_setup_context)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def project_volume(
-    volume: torch.Tensor,
-    rotations: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-    slice_chunk: int | None = None,
-    max_points: int = DEFAULT_MAX_POINTS,
-) -> torch.Tensor:
+def project_volume(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Project a ``(D, D, D)`` volume under ``(B, 3, 3)`` rotations: ``(B, D, D)`` images.
 
     ``I_b[y, x] = sum_k V(R_b^T (x, y, z_k))``: centred voxel coordinates, trilinear
     interpolation, zero outside the box. Differentiable with respect to the volume and the
     rotations; memory bounded independently of B on both paths.
 
-    Triton path (float32 or bfloat16 volumes; output and gradients accumulate in float32;
-    the volume gradient uses float32 atomics, so its last bits vary from run to run, unless
-    ``torch.use_deterministic_algorithms(True)`` is on: then a gather kernel sums each
-    voxel's samples in a fixed order). The
-    reference path (any floating dtype) takes ``chunk_size``/``slice_chunk``/``max_points``,
-    see :func:`project_volume_reference`; the Triton path needs no chunking.
+    Triton path (float32 or bfloat16 volumes; output and gradients accumulate in float32):
+    the volume gradient comes from the ``volume_gradient`` variant
+    (:mod:`fieldkern.ops._variants`): by default a scatter with float32 atomics, whose last
+    bits vary from run to run, or under ``torch.use_deterministic_algorithms(True)`` a
+    gather kernel that sums each voxel's samples in a fixed order. Reference path (any
+    floating dtype): :func:`project_volume_reference` with its default blocks; call it
+    directly to choose them.
     """
     check_volume("volume", volume)
     check_rotations("rotations", rotations)
@@ -215,8 +219,7 @@ def project_volume(
             f"rotations must be on the volume's device {volume.device}, got {rotations.device}"
         )
     if resolve("project_volume", volume) == "triton" and volume.dtype in _KERNEL_DTYPES:
-        out = _project_volume_op(volume.contiguous(), rotations.to(torch.float32).contiguous())
+        out = _project_volume_op(volume.contiguous(), rotations.to(torch.float32).contiguous(),
+                                 get_variant("volume_gradient"))
         return out if volume.dtype == torch.float32 else out.to(volume.dtype)
-    return project_volume_reference(
-        volume, rotations, chunk_size=chunk_size, slice_chunk=slice_chunk, max_points=max_points
-    )
+    return project_volume_reference(volume, rotations)

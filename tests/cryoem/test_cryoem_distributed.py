@@ -20,14 +20,12 @@ from fieldkern.cryoem import (
     apply_ctf,
     ctf,
     jitter_rotations,
-    project_volume,
+    project,
     random_rotations,
 )
-from fieldkern.cryoem.reconstruct import (
-    CheckpointError,
-    Reconstruction,
-    ReconstructionConfig,
-)
+from fieldkern.cryoem.checkpoint import CheckpointError
+from fieldkern.cryoem.config import ReconstructionConfig
+from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.distributed import (
     DistContext,
     DistributedError,
@@ -64,7 +62,7 @@ def data(seed=5, n=N):
     R = random_rotations(n, generator=g)
     dfu = 15000 + 5000 * torch.rand(n, generator=g, dtype=torch.float64)
     ctfs = ctf(D, 4.0, dfu, dfu - 200, torch.zeros(n, dtype=torch.float64))
-    images = apply_ctf(project_volume(vol, R), ctfs)
+    images = apply_ctf(project(vol, R), ctfs)
     start = jitter_rotations(R.double(), 0.0, 10.0, generator=torch.Generator().manual_seed(2))
     return images, ctfs, start
 
@@ -484,9 +482,9 @@ def test_a_simulation_that_fails_part_way_removes_what_it_wrote(tmp_path, monkey
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device lost")
-        return project_volume(*args, **kwargs)
+        return project(*args, **kwargs)
 
-    monkeypatch.setattr(sim, "project_volume", failing)
+    monkeypatch.setattr(sim, "project", failing)
     with pytest.raises(RuntimeError, match="device lost"):
         sim.simulate("1ol5", tmp_path, n_particles=600, box=16, apix=6.0, progress=False)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
@@ -508,10 +506,11 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, ex
 
 
 def test_memory_needs_of_the_presets_fit_their_machines():
-    from fieldkern.cryoem import experiment
+    from fieldkern.cryoem.memory import memory_needs
+    from fieldkern.cryoem.presets import cryoem_preset
 
-    quick = experiment.get_preset("quick", "1ol5")
-    assert sum(experiment.memory_needs(quick.recon, quick.box, quick.n_particles, simulate=True).values()) < 2**30
-    paper = experiment.get_preset("paper", "4ake")
+    quick = cryoem_preset("quick", "1ol5")
+    assert sum(memory_needs(quick.recon, quick.box, quick.n_particles, simulate=True).values()) < 2**30
+    paper = cryoem_preset("paper", "4ake")
     # measured terms: 3.6 GiB of particle data, 0.7 GiB of field activations at box 80
-    assert 4 * 2**30 < sum(experiment.memory_needs(paper.recon, 80, 50_000).values()) < 8 * 2**30
+    assert 4 * 2**30 < sum(memory_needs(paper.recon, 80, 50_000).values()) < 8 * 2**30

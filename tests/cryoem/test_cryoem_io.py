@@ -69,11 +69,11 @@ def test_star_pose_gives_the_same_projection(clean_set):
     """Loaded poses + CTF reproduce the written images through the forward model."""
     ds = cem.load_particles(clean_set.star_path)
     gt, _ = cem.read_mrc(clean_set.volume_path)
-    model = cem.apply_ctf(cem.project_volume(gt, ds.rotations.float()), ds.ctf(size=2 * D))
+    model = cem.apply_ctf(cem.project(gt, ds.rotations.float()), ds.ctf(size=2 * D))
     scale = float(ds.images.abs().max())
     assert torch.allclose(model, ds.images, atol=1e-5 * scale)
     # A wrong convention (transposed matrices) does not.
-    wrong = cem.apply_ctf(cem.project_volume(gt, ds.rotations.float().transpose(1, 2)), ds.ctf(size=2 * D))
+    wrong = cem.apply_ctf(cem.project(gt, ds.rotations.float().transpose(1, 2)), ds.ctf(size=2 * D))
     assert (wrong - ds.images).abs().max() > 0.1 * scale
 
 

@@ -22,7 +22,7 @@ def test_import_is_light():
 
 def test_no_module_imports_triton_or_heavy_deps_at_top_level():
     heavy = {"triton", "gemmi", "mrcfile", "starfile", "matplotlib", "pandas"}
-    for path in CRYOEM_DIR.glob("*.py"):
+    for path in CRYOEM_DIR.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -52,8 +52,7 @@ def test_public_api():
         "matrix_to_relion_euler",
         "angular_distance",
         "angular_distance_deg",
-        "project_volume",
-        "project_volume_reference",
+        "project",
         "ctf",
         "apply_ctf",
         "add_noise",
@@ -68,3 +67,15 @@ def test_public_api():
         assert callable(getattr(cem, name)), name
         assert getattr(cem, name).__doc__, name
     assert set(cem.__all__) <= set(dir(cem))
+
+
+def test_one_projection_name_without_reference_knobs():
+    """cryoem.project is the one projection entry point; the chunked reference projector and its
+    block-size knobs live in fieldkern.ops.project_volume."""
+    import inspect
+
+    from fieldkern.ops.project_volume import project_volume_reference
+
+    assert list(inspect.signature(cem.project).parameters) == ["volume", "rotations", "method", "oversampling"]
+    assert not hasattr(cem, "project_volume") and not hasattr(cem, "project_volume_reference")
+    assert callable(project_volume_reference) and project_volume_reference.__doc__

@@ -1,4 +1,5 @@
-"""Projection convention, exactness, gradients, chunking and memory of project_volume."""
+"""Projection convention, exactness, gradients, chunking and memory of cryoem.project (and of the
+chunked reference projector, whose block sizes are its own knobs)."""
 
 import math
 
@@ -9,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fieldkern.cryoem as cem
+from fieldkern.ops.project_volume import project_volume_reference
 
 
 def cflip(a: torch.Tensor, dim: int) -> torch.Tensor:
@@ -22,7 +24,7 @@ def cflip(a: torch.Tensor, dim: int) -> torch.Tensor:
 
 def test_identity_rotation_is_the_sum_over_z():
     v = torch.randn(8, 8, 8, dtype=torch.float64)
-    img = cem.project_volume(v, torch.eye(3, dtype=torch.float64)[None])
+    img = cem.project(v, torch.eye(3, dtype=torch.float64)[None])
     assert img.shape == (1, 8, 8)
     assert torch.allclose(img[0], v.sum(0), atol=1e-12)
 
@@ -50,7 +52,7 @@ R180Z = [[-1, 0, 0], [0, -1, 0], [0, 0, 1]]
 )
 def test_axis_rotations_are_exact_array_permutations(R, expected):
     v = torch.randint(0, 100, (8, 8, 8)).to(torch.float64)
-    img = cem.project_volume(v, torch.tensor(R, dtype=torch.float64)[None])[0]
+    img = cem.project(v, torch.tensor(R, dtype=torch.float64)[None])[0]
     assert torch.equal(img, expected(v))
 
 
@@ -60,7 +62,7 @@ def test_off_centre_blob_lands_where_R_predicts(gaussian_blob, seed):
     r0 = torch.tensor([5.0, -3.0, 2.0], dtype=torch.float64)  # (x, y, z) voxels from the centre
     v = gaussian_blob(D, r0.tolist(), sigma=1.2)
     R = cem.random_rotations(1, torch.Generator().manual_seed(seed), dtype=torch.float64)
-    img = cem.project_volume(v, R)[0]
+    img = cem.project(v, R)[0]
     expect = R[0] @ r0  # image-frame position; (x, y) are the first two entries
     idx = torch.arange(D, dtype=torch.float64) - D // 2
     mass = img.sum()
@@ -77,16 +79,16 @@ def test_transform_volume_then_identity_equals_projection():
     v = torch.randint(0, 100, (8, 8, 8)).to(torch.float64)
     R = torch.tensor(R90Y, dtype=torch.float64)
     eye = torch.eye(3, dtype=torch.float64)[None]
-    assert torch.equal(cem.project_volume(cem.transform_volume(v, R), eye), cem.project_volume(v, R[None]))
+    assert torch.equal(cem.project(cem.transform_volume(v, R), eye), cem.project(v, R[None]))
 
 
 def test_transform_volume_matches_projection_for_smooth_volume(blob_volume):
     v = blob_volume(24)
     R = cem.random_rotations(1, torch.Generator().manual_seed(5), dtype=torch.float64)
-    direct = cem.project_volume(v, R)
-    via = cem.project_volume(cem.transform_volume(v, R[0]), torch.eye(3, dtype=torch.float64)[None])
+    direct = cem.project(v, R)
+    via = cem.project(cem.transform_volume(v, R[0]), torch.eye(3, dtype=torch.float64)[None])
     # Not two interpolations: the identity projection samples the transformed volume at its
-    # voxel centres, i.e. V at the very points project_volume samples (as documented, they are
+    # voxel centres, i.e. V at the very points project samples (as documented, they are
     # equal): measured 2e-16 of the max in float64. A 0.025-voxel offset gives 1.3e-2.
     assert torch.allclose(via, direct, rtol=0, atol=1e-12 * float(direct.abs().max()))
 
@@ -96,7 +98,7 @@ def test_gradcheck_volume_and_rotations():
     v = torch.rand(4, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     R = cem.random_rotations(3, g, dtype=torch.float64).requires_grad_()
     # chunk_size=1 and slice_chunk=2 run the checkpointed, blocked path.
-    f = lambda v, R: cem.project_volume(v, R, chunk_size=1, slice_chunk=2)  # noqa: E731
+    f = lambda v, R: project_volume_reference(v, R, chunk_size=1, slice_chunk=2)  # noqa: E731
     assert torch.autograd.gradcheck(f, (v, R), eps=1e-6, atol=1e-5)
 
 
@@ -107,7 +109,7 @@ def test_chunking_gives_the_same_values_and_gradients(blob_volume):
     for kw in ({}, {"chunk_size": 2}, {"chunk_size": 3, "slice_chunk": 5}, {"slice_chunk": 1}):
         v = v0.clone().requires_grad_()
         R = R0.clone().requires_grad_()
-        img = cem.project_volume(v, R, **kw)
+        img = project_volume_reference(v, R, **kw)
         (img * torch.linspace(-1, 1, img.numel()).reshape(img.shape)).sum().backward()
         results.append((img.detach(), v.grad, R.grad))
     for img, gv, gR in results[1:]:
@@ -144,7 +146,7 @@ def _peak_bytes(B: int, D: int, **kw) -> int:
     v = torch.randn(D, D, D, requires_grad=True)
     R = cem.random_rotations(B, torch.Generator().manual_seed(0)).requires_grad_()
     with PeakLiveBytes() as m:
-        img = cem.project_volume_reference(v, R, chunk_size=4, **kw)
+        img = project_volume_reference(v, R, chunk_size=4, **kw)
         img.square().sum().backward()
     return m.peak
 
@@ -168,7 +170,7 @@ def test_fourier_slice_theorem(blob_volume):
     D = 32
     v = blob_volume(D)
     R = cem.random_rotations(1, torch.Generator().manual_seed(0), dtype=torch.float64)[0]
-    f2 = cem.fft2_centered(cem.project_volume(v, R[None])[0])
+    f2 = cem.fft2_centered(cem.project(v, R[None])[0])
     k = torch.arange(D, dtype=torch.float64) - D // 2
     ky, kx = torch.meshgrid(k, k, indexing="ij")
     z, y, x = torch.meshgrid(k, k, k, indexing="ij")
@@ -210,13 +212,13 @@ def test_field_coordinates():
 )
 def test_bad_arguments_raise_clear_errors(volume, rotations, exc, match):
     with pytest.raises(exc, match=match):
-        cem.project_volume(volume, rotations)
+        cem.project(volume, rotations)
 
 
 def test_bad_chunk_size():
     with pytest.raises(ValueError, match="chunk_size"):
-        cem.project_volume(torch.zeros(4, 4, 4), torch.eye(3)[None], chunk_size=0)
+        project_volume_reference(torch.zeros(4, 4, 4), torch.eye(3)[None], chunk_size=0)
 
 
 def test_empty_batch():
-    assert cem.project_volume(torch.zeros(4, 4, 4), torch.zeros(0, 3, 3)).shape == (0, 4, 4)
+    assert cem.project(torch.zeros(4, 4, 4), torch.zeros(0, 3, 3)).shape == (0, 4, 4)

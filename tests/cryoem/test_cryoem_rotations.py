@@ -247,7 +247,7 @@ def test_projection_direction_follows_rot_and_tilt(gaussian_blob):
     d = torch.tensor([math.sin(t) * math.cos(r), math.sin(t) * math.sin(r), math.cos(t)], dtype=F64)
     assert torch.allclose(cem.projection_direction(R[0]), d, atol=1e-14)
     D = 24
-    img = cem.project_volume(gaussian_blob(D, (6 * d).tolist(), sigma=1.0), R)[0]
+    img = cem.project(gaussian_blob(D, (6 * d).tolist(), sigma=1.0), R)[0]
     assert divmod(int(img.argmax()), D) == (D // 2, D // 2)
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import fieldkern.cryoem as cem
-from fieldkern.cryoem import experiment
+from fieldkern.cryoem.data import prepare_data
+from fieldkern.cryoem.presets import cryoem_preset
+from fieldkern.ops.project_volume import project_volume_reference
 
 mrcfile = pytest.importorskip("mrcfile")
 starfile = pytest.importorskip("starfile")
@@ -87,20 +89,20 @@ def test_example_refuses_simulation_settings_with_particles(capsys):
 
 def test_example_pose_search_option(capsys):
     assert _example().parse_args(["--pose-search", "4608"]).pose_search == 4608
-    assert experiment.get_preset("quick", pose_search=4608).recon.pose_search == 4608
+    assert cryoem_preset("quick", pose_search=4608).recon.pose_search == 4608
     with pytest.raises(SystemExit) as info:
         _example().parse_args(["--pose-search", "-1"])
     assert info.value.code == 2 and "--pose-search must be >= 0" in capsys.readouterr().err
 
 
 def test_prepare_data_reads_map_files_and_checks_them(tmp_path):
-    preset = experiment.get_preset("tiny", n_particles=3)
+    preset = cryoem_preset("tiny", n_particles=3)
     path = cem.write_mrc(tmp_path / "emd_1.map", _blob(), 6.0)  # EMDB's ending went to gemmi
-    data = experiment.prepare_data(str(path), tmp_path / "out", preset, 0, progress=False)
+    data = prepare_data(str(path), tmp_path / "out", preset, 0, progress=False)
     assert data.dataset.box == 8 and data.dataset.apix == 6.0 and len(data.dataset) == 3
     _raw_mrc(tmp_path / "noapix.mrc", _blob(), 0.0)
     with pytest.raises(ValueError, match=r"noapix\.mrc.*header has no voxel size"):
-        experiment.prepare_data(str(tmp_path / "noapix.mrc"), tmp_path / "o2", preset, 0, progress=False)
+        prepare_data(str(tmp_path / "noapix.mrc"), tmp_path / "o2", preset, 0, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:Data array contains NaN")
@@ -109,9 +111,9 @@ def test_reference_map_with_nan_fails_instead_of_reporting_n_a(tmp_path):
     ref = _blob()
     ref[2, 3, 4] = NAN
     _raw_mrc(tmp_path / "ref.mrc", ref.numpy(), 2.0)
-    preset = experiment.get_preset("tiny")
+    preset = cryoem_preset("tiny")
     with pytest.raises(ValueError, match=r"ref\.mrc holds NaN"):
-        experiment.prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
+        prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
 
 
 @pytest.mark.parametrize("value", [0.0, 3.5])
@@ -120,11 +122,11 @@ def test_constant_reference_or_structure_map_is_refused(tmp_path, value):
     degrees written as results."""
     star = _particle_set(tmp_path)
     _raw_mrc(tmp_path / "ref.mrc", np.full((8, 8, 8), value, np.float32), 2.0)
-    preset = experiment.get_preset("tiny")
+    preset = cryoem_preset("tiny")
     with pytest.raises(ValueError, match=r"ref\.mrc holds one value everywhere.*no structure"):
-        experiment.prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
+        prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
     with pytest.raises(ValueError, match=r"map .*ref\.mrc holds one value everywhere"):
-        experiment.prepare_data(str(tmp_path / "ref.mrc"), tmp_path / "o", preset, 0, progress=False)
+        prepare_data(str(tmp_path / "ref.mrc"), tmp_path / "o", preset, 0, progress=False)
 
 
 # --------------------------------------------------------------------------- corrupt files
@@ -273,7 +275,7 @@ def test_simulate_checks_ctf_units_before_writing_anything(tmp_path):
 
 def test_fourier_projection_of_no_rotations_and_ctf_of_no_images():
     V = _blob()
-    out = cem.project_volume(V, torch.zeros(0, 3, 3), method="fourier")
+    out = cem.project(V, torch.zeros(0, 3, 3), method="fourier")
     assert out.shape == (0, 8, 8) and out.dtype == V.dtype
     assert cem.apply_ctf(torch.zeros(0, 8, 8), torch.ones(0, 16, 16)).shape == (0, 8, 8)
     assert cem.apply_ctf(torch.zeros(0, 8, 8), torch.ones(16, 16)).shape == (0, 8, 8)
@@ -286,10 +288,10 @@ def test_fourier_projection_of_a_non_finite_rotation_is_nan(bad):
 
     v = _blob()
     R = cem.random_rotations(3, generator=torch.Generator().manual_seed(0))
-    good = cem.project_volume(v, R, method="fourier")
+    good = cem.project(v, R, method="fourier")
     good_slices = central_slices(volume_spectrum(v), R, v.shape[0])
     R[1, 0, 1] = bad
-    out = cem.project_volume(v, R, method="fourier")
+    out = cem.project(v, R, method="fourier")
     slices = central_slices(volume_spectrum(v), R, v.shape[0])
     assert out[1].isnan().all() and slices[1].isnan().all()
     torch.testing.assert_close(out[[0, 2]], good[[0, 2]])
@@ -306,14 +308,14 @@ def test_apply_ctf_batch_mismatch_names_ctf():
 def test_oversampling_is_checked(oversampling, exc):
     R = cem.random_rotations(2, torch.Generator().manual_seed(0))
     with pytest.raises(exc, match="oversampling must be a number >= 1"):
-        cem.project_volume(_blob(), R, method="fourier", oversampling=oversampling)
+        cem.project(_blob(), R, method="fourier", oversampling=oversampling)
 
 
 def test_oversampling_making_an_even_padded_size_is_accepted():
     R = cem.random_rotations(2, torch.Generator().manual_seed(0))
     V = _blob()
-    a = cem.project_volume(V, R, method="fourier", oversampling=1.5)  # padded size 12
-    b = cem.project_volume(V, R, method="fourier", oversampling=np.int64(2))
+    a = cem.project(V, R, method="fourier", oversampling=1.5)  # padded size 12
+    b = cem.project(V, R, method="fourier", oversampling=np.int64(2))
     assert a.shape == b.shape == (2, 8, 8)
     assert (a - b).abs().max() < 0.05 * b.abs().max()
 
@@ -322,9 +324,9 @@ def test_oversampling_making_an_even_padded_size_is_accepted():
 def test_fourier_projection_of_half_volumes_returns_their_dtype(dtype):
     R = cem.random_rotations(2, torch.Generator().manual_seed(0))
     V = _blob()
-    out = cem.project_volume(V.to(dtype), R, method="fourier")
+    out = cem.project(V.to(dtype), R, method="fourier")
     assert out.dtype == dtype
-    ref = cem.project_volume(V, R, method="fourier")
+    ref = cem.project(V, R, method="fourier")
     # The volume and the images rounded to dtype (half an ulp each): measured 3.3e-4 (float16)
     # and 3.0e-3 (bfloat16) of the images' max, against eps 9.8e-4 and 7.8e-3.
     assert (out.float() - ref).abs().max() < torch.finfo(dtype).eps * ref.abs().max()
@@ -462,14 +464,14 @@ def test_matrices_that_are_not_rotations_are_refused_where_they_enter(name):
     R[1] = NOT_ROTATIONS[name]
     for method in ("real", "fourier"):
         with pytest.raises(ValueError, match=r"rotations must be rotation matrices.*matrix 1 is not"):
-            cem.project_volume(v, R, method=method)
+            cem.project(v, R, method=method)
     with pytest.raises(ValueError, match="rotation matrices"):
-        cem.project_volume_reference(v, R)
+        project_volume_reference(v, R)
     for convert in (cem.matrix_to_relion_euler, cem.matrix_to_axis_angle, cem.matrix_to_quaternion):
         with pytest.raises(ValueError, match="R must be rotation matrices"):
             convert(R)
     R[1] = torch.eye(3) + 2e-4  # within the stated tolerance (float32 rounding, drift)
-    cem.project_volume(v, R)
+    cem.project(v, R)
     cem.matrix_to_relion_euler(R)
 
 

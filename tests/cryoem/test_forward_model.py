@@ -8,7 +8,8 @@ from _cryoem_helpers import random_blobs
 from fieldkern.cryoem import random_rotations
 from fieldkern.cryoem.forward_model import FORWARD_MODELS, forward_model
 from fieldkern.cryoem.fourier import fft2_centered
-from fieldkern.cryoem.reconstruct import Reconstruction, ReconstructionConfig
+from fieldkern.cryoem.config import ReconstructionConfig
+from fieldkern.cryoem.reconstruct import Reconstruction
 
 D = 16
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fieldkern.cryoem as cem
-from fieldkern.cryoem import experiment
+from fieldkern.cryoem import data, evaluation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,28 +32,28 @@ def _dataset(tmp_path, n=40, subset=None, D=16):
 
 def test_split_halves_follows_relion_subsets_or_splits_at_random(tmp_path):
     subset = torch.tensor([1, 2, 2, 1, 2] * 8)
-    first, second = experiment.split_halves(_dataset(tmp_path, subset=subset), seed=0)
+    first, second = evaluation.split_halves(_dataset(tmp_path, subset=subset), seed=0)
     assert torch.equal(first, torch.nonzero(subset == 1).flatten())
     assert torch.equal(second, torch.nonzero(subset == 2).flatten())
 
     plain = tmp_path / "plain"
     plain.mkdir()
     ds = _dataset(plain, n=41)
-    a, b = experiment.split_halves(ds, seed=0)
+    a, b = evaluation.split_halves(ds, seed=0)
     assert (len(a), len(b)) == (21, 20)
     assert torch.equal(torch.cat([a, b]).sort().values, torch.arange(41))
     assert torch.equal(a, a.sort().values)
-    assert torch.equal(a, experiment.split_halves(ds, seed=0)[0])       # seeded
-    assert not torch.equal(a, experiment.split_halves(ds, seed=1)[0])
+    assert torch.equal(a, evaluation.split_halves(ds, seed=0)[0])       # seeded
+    assert not torch.equal(a, evaluation.split_halves(ds, seed=1)[0])
 
 
 def test_split_halves_refuses_bad_subsets(tmp_path):
     with pytest.raises(ValueError, match="rlnRandomSubset must be 1 or 2"):
-        experiment.split_halves(_dataset(tmp_path, subset=torch.tensor([1, 3] * 20)), seed=0)
+        evaluation.split_halves(_dataset(tmp_path, subset=torch.tensor([1, 3] * 20)), seed=0)
     other = tmp_path / "one"
     other.mkdir()
     with pytest.raises(ValueError, match="both halves non-empty"):
-        experiment.split_halves(_dataset(other, subset=torch.ones(40, dtype=torch.long)), seed=0)
+        evaluation.split_halves(_dataset(other, subset=torch.ones(40, dtype=torch.long)), seed=0)
 
 
 def test_local_alignment_recovers_a_small_drift_and_ignores_far_peaks(blob_volume):
@@ -77,14 +77,14 @@ def test_evaluate_half_maps_measures_agreement_of_noisy_halves(blob_volume):
     V = blob_volume(32)
     g = torch.Generator().manual_seed(0)
     noisy = [V + 0.02 * torch.randn(V.shape, generator=g, dtype=torch.float64) for _ in range(2)]
-    ev = experiment.evaluate_half_maps([V, noisy[0]], [V, noisy[1]], apix=2.0)
-    assert ev.fsc_against == "half maps" and ev.fsc_threshold == experiment.HALF_MAP_THRESHOLD
+    ev = evaluation.evaluate_half_maps([V, noisy[0]], [V, noisy[1]], apix=2.0)
+    assert ev.fsc_against == "half maps" and ev.fsc_threshold == evaluation.HALF_MAP_THRESHOLD
     assert len(ev.resolution_angstrom) == len(ev.fsc) == 2
     assert ev.resolution_angstrom[0] == pytest.approx(4.0)         # identical halves: Nyquist
     assert 4.0 < ev.resolution_angstrom[1] < 20.0                  # the noise limits the second
     assert ev.alignment["rotation_deg"] < 1.0
     assert torch.allclose(ev.aligned_maps[1], (ev.half_maps[0][1] + ev.half_maps[1][1]) / 2)
-    worse = experiment.evaluate_half_maps([noisy[0]], [V + 0.2 * torch.randn(V.shape, generator=g,
+    worse = evaluation.evaluate_half_maps([noisy[0]], [V + 0.2 * torch.randn(V.shape, generator=g,
                                                                            dtype=torch.float64)], apix=2.0)
     assert worse.resolution_angstrom[0] > ev.resolution_angstrom[1]
 
@@ -97,17 +97,17 @@ def test_poses_in_aligned_frame_explain_the_same_images(blob_volume):
     R = cem.random_rotations(3, generator=torch.Generator().manual_seed(1)).double()
     origins = torch.tensor([[1.0, -2.0], [0.0, 0.5], [3.0, 3.0]], dtype=torch.float64)
     apix = 2.0
-    R2, origins2 = experiment.poses_in_aligned_frame(R, origins, M, t, apix)
+    R2, origins2 = evaluation.poses_in_aligned_frame(R, origins, M, t, apix)
     # An image with origin o is the centred projection moved by -o / apix pixels.
-    before = torch.stack([cem.fourier_shift(p, -o / apix, 2) for p, o in zip(cem.project_volume(V, R), origins)])
+    before = torch.stack([cem.fourier_shift(p, -o / apix, 2) for p, o in zip(cem.project(V, R), origins)])
     after = torch.stack([cem.fourier_shift(p, -o / apix, 2)
-                         for p, o in zip(cem.project_volume(cem.transform_volume(V, M, t), R2), origins2)])
+                         for p, o in zip(cem.project(cem.transform_volume(V, M, t), R2), origins2)])
     err = (after - before).abs().max() / before.abs().max()
     # Trilinear resampling alone costs 2.7% here (t = 0); measured 3.9% with this t.
     assert err < 0.05
     # Leaving the origins alone (or the poses) would not explain them.
     kept = torch.stack([cem.fourier_shift(p, -o / apix, 2)
-                        for p, o in zip(cem.project_volume(cem.transform_volume(V, M, t), R2), origins)])
+                        for p, o in zip(cem.project(cem.transform_volume(V, M, t), R2), origins)])
     assert (kept - before).abs().max() / before.abs().max() > 5 * err
 
 
@@ -190,18 +190,18 @@ def test_torchrun_half_maps_match_one_process(particle_set, half_run, tmp_path):
 
 def test_contrast_opposite_to_the_ctf_model_is_refused(particle_set, tmp_path):
     ds = cem.load_particles(particle_set)
-    z = experiment.contrast_score(ds)
+    z = data.contrast_score(ds)
     assert z > 10  # measured 24.9 on these 120 tiny particles
     inverted = cem.load_particles(particle_set, invert=True)
-    assert experiment.contrast_score(inverted) == pytest.approx(-z)
+    assert data.contrast_score(inverted) == pytest.approx(-z)
     with pytest.raises(ValueError, match="pass --invert"):
-        experiment.check_contrast(inverted, inverted=False)
+        data.check_contrast(inverted, inverted=False)
     with pytest.raises(ValueError, match="leave that out"):
-        experiment.check_contrast(inverted, inverted=True)
-    experiment.check_contrast(ds, inverted=False)
+        data.check_contrast(inverted, inverted=True)
+    data.check_contrast(ds, inverted=False)
     # Noise alone scores near zero and is let through.
     noise = _dataset(tmp_path)
-    assert abs(experiment.contrast_score(noise)) < 5
+    assert abs(data.contrast_score(noise)) < 5
     # The command line: --invert on these (dark) particles is refused before any training.
     proc = _run(*HALF_ARGS, "--particles", str(particle_set), "--invert", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 1 and "contrast is opposite" in proc.stderr and "leave that out" in proc.stderr

@@ -17,19 +17,15 @@ from fieldkern.cryoem import (
     fourier_shift,
     jitter_rotations,
     load_particles,
-    project_volume,
+    project,
     random_rotations,
     write_mrc,
     write_particles_star,
 )
 from fieldkern.cryoem.fourier_slice import central_slices, volume_spectrum
-from fieldkern.cryoem.reconstruct import (
-    Reconstruction,
-    ReconstructionConfig,
-    pose_errors_deg,
-    refine_poses,
-    search_poses,
-)
+from fieldkern.cryoem.config import ReconstructionConfig
+from fieldkern.cryoem.poses import pose_errors_deg, refine_poses, search_poses
+from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.train import Callback
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +43,7 @@ def particles(n, seed=0, apix=4.0):
     g = torch.Generator().manual_seed(seed + 1)
     dfu = 15000 + 5000 * torch.rand(n, generator=g, dtype=torch.float64)
     ctfs = ctf(D, apix, dfu, dfu - 200, torch.zeros(n, dtype=torch.float64))
-    images = apply_ctf(project_volume(vol, R), ctfs)
+    images = apply_ctf(project(vol, R), ctfs)
     return vol, images, ctfs, R
 
 
@@ -262,11 +258,11 @@ def test_example_reports_bad_input(tmp_path):
 
 
 def test_quick_preset_geometry_per_structure():
-    from fieldkern.cryoem import experiment
+    from fieldkern.cryoem.presets import cryoem_preset
 
-    assert (experiment.get_preset("quick", "4ake").box, experiment.get_preset("quick", "4ake").apix) == (32, 3.0)
-    p = experiment.get_preset("quick", "1ol5")
+    assert (cryoem_preset("quick", "4ake").box, cryoem_preset("quick", "4ake").apix) == (32, 3.0)
+    p = cryoem_preset("quick", "1ol5")
     assert (p.box, p.apix) == (40, 2.4)
-    assert experiment.get_preset("quick", "1ol5", box=36).box == 36  # the user's choice wins
-    assert experiment.get_preset("quick", "1ol5", apix=3.0).box == 32
-    assert experiment.get_preset("paper", "1ol5").box == 80
+    assert cryoem_preset("quick", "1ol5", box=36).box == 36  # the user's choice wins
+    assert cryoem_preset("quick", "1ol5", apix=3.0).box == 32
+    assert cryoem_preset("paper", "1ol5").box == 80

@@ -17,7 +17,7 @@ METHODS = ("staged_res_new_init", "bacon")
 
 
 def _inputs():
-    preset = fimage.get_preset("tiny")
+    preset = fimage.image_preset("tiny")
     images, names = fimage.load_dataset("text", 3, size=512, seed=0)
     images = [fimage.resize(im, preset.eval_size) for im in images]
     return images, names, [fimage.get_method(m) for m in METHODS], preset

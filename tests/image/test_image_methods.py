@@ -7,11 +7,12 @@ import torch
 pytest.importorskip("PIL")
 
 from fieldkern import grid_coordinates  # noqa: E402
-from fieldkern.image import METHODS, SAPE, Preset, fit_image  # noqa: E402
+from fieldkern.image import METHODS, SAPE, ImagePreset, fit_image  # noqa: E402
 from fieldkern.train import Callback  # noqa: E402
 
 # Switches at 1, 2, 4: stage 2 runs steps 2 and 3.
-PRESET = Preset("test", hidden=8, n_scales=4, iterations=20, train_size=16, eval_size=16, sape_frequencies=8)
+PRESET = ImagePreset("test", hidden=8, n_scales=4, iterations=20, train_size=16, eval_size=16,
+                     sape_frequencies=8)
 
 
 def _image(channels=3):
@@ -128,17 +129,17 @@ def test_sape_fits_through_the_trainer_and_advances():
 
 
 def test_presets_and_lookup_errors():
-    from fieldkern.image import PRESETS, get_method, get_preset
+    from fieldkern.image import IMAGE_PRESETS, get_method, image_preset
 
-    paper = PRESETS["paper"]
+    paper = IMAGE_PRESETS["paper"]
     assert (paper.hidden, paper.n_scales, paper.iterations, paper.lr) == (256, 4, 10000, 5e-3)
     assert (paper.train_size, paper.eval_size) == (256, 512)
     with pytest.raises(ValueError, match="stage fractions"):
-        Preset("bad", hidden=8, n_scales=3, iterations=10, train_size=16, eval_size=32)
+        ImagePreset("bad", hidden=8, n_scales=3, iterations=10, train_size=16, eval_size=32)
     with pytest.raises(ValueError, match="unknown method 'nerf'"):
         get_method("nerf")
     with pytest.raises(ValueError, match="unknown preset"):
-        get_preset("huge")
+        image_preset("huge")
 
 
 def test_fit_image_rejects_8bit_range_and_nan_before_training():
@@ -186,14 +187,14 @@ def test_sape_checks_resolution_and_progress_steps():
 
 
 def test_preset_stores_numpy_integers_as_int_and_rejects_bad_counts():
-    p = Preset("np", hidden=np.int64(8), n_scales=np.int64(4), iterations=np.int64(20), train_size=np.int64(16),
-               eval_size=np.int64(16), sape_frequencies=np.int64(8))
+    p = ImagePreset("np", hidden=np.int64(8), n_scales=np.int64(4), iterations=np.int64(20),
+                    train_size=np.int64(16), eval_size=np.int64(16), sape_frequencies=np.int64(8))
     fields = (p.hidden, p.n_scales, p.iterations, p.train_size, p.eval_size, p.sape_frequencies)
     assert fields == (8, 4, 20, 16, 16, 8) and all(type(v) is int for v in fields)
     with pytest.raises(ValueError, match="preset 'bad': hidden must be a positive int, got 0"):
-        Preset("bad", hidden=0, n_scales=4, iterations=20, train_size=16, eval_size=16)
+        ImagePreset("bad", hidden=0, n_scales=4, iterations=20, train_size=16, eval_size=16)
     with pytest.raises(ValueError, match="preset 'bad': iterations must be a positive int, got 20.0"):
-        Preset("bad", hidden=8, n_scales=4, iterations=20.0, train_size=16, eval_size=16)
+        ImagePreset("bad", hidden=8, n_scales=4, iterations=20.0, train_size=16, eval_size=16)
 
 
 def test_figures_draw_a_grey_hw_image_in_grey(tmp_path, monkeypatch):

@@ -31,3 +31,14 @@ def tf32_tensor_cores(request):
 
     with emulate_tf32_tensor_cores(request.param):
         yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _variants_restored():
+    """Every kernel test ends with the variants it started with (the fixed rules), whatever
+    it named with ``fieldkern.ops.set_variant``."""
+    from fieldkern.ops import _variants
+
+    before = _variants.get_variants()
+    yield
+    _variants.set_variant(**before)

@@ -19,7 +19,8 @@ def _packed_args(d=2, h=16, n_layers=3, o=2, n=40, gabor=True):
     dd = torch.randn(n_layers, o, generator=g).requires_grad_()
     gamma = (torch.rand(n_layers, h, generator=g) * 3).requires_grad_() if gabor else None
     mu = (torch.rand(n_layers, h, d, generator=g) - 0.5).requires_grad_() if gabor else None
-    return (x, w, b, a, c, u, dd, gamma, mu, (1 << n_layers) - 1, True, True, 1, "float32", True)
+    # StackParams, StackSpec (head mask, residual, relu, detach, precision, variants), save
+    return (x, w, b, a, c, u, dd, gamma, mu, (1 << n_layers) - 1, True, True, 1, "float32", "auto", "auto", True)
 
 
 @needs_interpreter

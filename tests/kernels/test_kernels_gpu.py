@@ -10,6 +10,7 @@ import torch
 
 import fieldkern
 from _kernel_helpers import INTERPRET, MIXED_RTOL, close, compare_op, compare_stack, projection_both_paths, smooth_volume, stack_params
+from _kernel_helpers import leaves as grad_leaves
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,17 +56,20 @@ def test_mfn_stack_cuda(case, n_points):
                   head_activation="relu" if relu else None, detach_heads_below=detach)
 
 
-@pytest.mark.parametrize("hidden, precision", [(128, "float32"), (256, "float32"), (128, "mixed")])
-def test_mfn_stack_backward_deterministic_cuda(hidden, precision):
+@pytest.mark.parametrize("hidden, precision, products",
+                         [(128, "float32", "auto"), (256, "float32", "auto"), (256, "float32", "triton"),
+                          (128, "mixed", "auto")])
+def test_mfn_stack_backward_deterministic_cuda(hidden, precision, products):
     """Two backward passes give bitwise equal gradients: program-owned partial rows, slab
-    partials summed in a fixed order, and (float32, hidden <= 128) cuBLAS, which repeats
-    its results run to run on one GPU."""
+    partials of the Triton GEMMs summed in a fixed order, and cuBLAS (float32 by default),
+    which repeats its results run to run on one GPU."""
     p = _cuda(stack_params(3, hidden, 3, 1, True, trainable_w=True))
     x = _x(70001, 3)
     leaves = [x, *p["filter_weight"], *p["linear_weight"], *p["head_weight"], *p["gabor_mu"]]
     grads = []
     for _ in range(2):
-        with fieldkern.set_backend("triton"), fieldkern.ops.set_precision(precision):
+        with fieldkern.set_backend("triton"), fieldkern.ops.set_precision(precision), \
+                fieldkern.ops.set_variant(mfn_backward_products=products):
             outs = fieldkern.ops.mfn_stack(x, **p, residual=True)
         grads.append(torch.autograd.grad(sum(o.square().sum() for o in outs), leaves))
     for a, b in zip(*grads):
@@ -119,16 +123,31 @@ def test_multiplicative_layer_every_backward_candidate(index):
         kernel.configs = saved
         kernel.cache.clear()
 
-def test_forward_float32_is_not_tf32():
-    """Forward only, one tile per point: TF32 would be ~1e-3 off, fp32 stays ~1e-6."""
-    p = _cuda(stack_params(2, 256, 4, 1, freq=50.0))
-    x = torch.rand(4096, 2, device="cuda") - 0.5
-    with fieldkern.set_backend("torch"):
-        ref = fieldkern.ops.mfn_stack(x, **p, residual=True)
-    with fieldkern.set_backend("triton"):
-        got = fieldkern.ops.mfn_stack(x, **p, residual=True)
+@pytest.mark.parametrize("forward", ["fused", "layered"])
+def test_forward_float32_is_not_tf32(forward):
+    """float32 stays float32 with torch's TF32 switch on (the reference runs with it off):
+    outputs, one tile per point (TF32 would be ~1e-3 off, fp32 stays ~1e-6), and gradients
+    through the backward's cuBLAS products and the layered forward's heads (TF32 would
+    miss the 1e-4 of the other device tests); the switch is on again afterwards."""
+    p = _cuda(stack_params(2, 256, 4, 1, freq=50.0, trainable_w=True))
+    x = (torch.rand(4096, 2, device="cuda") - 0.5).requires_grad_()
+    names, tensors = zip(*grad_leaves(p, x))
+
+    def run(backend):
+        with fieldkern.set_backend(backend), fieldkern.ops.set_variant(mfn_forward=forward):
+            outs = fieldkern.ops.mfn_stack(x, **p, residual=True)
+        ups = [torch.randn(o.shape, generator=torch.Generator(device="cuda").manual_seed(k), device="cuda")
+               for k, o in enumerate(outs)]
+        return [o.detach() for o in outs], torch.autograd.grad(outs, tensors, ups)
+
+    ref, ref_grads = run("torch")
+    torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
+    got, got_grads = run("triton")
+    assert torch.backends.cuda.matmul.allow_tf32
     for a, b in zip(got, ref):
-        close("output", a.detach(), b.detach(), rtol=2e-5, atol=1e-5)
+        close("output", a, b, rtol=2e-5, atol=1e-5)
+    for n, a, b in zip(names, got_grads, ref_grads):
+        close(f"grad {n}", a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_mixed_precision_cuda():
@@ -226,57 +245,48 @@ def _candidate_params():
             for which, (_, cands) in _mfn_tuned_kernels().items() for i in range(len(cands))]
 
 
-def test_mfn_stack_strategies_timed_cuda(monkeypatch):
-    """On the first call per shape both forwards, and both kinds of float32 backward
-    products, run and are timed; the faster are cached, and the results are right."""
-    from fieldkern.kernels import _common
-    from fieldkern.kernels import mfn_stack as M
-
-    monkeypatch.setattr(_common, "autotuning", lambda: True)  # FIELDKERN_AUTOTUNE=0 would skip timing
-    monkeypatch.setattr(M, "_forward_choice", {})
-    monkeypatch.setattr(M, "_backward_choice", {})
+@pytest.mark.parametrize("forward", ["fused", "layered"])
+def test_mfn_stack_forward_variants_cuda(forward):
+    """Both forwards, named, against the reference at a size of several tiles per program
+    (autotuned, as a real run is)."""
     p = _cuda(stack_params(3, 128, 3, 1, False, trainable_w=True))
-    compare_stack(p, _x(20000, 3), rtol=1e-4, atol=1e-4, residual=True, head_activation="relu")
-    assert len(M._forward_choice) >= 1 and len(M._backward_choice) == 1
-    assert set(M._forward_choice.values()) <= {"fused", "layered"}
-    assert set(M._backward_choice.values()) <= {"cublas", "triton"}
-    print("chosen:", M._forward_choice, M._backward_choice)
+    with fieldkern.ops.set_variant(mfn_forward=forward):
+        compare_stack(p, _x(20000, 3), rtol=1e-4, atol=1e-4, residual=True, head_activation="relu")
 
 
 @pytest.mark.parametrize("products", ["cublas", "triton"])
-def test_mfn_stack_backward_products_cuda(products, monkeypatch):
+def test_mfn_stack_backward_products_cuda(products):
     """Both float32 product paths of the backward, at the benchmark widths."""
-    from fieldkern.kernels import mfn_stack as M
-
-    monkeypatch.setattr(M, "BACKWARD_PRODUCTS", products)
-    for d, h, n_layers in ((3, 128, 3), (2, 256, 4)):
-        p = _cuda(stack_params(d, h, n_layers, 1, False, trainable_w=True))
-        compare_stack(p, _x(4099, d), rtol=1e-4, atol=1e-4, residual=True, head_activation="relu")
+    with fieldkern.ops.set_variant(mfn_backward_products=products):
+        for d, h, n_layers in ((3, 128, 3), (2, 256, 4)):
+            p = _cuda(stack_params(d, h, n_layers, 1, False, trainable_w=True))
+            compare_stack(p, _x(4099, d), rtol=1e-4, atol=1e-4, residual=True, head_activation="relu")
 
 
 @pytest.mark.parametrize("which, index", _candidate_params())
 def test_mfn_stack_every_autotune_candidate(which, index):
     """Autotuning may pick any candidate, while the other tests (FIELDKERN_AUTOTUNE=0) run
     the first: force each one (stack forward, layer backward, the backward's two GEMMs, the
-    layer-by-layer forward's multiplicative-layer kernel) on a wide, a 3D and an odd-width net."""
-    from fieldkern.kernels import mfn_stack as M
-
+    layer-by-layer forward's multiplicative-layer kernel) on a wide, a 3D and an odd-width
+    net; the float32 products on the Triton GEMMs for the wide net, cuBLAS for the others
+    (so the layer kernel runs with and without its split z)."""
     kernel, candidates = _mfn_tuned_kernels()[which]
     saved = kernel.configs
     kernel.configs = [candidates[index]]
     kernel.cache.clear()
-    # the forward's strategy: the fused kernel, or layer by layer for the layer kernel's candidates
-    strategy, M.FORWARD_STRATEGY = M.FORWARD_STRATEGY, "layered" if which == "layer" else "fused"
+    # the fused forward, or layer by layer for the layer kernel's candidates
+    forward = "layered" if which == "layer" else "fused"
     try:
         for d, h, n_layers, gabor, relu in ((2, 256, 4, False, False), (3, 128, 3, True, True),
                                             (2, 100, 5, False, True)):
             p = _cuda(stack_params(d, h, n_layers, 1, gabor, trainable_w=True))
-            compare_stack(p, _x(4099, d), rtol=1e-4, atol=1e-4, residual=True,
-                          head_activation="relu" if relu else None)
+            with fieldkern.ops.set_variant(mfn_forward=forward,
+                                           mfn_backward_products="triton" if h > 128 else "cublas"):
+                compare_stack(p, _x(4099, d), rtol=1e-4, atol=1e-4, residual=True,
+                              head_activation="relu" if relu else None)
     finally:
         kernel.configs = saved
         kernel.cache.clear()
-        M.FORWARD_STRATEGY = strategy
 
 
 def test_project_volume_deterministic_cuda():
@@ -300,25 +310,20 @@ def test_project_volume_deterministic_cuda():
     assert torch.equal(runs[0], runs[1])
 
 
-def test_project_volume_gradient_timed_cuda(monkeypatch):
-    """The volume gradient's method (scatter over rows or rectangles, or gather) timed on
-    the first call and cached; both gradients right."""
+@pytest.mark.parametrize("method", ["auto", "scatter", "scatter_tiled", "gather"])
+def test_project_volume_gradient_variants_cuda(method):
+    """Each volume-gradient variant, named (``auto``: the rule's scatter_tiled); both
+    gradients right."""
     from fieldkern.cryoem import random_rotations
-    from fieldkern.kernels import _common
-    from fieldkern.kernels import project_volume as PV
 
-    monkeypatch.setattr(_common, "autotuning", lambda: True)  # FIELDKERN_AUTOTUNE=0 would skip timing
-    monkeypatch.setattr(PV, "_volume_gradient_choice", {})
     D, B = 48, 40
     volume = smooth_volume(D, seed=3, device="cuda")
     rotations = random_rotations(B, generator=torch.Generator().manual_seed(3)).cuda()
     grad_out = torch.randn(B, D, D, device="cuda")
-    (_, gv, gr), (_, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
+    with fieldkern.ops.set_variant(volume_gradient=method):
+        (_, gv, gr), (_, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
     close("d volume", gv, gv_ref, rtol=1e-3, atol=1e-3)
     close("d rotations", gr, gr_ref, rtol=1e-3, atol=1e-3)
-    assert set(PV._volume_gradient_choice.values()) <= set(PV.VOLUME_GRADIENT_METHODS)
-    assert len(PV._volume_gradient_choice) == 1
-    print("volume gradient method chosen:", PV._volume_gradient_choice)
 
 
 def _projector_candidates():

@@ -41,37 +41,37 @@ def test_mfn_stack_matches_reference(case):
                   detach_heads_below=detach)
 
 
-# the layer-by-layer forward (filter kernel, multiplicative-layer kernel, addmm heads), which
-# a GPU picks when it measures faster; its lin_i / ReLU pre-activations feed the backward
+# the layer-by-layer forward (filter kernel, multiplicative-layer kernel, GEMM heads), the
+# ``mfn_forward="layered"`` variant and where the fused kernel's int32 offsets would wrap;
+# its lin_i / ReLU pre-activations feed the backward
 LAYERED = [CASES[i] for i in (0, 1, 2, 4, 6, 7)]
 
 
 @pytest.mark.parametrize("case", LAYERED, ids=[f"case{CASES.index(c)}" for c in LAYERED])
-def test_mfn_stack_layered_forward(case, monkeypatch):
-    from fieldkern.kernels import mfn_stack as M
-
-    monkeypatch.setattr(M, "FORWARD_STRATEGY", "layered")
+def test_mfn_stack_layered_forward(case):
     d, hidden, n_layers, out, gabor, residual, relu, detach, train_w, lin_b, heads = case
     p = stack_params(d, hidden, n_layers, out, gabor, heads, lin_b, train_w)
-    compare_stack(p, _x(77, d), residual=residual, head_activation="relu" if relu else None,
-                  detach_heads_below=detach)
+    with fieldkern.ops.set_variant(mfn_forward="layered"):
+        compare_stack(p, _x(77, d), residual=residual, head_activation="relu" if relu else None,
+                      detach_heads_below=detach)
 
 
 def test_mfn_stack_layered_forward_in_chunks(monkeypatch):
     """The layered forward's point chunks (32 + 32 + 13), saving for the backward, mixed
-    precision (bf16 products in the layers, float32 heads) against the fused kernel's."""
+    precision (bf16 operands in the layers and the heads) against the fused kernel's."""
     from fieldkern.kernels import mfn_stack as M
 
     hidden = 24
     monkeypatch.setattr(M, "FWD_WORKSPACE_BYTES", 2 * 4 * hidden * 32)
     p = stack_params(3, hidden, 3, 2, gabor=True, trainable_w=True)
     x = _x(77, 3)
-    compare_stack(p, x, residual=True, head_activation="relu")
+    with fieldkern.ops.set_variant(mfn_forward="layered"):
+        compare_stack(p, x, residual=True, head_activation="relu")
     with fieldkern.set_backend("triton"), fieldkern.ops.set_precision("mixed"):
-        monkeypatch.setattr(M, "FORWARD_STRATEGY", "layered")
-        layered = fieldkern.ops.mfn_stack(x, **p, residual=True)
-        monkeypatch.setattr(M, "FORWARD_STRATEGY", "fused")
-        fused = fieldkern.ops.mfn_stack(x, **p, residual=True)
+        with fieldkern.ops.set_variant(mfn_forward="layered"):
+            layered = fieldkern.ops.mfn_stack(x, **p, residual=True)
+        with fieldkern.ops.set_variant(mfn_forward="fused"):
+            fused = fieldkern.ops.mfn_stack(x, **p, residual=True)
     for a_, b_ in zip(layered, fused):
         torch.testing.assert_close(a_, b_, rtol=2e-2, atol=2e-2)
 
@@ -79,43 +79,30 @@ def test_mfn_stack_layered_forward_in_chunks(monkeypatch):
 def test_mfn_stack_fused_forward_never_past_int32_offsets(monkeypatch):
     """The fused kernel's int32 offsets into lin (L-1, P, H) wrap past 2^31 elements (a 203^3
     grid with gradients for 3D hidden 128, 3 layers: an illegal address on a GPU); there the
-    layered forward runs, even with "fused" pinned. The limit is lowered to this problem."""
+    layered forward runs, even with mfn_forward="fused" named. The limit is lowered to this
+    problem."""
     from fieldkern.kernels import _common
     from fieldkern.kernels import mfn_stack as M
 
     hidden, n_layers, n = 24, 3, 77
     monkeypatch.setattr(_common, "MAX_ELEMENTS", (n_layers - 1) * n * hidden)
-    monkeypatch.setattr(M, "FORWARD_STRATEGY", "fused")
     launches = spy_launches(monkeypatch, M, "_mfn_stack_fwd_kernel")
     p = stack_params(3, hidden, n_layers, 2, gabor=True, trainable_w=True)
-    compare_stack(p, _x(n, 3), residual=True, head_activation="relu")
-    assert launches == []
-    with torch.no_grad(), fieldkern.set_backend("triton"):  # nothing saved: lin not addressed
-        fieldkern.ops.mfn_stack(_x(n, 3, grad=False), **p, residual=True)
+    with fieldkern.ops.set_variant(mfn_forward="fused"):
+        compare_stack(p, _x(n, 3), residual=True, head_activation="relu")
+        assert launches == []
+        with torch.no_grad(), fieldkern.set_backend("triton"):  # nothing saved: lin not addressed
+            fieldkern.ops.mfn_stack(_x(n, 3, grad=False), **p, residual=True)
     assert len(launches) == 1
 
 
-def test_mfn_stack_strategies_off_gpu():
-    """Nothing to time off CUDA: the fused forward and the width rule for the backward's
-    products, without a cached choice."""
-    from fieldkern.kernels import mfn_stack as M
-
-    calls = []
-    assert M._forward_strategy(("k",), torch.device("cpu"), calls.append) == "fused"
-    assert M._backward_products(("k",), torch.device("cpu"), 128, calls.append) == "cublas"
-    assert M._backward_products(("k",), torch.device("cpu"), 200, calls.append) == "triton"
-    assert calls == [] and ("k",) not in M._forward_choice and ("k",) not in M._backward_choice
-
-
 @pytest.mark.parametrize("products", ["cublas", "triton"])
-def test_mfn_stack_backward_products(products, monkeypatch):
-    """Both float32 product paths of the backward at a width where the rule picks cuBLAS
-    (the GPU may measure the Triton GEMMs faster and take them)."""
-    from fieldkern.kernels import mfn_stack as M
-
-    monkeypatch.setattr(M, "BACKWARD_PRODUCTS", products)
+def test_mfn_stack_backward_products(products):
+    """Both float32 product paths of the backward: cuBLAS (the rule's), the Triton GEMMs
+    (named)."""
     p = stack_params(3, 40, 3, 2, gabor=True, trainable_w=True)
-    compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
+    with fieldkern.ops.set_variant(mfn_backward_products=products):
+        compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -179,17 +166,19 @@ def test_mfn_stack_half_inputs_computed_in_fp32():
         torch.testing.assert_close(a.float(), b, rtol=2.0**-8, atol=1e-5)
 
 
-@pytest.mark.parametrize("hidden, n_buffers", [(24, 3), (136, 4)], ids=["cublas-path", "split-z"])
-def test_mfn_stack_backward_in_chunks(monkeypatch, hidden, n_buffers):
+@pytest.mark.parametrize("hidden, n_buffers, products", [(24, 3, "cublas"), (136, 4, "triton")],
+                         ids=["cublas-path", "split-z"])
+def test_mfn_stack_backward_in_chunks(monkeypatch, hidden, n_buffers, products):
     """The backward walks the points in chunks of its work-buffer budget: force 3 chunks
-    (32 + 32 + 13 points) and a Gabor ReLU net with every parameter trainable; at hidden
-    > 128 float32 takes the Triton GEMMs, whose ``z`` operand comes split (a fourth buffer)."""
+    (32 + 32 + 13 points) and a Gabor ReLU net with every parameter trainable; with the
+    float32 Triton GEMMs the ``z`` operand comes split (a fourth buffer)."""
     from fieldkern.kernels import mfn_stack as M
 
     monkeypatch.setattr(M, "BWD_WORKSPACE_BYTES", n_buffers * 4 * hidden * 32)
     launches = spy_launches(monkeypatch, M, "_mfn_stack_bwd_kernel")
     p = stack_params(3, hidden, 3, 2, gabor=True, trainable_w=True)
-    compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
+    with fieldkern.ops.set_variant(mfn_backward_products=products):
+        compare_stack(p, _x(77, 3), residual=True, head_activation="relu")
     assert len(launches) == 3 * 3  # layers x chunks
 
 
@@ -202,7 +191,7 @@ def test_mfn_stack_saves_for_backward_only_when_needed():
     w, b, a, c, u, d = (t.detach().float() for t in args)
     for save in (False, True):
         out, lin, hpre = torch.ops.fieldkern.mfn_stack(x, w, b, a, c, u, d, None, None, 7, True, True, 0,
-                                                       "float32", save)
+                                                       "float32", "auto", "auto", save)
         assert (lin.numel(), hpre.numel()) == ((2 * 50 * 16, 3 * 50 * 1) if save else (0, 0))
     with torch.no_grad(), fieldkern.set_backend("triton"):
         no_grad = fieldkern.ops.mfn_stack(x, **p, residual=True)
@@ -228,9 +217,10 @@ def test_backward_point_products(mixed):
         b, w = b.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
     ref_sum, ref_rows = a.float().t() @ b, a.float() @ w
     b_split = (b, None) if mixed else split_tf32(b)
-    torch.testing.assert_close(M._points_sum(a, *b_split, mixed, False), ref_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(M._points_sum(a, *b_split, mixed=mixed, cublas=False), ref_sum, rtol=1e-5, atol=1e-4)
     w_split = (w, None) if mixed else split_tf32(w)
-    torch.testing.assert_close(M._rows_matmul(a, *w_split, mixed, False), ref_rows, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(M._rows_matmul(a, *w_split, mixed=mixed, cublas=False), ref_rows, rtol=1e-5,
+                               atol=1e-4)
 
 
 @triton.jit
@@ -259,53 +249,6 @@ def test_split_tf32():
     assert torch.equal(k_hi, hi) and torch.equal(k_lo, lo)
 
 
-def test_mfn_stack_strategies_fixed_when_deterministic(monkeypatch):
-    """Under torch.use_deterministic_algorithms nothing is chosen by timing, even where a
-    device could time (another process could choose differently)."""
-    from fieldkern.kernels import _common
-
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setenv("FIELDKERN_AUTOTUNE", "1")  # under "0" nothing is timed anyway: vacuous
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
-        assert _common.can_time(torch.device("cuda"))
-        torch.use_deterministic_algorithms(True)
-        assert not _common.can_time(torch.device("cuda"))
-    finally:
-        torch.use_deterministic_algorithms(before)
-
-
-def test_fastest_skips_an_option_that_fails(monkeypatch):
-    """A strategy that cannot run (compiler, resources) is left out of the timing with a
-    warning; if none can run, the error surfaces."""
-    from fieldkern.kernels import _common
-
-    class Event:  # stand-in CUDA events: every run takes 1 ms
-        def __init__(self, **kw):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 1.0
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-
-    def run(option):
-        if option == "broken":
-            raise RuntimeError("out of resources")
-
-    with pytest.warns(RuntimeWarning, match="broken"):
-        assert _common.fastest(("broken", "works"), run) == "works"
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="out of resources"):
-        _common.fastest(("broken",), run)
-
-
 def test_tf32_emulation_bites_and_the_split_undoes_it(tf32_tensor_cores):
     """Under emulated TF32 tensor cores, a product whose second operand is not split loses
     ~1e-4 relative (TF32's 10 bits); with the split (``mm_split``: three TF32 products) the
@@ -317,8 +260,9 @@ def test_tf32_emulation_bites_and_the_split_undoes_it(tf32_tensor_cores):
     ref = (a.double() @ w.double())
     scale = ref.abs().max().item()
     w_hi, w_lo = split_tf32(w)
-    unsplit = (M._rows_matmul(a, w_hi, torch.zeros_like(w_lo), False, False).double() - ref).abs().max().item()
-    split = (M._rows_matmul(a, w_hi, w_lo, False, False).double() - ref).abs().max().item()
+    unsplit = (M._rows_matmul(a, w_hi, torch.zeros_like(w_lo), mixed=False, cublas=False).double()
+               - ref).abs().max().item()
+    split = (M._rows_matmul(a, w_hi, w_lo, mixed=False, cublas=False).double() - ref).abs().max().item()
     assert unsplit > 3e-5 * scale, unsplit / scale
     assert split < 2e-6 * scale, split / scale
 
@@ -329,15 +273,12 @@ TF32_CASES = [CASES[i] for i in (2, 3, 7)]
 
 @pytest.mark.parametrize("strategy", ["fused", "layered"])
 @pytest.mark.parametrize("case", TF32_CASES, ids=[f"case{CASES.index(c)}" for c in TF32_CASES])
-def test_mfn_stack_float32_on_tf32_tensor_cores(case, strategy, tf32_tensor_cores, monkeypatch):
+def test_mfn_stack_float32_on_tf32_tensor_cores(case, strategy, tf32_tensor_cores):
     """float32 mode keeps float32 tolerances when every tl.dot rounds its operands to TF32,
     as on a GPU: any product that is not split (or split wrongly) would miss them by ~50x.
     Both forwards, the backward's Triton GEMMs (not cuBLAS) included."""
-    from fieldkern.kernels import mfn_stack as M
-
-    monkeypatch.setattr(M, "FORWARD_STRATEGY", strategy)
-    monkeypatch.setattr(M, "BACKWARD_PRODUCTS", "triton")
     d, hidden, n_layers, out, gabor, residual, relu, detach, train_w, lin_b, heads = case
     p = stack_params(d, hidden, n_layers, out, gabor, heads, lin_b, train_w)
-    compare_stack(p, _x(77, d), residual=residual, head_activation="relu" if relu else None,
-                  detach_heads_below=detach)
+    with fieldkern.ops.set_variant(mfn_forward=strategy, mfn_backward_products="triton"):
+        compare_stack(p, _x(77, d), residual=residual, head_activation="relu" if relu else None,
+                      detach_heads_below=detach)

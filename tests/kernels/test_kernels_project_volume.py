@@ -216,34 +216,40 @@ def test_deterministic_volume_gradient(D, B, edge, deterministic_algorithms, mon
     assert len(launches) == 2  # the gather kernel, not the atomics, made both
 
 
-@pytest.mark.parametrize("faster", ["scatter", "scatter_tiled", "gather"])
-def test_volume_gradient_method_chosen_by_timing(faster, monkeypatch):
-    """Where a device can time, the volume gradient comes from whichever of scatter (rows
-    or rectangles) and gather times faster (here: a stand-in timing naming ``faster``),
-    cached per D and batch size; the results match the reference either way (D = 12: the
-    rectangles' edge tiles are partly outside the image)."""
-    from fieldkern.kernels import _common
+@pytest.mark.parametrize("method", ["auto", "scatter", "scatter_tiled", "gather"])
+def test_volume_gradient_variants(method, monkeypatch):
+    """Each volume-gradient variant, named (``auto``: the rule's ``scatter_tiled``), against
+    the reference (D = 12: the rectangles' edge tiles are partly outside the image). The
+    scatter kernel's grid shows the pixels it walked (3 row runs of 64 pixels per image, or
+    2 x 2 rectangles of 8 x 8), also for the rotation gradient beside the gather; the gather
+    kernel runs only when named."""
     from fieldkern.kernels import project_volume as PV
 
-    monkeypatch.setattr(_common, "can_time", lambda device: True)
-    tried = []
-
-    def fake_fastest(options, run):
-        for option in options:
-            tried.append(option)
-            run(option)
-        return faster
-
-    monkeypatch.setattr(_common, "fastest", fake_fastest)
-    monkeypatch.setattr(PV, "_volume_gradient_choice", {})
     D, B = 12, 2
     volume = smooth_volume(D)
     rotations = random_rotations(B, generator=torch.Generator().manual_seed(4)).float()
     grad_out = torch.randn(B, D, D, generator=torch.Generator().manual_seed(5))
-    launches = spy_launches(monkeypatch, PV, "project_volume_bwd_gather_kernel")
-    (out, gv, gr), (out_ref, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
+    gathers = spy_launches(monkeypatch, PV, "project_volume_bwd_gather_kernel")
+    scatters = spy_launches(monkeypatch, PV, "project_volume_bwd_kernel")
+    with fieldkern.ops.set_variant(volume_gradient=method):
+        (out, gv, gr), (out_ref, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
     close("d volume", gv, gv_ref, RTOL, ATOL)
     close("d rotations", gr, gr_ref, 1e-4, 1e-4)
-    assert tried == list(PV.VOLUME_GRADIENT_METHODS) and list(PV._volume_gradient_choice.values()) == [faster]
-    # one gather launch while timing, and one more for the result if the gather won
-    assert len(launches) == 1 + (faster == "gather")
+    assert len(gathers) == (method == "gather")
+    assert scatters == [(B, 4 if method in ("auto", "scatter_tiled") else 3)]
+
+
+@pytest.mark.parametrize("method", ["scatter", "scatter_tiled"])
+def test_named_scatter_refused_under_deterministic_algorithms(method, deterministic_algorithms):
+    """A scatter named for the volume gradient raises under deterministic algorithms (its
+    atomics vary run to run); a rotation gradient alone has no atomics and runs."""
+    volume = smooth_volume(6)
+    rotations = random_rotations(2, generator=torch.Generator().manual_seed(1)).float()
+    with fieldkern.set_backend("triton"), fieldkern.ops.set_variant(volume_gradient=method):
+        out = ops.project_volume(volume.clone().requires_grad_(), rotations)
+        r = rotations.clone().requires_grad_()
+        rotation_only = ops.project_volume(volume, r)
+    with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+        out.sum().backward()
+    rotation_only.sum().backward()
+    assert r.grad is not None and r.grad.isfinite().all()
