@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fieldkern.ops._checks import is_int
+from fieldkern.checks import is_int
 
 
 def grid_coordinates(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fieldkern.cryoem._checks import check_count, check_finite, check_volume
+from fieldkern.checks import check_count, check_finite, check_volume
 from fieldkern.cryoem.fourier import fourier_crop, fourier_shift
 from fieldkern.cryoem.projection import transform_volume
 from fieldkern.cryoem.rotations import axis_angle_to_matrix, matmul3, super_fibonacci_rotations

@@ -31,13 +31,11 @@ import math
 
 import torch
 
+from fieldkern.checks import check_box_size, check_finite, check_positive
 from fieldkern.cryoem._checks import (
     check_amplitude_contrast,
-    check_box_size,
     check_defocus_angstrom,
-    check_finite,
     check_images,
-    check_positive,
     check_voltage_kv,
 )
 from fieldkern.cryoem.fourier import fft2_centered, ifft2_centered

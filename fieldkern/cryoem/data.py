@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fieldkern.cryoem._checks import check_finite
+from fieldkern.checks import check_finite
 from fieldkern.cryoem.fourier import fft2_centered, fourier_crop, frequency_indices, shift_phases
 from fieldkern.cryoem.io import ParticleDataset, load_particles, read_mrc
 from fieldkern.cryoem.simulate import simulate

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fieldkern.cryoem._checks import check_box_size, check_finite, check_finite_number, check_positive
+from fieldkern.checks import check_box_size, check_finite, check_finite_number, check_positive
 
 #: Short names of the packaged structures (see fieldkern/data/pdb/README.md).
 STRUCTURES = {"4ake": "4ake_chainA_adk_open.pdb", "1ol5": "1ol5.pdb"}

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fieldkern.cryoem._checks import check_box_size, check_floating, check_ndim, check_tensor
+from fieldkern.checks import check_box_size, check_floating, check_tensor
+from fieldkern.cryoem._checks import check_ndim
 
 
 def _dims(ndim: int) -> tuple[int, ...]:

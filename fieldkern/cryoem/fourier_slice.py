@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from fieldkern.cryoem._checks import check_rotations, check_volume
+from fieldkern.checks import check_rotations, check_volume
 
 
 def _gridding_correction(D: int, padded: int, device, dtype) -> torch.Tensor:

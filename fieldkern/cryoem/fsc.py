@@ -14,12 +14,7 @@ import math
 
 import torch
 
-from fieldkern.cryoem._checks import (
-    check_count,
-    check_finite,
-    check_floating,
-    check_positive,
-)
+from fieldkern.checks import check_count, check_finite, check_floating, check_positive
 
 
 def shell_indices(D: int, ndim: int = 3, device=None) -> torch.Tensor:

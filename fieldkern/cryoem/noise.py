@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from fieldkern.cryoem._checks import check_images, check_positive
+from fieldkern.checks import check_positive
+from fieldkern.cryoem._checks import check_images
 
 
 def noise_sigma(images: torch.Tensor, snr: float, per_image: bool = False) -> torch.Tensor:

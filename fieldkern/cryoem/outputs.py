@@ -23,7 +23,7 @@ import torch
 from fieldkern._files import prepare_output_dir as _prepare_output_dir
 from fieldkern._files import write_atomic
 from fieldkern.cryoem import figures
-from fieldkern.cryoem._checks import check_finite
+from fieldkern.checks import check_finite
 from fieldkern.cryoem.data import ExperimentData
 from fieldkern.cryoem.evaluation import Evaluation
 from fieldkern.cryoem.io import ParticleDataset, write_mrc, write_particles_star

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fieldkern import ops
-from fieldkern.cryoem._checks import check_box_size, check_rotations, check_tensor, check_volume
+from fieldkern.checks import check_box_size, check_rotations, check_tensor, check_volume
 from fieldkern.cryoem.fourier_slice import project_volume_fourier
 # The reference projector's voxel grid and point rotation: transform_volume samples at the
 # points a real-space projection does (tested: projecting a transformed map under the

@@ -42,7 +42,7 @@ import os
 
 import torch
 
-from fieldkern.cryoem._checks import check_finite
+from fieldkern.checks import check_finite
 from fieldkern.cryoem.checkpoint import TrainingState, load_checkpoint, save_checkpoint, start_fingerprint
 from fieldkern.cryoem.config import ReconstructionConfig
 from fieldkern.cryoem.forward_model import forward_model

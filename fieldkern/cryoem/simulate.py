@@ -22,16 +22,8 @@ from pathlib import Path
 
 import torch
 
-from fieldkern.cryoem._checks import (
-    check_amplitude_contrast,
-    check_box_size,
-    check_count,
-    check_defocus_angstrom,
-    check_finite,
-    check_positive,
-    check_voltage_kv,
-    check_volume,
-)
+from fieldkern.checks import check_box_size, check_count, check_finite, check_positive, check_volume
+from fieldkern.cryoem._checks import check_amplitude_contrast, check_defocus_angstrom, check_voltage_kv
 from fieldkern.cryoem.ctf import apply_ctf, ctf
 from fieldkern.cryoem.density import density_from_structure
 from fieldkern.cryoem.io import CTFParams, write_mrc, write_particles_star
@@ -136,8 +128,7 @@ def simulate(
     Returns:
         :class:`SimulationResult` (paths, true poses and CTF parameters).
     """
-    # Long by its signature and Args (17 settings); the steps are _volume, _output_paths,
-    # the draws below (in the seeded order), _write_stack and the STAR and JSON files.
+    # Long by its signature and Args (17 settings); the steps are named helpers below.
     n_particles = check_count("n_particles", n_particles)
     ctf_pad = check_count("ctf_pad", ctf_pad)
     batch_size = check_count("batch_size", batch_size)
@@ -151,45 +142,21 @@ def simulate(
     device = torch.device("cpu") if device is None else torch.device(device)
     volume, D, apix, source = _volume(structure, box, apix, resolution)
     paths = _output_paths(Path(out_dir), overwrite)
-
-    N = n_particles
     gen = torch.Generator().manual_seed(int(seed))
-    rotations = random_rotations(N, generator=gen, dtype=torch.float64)
-    dfu = _uniform(N, *defocus_range, gen)
-    dfv = dfu - _uniform(N, *astigmatism_range, gen)
-    dfang = _uniform(N, *defocus_angle_range, gen)
-    # The STAR file stores Euler angles; the matrices they give back (not the drawn ones,
-    # which differ by ~1e-16) are the poses the images are made with, so files and images
-    # agree to rounding.
-    euler = matrix_to_relion_euler(rotations)
-    rotations = relion_euler_to_matrix(euler)
-
-    # A simulation that fails part-way (a device or backend that cannot run, a full disk,
-    # an interrupt) removes what it wrote: never an all-zero stack that looks like data.
-    try:
-        write_mrc(paths["volume"], volume, apix)
-        sigma = _write_stack(paths["stack"], volume, rotations, (dfu, dfv, dfang), (volt, cs, w), apix=apix,
-                             ctf_pad=ctf_pad, snr=snr, gen=gen, batch_size=batch_size, device=device,
-                             progress=progress)
-        write_particles_star(
-            paths["star"], image_names=[f"{i + 1:06d}@{STACK_NAME}" for i in range(N)], euler_deg=euler,
-            dfu=dfu, dfv=dfv, dfang=dfang, apix=apix, box=D, volt=volt, cs=cs, w=w,
-            extra_columns={"rlnRandomSubset": (torch.arange(N) % 2 + 1)},
-        )
-        meta = {
-            "source": source, "n_particles": N, "box": D, "apix": apix, "snr": snr,
-            "snr_definition": "var(all clean pixels of all images) / var(noise)",
-            "noise_sigma": sigma, "seed": int(seed), "ctf_pad": ctf_pad,
-            "ctf_sign": "CTF(0) = -w (cryoDRGN convention; RELION's getCTF is the negative)",
-            "defocus_range": list(defocus_range), "astigmatism_range": list(astigmatism_range),
-            "defocus_angle_range": list(defocus_angle_range), "volt": volt, "cs": cs, "w": w,
-            "resolution": resolution, "shifts": "none",
-        }
-        paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
-    except BaseException:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
-        raise
+    rotations, euler, (dfu, dfv, dfang) = _draw_poses_and_defocus(
+        n_particles, gen, defocus_range, astigmatism_range, defocus_angle_range)
+    meta = {
+        "source": source, "n_particles": n_particles, "box": D, "apix": apix, "snr": snr,
+        "snr_definition": "var(all clean pixels of all images) / var(noise)",
+        "noise_sigma": None, "seed": int(seed), "ctf_pad": ctf_pad,
+        "ctf_sign": "CTF(0) = -w (cryoDRGN convention; RELION's getCTF is the negative)",
+        "defocus_range": list(defocus_range), "astigmatism_range": list(astigmatism_range),
+        "defocus_angle_range": list(defocus_angle_range), "volt": volt, "cs": cs, "w": w,
+        "resolution": resolution, "shifts": "none",
+    }
+    sigma = _write_files(paths, meta, volume, rotations, euler, (dfu, dfv, dfang), (volt, cs, w), gen=gen,
+                         batch_size=batch_size, device=device, progress=progress)
+    N = n_particles
     params = CTFParams(
         dfu=dfu, dfv=dfv, dfang=dfang, volt=torch.full((N,), float(volt), dtype=torch.float64),
         cs=torch.full((N,), float(cs), dtype=torch.float64), w=torch.full((N,), float(w), dtype=torch.float64),
@@ -200,6 +167,47 @@ def simulate(
         metadata_path=paths["meta"], n_particles=N, box=D, apix=apix, snr=snr, noise_sigma=sigma,
         ctf_pad=ctf_pad, rotations=rotations, euler_deg=euler, ctf_params=params,
     )
+
+
+def _draw_poses_and_defocus(N, gen, defocus_range, astigmatism_range, defocus_angle_range):
+    """Rotations ``(N, 3, 3)`` float64, their RELION Euler angles ``(N, 3)`` (degrees) and
+    ``(dfu, dfv, dfang)``, drawn from ``gen`` in this order (the noise is drawn after them, so
+    a seed fixes the data set)."""
+    rotations = random_rotations(N, generator=gen, dtype=torch.float64)
+    dfu = _uniform(N, *defocus_range, gen)
+    dfv = dfu - _uniform(N, *astigmatism_range, gen)
+    dfang = _uniform(N, *defocus_angle_range, gen)
+    # The STAR file stores Euler angles; the matrices they give back (not the drawn ones,
+    # which differ by ~1e-16) are the poses the images are made with, so files and images
+    # agree to rounding.
+    euler = matrix_to_relion_euler(rotations)
+    return relion_euler_to_matrix(euler), euler, (dfu, dfv, dfang)
+
+
+def _write_files(paths, meta, volume, rotations, euler, defocus, optics, *, gen, batch_size, device,
+                 progress) -> float:
+    """Write the map, the stack, the STAR file and ``simulation.json`` (``meta`` with the noise
+    sigma filled in); returns the noise sigma. A simulation that fails part-way (a device or
+    backend that cannot run, a full disk, an interrupt) removes what it wrote: never an
+    all-zero stack that looks like data."""
+    N, D, apix = meta["n_particles"], meta["box"], meta["apix"]
+    (dfu, dfv, dfang), (volt, cs, w) = defocus, optics
+    try:
+        write_mrc(paths["volume"], volume, apix)
+        sigma = _write_stack(paths["stack"], volume, rotations, defocus, optics, apix=apix,
+                             ctf_pad=meta["ctf_pad"], snr=meta["snr"], gen=gen, batch_size=batch_size,
+                             device=device, progress=progress)
+        write_particles_star(
+            paths["star"], image_names=[f"{i + 1:06d}@{STACK_NAME}" for i in range(N)], euler_deg=euler,
+            dfu=dfu, dfv=dfv, dfang=dfang, apix=apix, box=D, volt=volt, cs=cs, w=w,
+            extra_columns={"rlnRandomSubset": (torch.arange(N) % 2 + 1)},
+        )
+        paths["meta"].write_text(json.dumps({**meta, "noise_sigma": sigma}, indent=2) + "\n")
+    except BaseException:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise
+    return sigma
 
 
 def _volume(structure, box, apix, resolution) -> tuple[torch.Tensor, int, float, str]:

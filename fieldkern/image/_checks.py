@@ -1,4 +1,4 @@
-"""Argument checks of the image experiment, in the style of :mod:`fieldkern.ops._checks`.
+"""Argument checks of the image experiment, in the style of :mod:`fieldkern.checks`.
 
 Images here are ``(H, W)`` (grey) or channels-last ``(H, W, C)`` with ``C`` at most
 :data:`MAX_CHANNELS`, intensities in [0, 1].
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fieldkern.ops._checks import check_count, check_finite, to_numpy  # noqa: F401 (re-exported)
+from fieldkern.checks import check_count, check_finite
 
 # Grey, grey + alpha, RGB, RGBA. A larger last axis is almost always a channels-first
 # (C, H, W) array, which would otherwise be read as an image C pixels wide with W channels.

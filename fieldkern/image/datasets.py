@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fieldkern.image._checks import check_count, check_layout, check_pixels, check_size, to_numpy
+from fieldkern.checks import check_count, to_numpy
+from fieldkern.image._checks import check_layout, check_pixels, check_size
 
 # Photographs bundled with scikit-image, in the order they are used.
 NATURAL_IMAGES = (

@@ -19,7 +19,8 @@ import torch
 
 from fieldkern.coords import grid_coordinates
 from fieldkern.image import metrics
-from fieldkern.image._checks import check_layout, check_pixels, to_numpy
+from fieldkern.checks import to_numpy
+from fieldkern.image._checks import check_layout, check_pixels
 from fieldkern.image.methods import Method
 from fieldkern.image.presets import ImagePreset
 from fieldkern.train import Callback, StageSchedule, run_stages, stage_setter

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from fieldkern.image._checks import check_finite, check_layout
+from fieldkern.checks import check_finite
+from fieldkern.image._checks import check_layout
 
 # Spectra are measured in 8-bit grey levels so MAD values read on the paper's scale.
 SPECTRUM_SCALE = 255.0

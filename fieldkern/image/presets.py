@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fieldkern.image._checks import check_count
+from fieldkern.checks import check_count
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from fieldkern.ops._checks import check_count
+from fieldkern.checks import check_count
 
 
 class SAPE(nn.Module):

@@ -69,6 +69,10 @@ registers, spills), took 8.3 ms of a 9.7 ms 3D fwd+bwd on an H200 (bench/RESULTS
 Keeping ``lin_i`` costs (L-1) x P x H floats (0.17-0.19 of eager PyTorch's training memory
 for the benchmark networks).
 
+This one op's file holds its four kernels (fused forward, per-layer backward, the
+backward's two GEMM kernels), the launch rules and the launchers: the kernels/ rule of one op
+per file, not one idea per 350 lines.
+
 Reductions over points are deterministic: each program adds its tiles into its own row of
 ``[n_programs, ...]`` partial buffers (plain load/add/store, no atomics), the GEMMs' slab
 partials are summed in a fixed order, and ``dx`` rows belong to one program each.
@@ -188,6 +192,10 @@ def _mfn_stack_fwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    # Long by its raw-pointer signature (a kernel takes no bundles) and one loop nest over
+    # tiles, layers and column blocks; the block steps are helpers (filter_values,
+    # _linear_block, load_split / mm_split). The store sequence per block stays here, where the
+    # scratch barrier that orders it is.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_tiles = tl.cdiv(P, BLOCK_P)
@@ -293,7 +301,11 @@ def _mfn_stack_bwd_kernel(
     g_{i-1}``, sines recomputed) -- and ``z_i`` itself on the top layer (``STORE_Z``) -- for
     the launcher's products. Sums over points as (BLOCK_O x BLOCK_N) ``tl.dot`` on the FMA
     path need the whole point axis per thread (ptxas: 600-840 B of spills), so ``dU`` is
-    left to the GEMMs below too."""
+    left to the GEMMs below too.
+
+    Long by its signature (30 pointers and switches) and one loop body whose values (the
+    sines, ``lin_i``, ``dz_i``) feed four outputs; the filter math is in ``filter_args`` /
+    ``filter_backward``, and a jit helper for the rest would take the same 30 arguments."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_tiles = tl.cdiv(P, BLOCK_P)

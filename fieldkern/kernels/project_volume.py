@@ -262,6 +262,21 @@ def project_volume_fwd_kernel(vol_ptr, rot_ptr, out_ptr, D, BLOCK: tl.constexpr,
 
 
 @triton.jit
+def _store_rotation_partial(out_ptr, sx, sy, sz, tx, ty, tz, px, py):
+    """This tile's 9 entries of dL/dR[i, j] = sum g * dV/dq_j * p_i, p = (px, py, pz): the
+    lanes' ``s_j = sum_k g dV/dq_j`` times px and py, and ``t_j = sum_k g dV/dq_j p_z``."""
+    tl.store(out_ptr + 0, tl.sum(sx * px, axis=0))
+    tl.store(out_ptr + 1, tl.sum(sy * px, axis=0))
+    tl.store(out_ptr + 2, tl.sum(sz * px, axis=0))
+    tl.store(out_ptr + 3, tl.sum(sx * py, axis=0))
+    tl.store(out_ptr + 4, tl.sum(sy * py, axis=0))
+    tl.store(out_ptr + 5, tl.sum(sz * py, axis=0))
+    tl.store(out_ptr + 6, tl.sum(tx, axis=0))
+    tl.store(out_ptr + 7, tl.sum(ty, axis=0))
+    tl.store(out_ptr + 8, tl.sum(tz, axis=0))
+
+
+@triton.jit
 def project_volume_bwd_kernel(
     vol_ptr, rot_ptr, grad_out_ptr, grad_vol_ptr, grad_rot_partial_ptr, D, n_tiles,
     NEED_VOLUME: tl.constexpr, NEED_ROTATION: tl.constexpr, BLOCK: tl.constexpr, TILE_W: tl.constexpr,
@@ -320,18 +335,7 @@ def project_volume_bwd_kernel(
             ty += gs * gy * pz
             tz += gs * gz * pz
     if NEED_ROTATION:
-        # dL/dR[i, j] = sum g * dV/dq_j * p_i with p = (px, py, pz).
-        base = grad_rot_partial_ptr + (b * n_tiles + tile) * 9
-        tl.store(base + 0, tl.sum(sx * px, axis=0))
-        tl.store(base + 1, tl.sum(sy * px, axis=0))
-        tl.store(base + 2, tl.sum(sz * px, axis=0))
-        tl.store(base + 3, tl.sum(sx * py, axis=0))
-        tl.store(base + 4, tl.sum(sy * py, axis=0))
-        tl.store(base + 5, tl.sum(sz * py, axis=0))
-        tl.store(base + 6, tl.sum(tx, axis=0))
-        tl.store(base + 7, tl.sum(ty, axis=0))
-        tl.store(base + 8, tl.sum(tz, axis=0))
-
+        _store_rotation_partial(grad_rot_partial_ptr + (b * n_tiles + tile) * 9, sx, sy, sz, tx, ty, tz, px, py)
 
 # voxels per program of the gather backward: one per thread at 4 warps (ptxas sm_90: 128
 # registers, 1133 SASS instructions per image; 93 and 1460 before the candidates' positions

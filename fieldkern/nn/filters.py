@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fieldkern import ops
-from fieldkern.ops._checks import is_int
+from fieldkern.checks import is_int
 
 
 def _check_features(**kwargs) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from fieldkern import ops
 from fieldkern.nn import init as finit
 from fieldkern.nn.filters import FILTERS, _check_features
-from fieldkern.ops._checks import check_coordinates, is_int
+from fieldkern.checks import check_coordinates, is_int
 from fieldkern.ops.mfn_stack import HEAD_ACTIVATIONS
 
 

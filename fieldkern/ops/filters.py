@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fieldkern.backend import resolve
-from fieldkern.ops._checks import check_coordinates, check_shape, check_weight
+from fieldkern.checks import check_coordinates, check_shape, check_weight
 
 
 def _check_filter_args(x, weight, bias, gamma=None, mu=None):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from fieldkern.backend import resolve
-from fieldkern.ops._checks import check_coordinates, check_shape, check_weight
+from fieldkern.checks import check_coordinates, check_shape, check_weight
 from fieldkern.ops._precision import get_precision
 from fieldkern.ops._stack import StackParams, StackSpec
 from fieldkern.ops._variants import get_variant

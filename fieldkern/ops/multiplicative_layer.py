@@ -6,7 +6,7 @@ import torch
 
 from fieldkern.backend import resolve
 from fieldkern.ops._precision import get_precision
-from fieldkern.ops._checks import check_dtype, check_floating, check_shape
+from fieldkern.checks import check_dtype, check_floating, check_shape
 from fieldkern.ops.filters import (
     _check_filter_args,
     fourier_filter_reference,

@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fieldkern.backend import resolve
-from fieldkern.ops._checks import check_chunk, check_rotations, check_volume
+from fieldkern.checks import check_chunk, check_rotations, check_volume
 from fieldkern.ops._variants import get_variant
 
 #: Default number of sample points (images x slices x D^2) per block of the reference:

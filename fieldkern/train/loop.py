@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from fieldkern.ops._checks import is_int
+from fieldkern.checks import is_int
 from fieldkern.train.schedule import StageSchedule
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fieldkern.ops._checks import is_int
+from fieldkern.checks import is_int
 
 
 class StageSchedule:

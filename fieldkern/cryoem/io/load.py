@@ -16,13 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fieldkern.cryoem._checks import (
-    check_amplitude_contrast,
-    check_defocus_angstrom,
-    check_finite,
-    check_positive,
-    check_voltage_kv,
-)
+from fieldkern.checks import check_finite, check_positive
+from fieldkern.cryoem._checks import check_amplitude_contrast, check_defocus_angstrom, check_voltage_kv
 from fieldkern.cryoem.io.mrc import stack_shape
 from fieldkern.cryoem.io.particles import CTFParams, ImageStack, ParticleDataset
 from fieldkern.cryoem.io.paths import resolve_stack

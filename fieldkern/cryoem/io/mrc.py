@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fieldkern.cryoem._checks import check_finite, check_positive
+from fieldkern.checks import check_finite, check_positive
 from fieldkern.cryoem.io.paths import check_is_file
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fieldkern.cryoem._checks import check_box_size
+from fieldkern.checks import check_box_size
 from fieldkern.cryoem.ctf import ctf as _ctf
 from fieldkern.cryoem.fourier import fourier_crop
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fieldkern.cryoem._checks import check_count, check_finite, check_finite_number, check_positive, to_numpy
+from fieldkern.checks import check_count, check_finite, check_finite_number, check_positive, to_numpy
 from fieldkern.cryoem.io.paths import check_is_file
 
 #: RELION 3.1 table version line (RELION writes it before each data block).

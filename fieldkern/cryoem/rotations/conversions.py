@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fieldkern.cryoem._checks import check_floating, check_matrices, check_proper_rotations, check_vectors
+from fieldkern.checks import check_floating, check_matrices, check_proper_rotations, check_vectors
 
 # Below this |theta|^2 the exp/log maps use Taylor series, so values and gradients stay
 # finite at theta = 0 (the closed forms are 0/0 there).

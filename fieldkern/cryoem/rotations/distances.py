@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fieldkern.cryoem._checks import ROTATION_ATOL, check_matrices
+from fieldkern.checks import ROTATION_ATOL, check_matrices
 from fieldkern.cryoem.rotations.conversions import matmul3, matrix_to_quaternion
 
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from fieldkern.cryoem._checks import check_floating, check_rotations, check_vectors
+from fieldkern.checks import check_floating, check_rotations, check_vectors
 from fieldkern.cryoem.rotations.conversions import matmul3, rodrigues
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fieldkern.cryoem._checks import check_count
+from fieldkern.checks import check_count
 from fieldkern.cryoem.rotations.conversions import quaternion_to_matrix
 
 

@@ -1,7 +1,10 @@
-"""Argument checks shared by the ops: cheap, Python-level, with the argument's name."""
+"""Argument checks shared by every layer (ops, nn, train, cryoem, image): cheap, Python-level,
+naming the argument. Domain-only checks (CTF units, image layouts) live beside their domain
+in ``cryoem/_checks.py`` and ``image/_checks.py``."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -170,3 +173,44 @@ def check_chunk(name: str, c: object) -> int | None:
     if isinstance(c, bool) or not isinstance(c, numbers.Integral) or int(c) < 1:
         raise ValueError(f"{name} must be a positive int or None, got {c!r}")
     return int(c)
+
+
+def check_box_size(name: str, D: object) -> int:
+    """D must be a positive even int (the centre index D//2 is then unambiguous)."""
+    if not is_int(D):
+        raise TypeError(f"{name} must be an int, got {type(D).__name__}")
+    D = int(D)
+    if D < 2 or D % 2:
+        raise ValueError(f"{name} must be a positive even number, got {D}")
+    return D
+
+
+def check_positive(name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not x > 0 or x != x or x == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {x}")
+    return x
+
+
+def check_matrices(name: str, r: object) -> None:
+    """A floating (..., 3, 3) tensor."""
+    check_floating(name, r)
+    if r.dim() < 2 or r.shape[-2:] != (3, 3):
+        raise ValueError(f"{name} must have shape (..., 3, 3), got {tuple(r.shape)}")
+
+
+def check_vectors(name: str, v: object, n: int = 3) -> None:
+    check_floating(name, v)
+    if v.dim() < 1 or v.shape[-1] != n:
+        raise ValueError(f"{name} must have shape (..., {n}), got {tuple(v.shape)}")
+
+
+def check_finite_number(name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x}")
+    return x
