@@ -101,7 +101,8 @@ def point_sum_products():
             # float32: the second operand split as the backward provides it (mm_split)
             b_hi, b_lo = (b, None) if mixed else split_tf32(b)
             sq_hi, sq_lo = (sq, None) if mixed else split_tf32(sq)
-            res["triton sum"] = time_ms(lambda: M._points_sum(a, b_hi, b_lo, mixed=mixed, cublas=False))
+            acc = torch.zeros((h, b.shape[1]), device=a.device, dtype=torch.float32)
+            res["triton sum"] = time_ms(lambda: M._add_points_sum(acc, a, b_hi, b_lo, mixed=mixed, cublas=False))
             res["triton rows"] = time_ms(lambda: M._rows_matmul(a, sq_hi, sq_lo, mixed=mixed, cublas=False))
             flops = 2 * n * h * h
             print(f"n={n} H={h} {str(dtype)[6:]}: " + ", ".join(

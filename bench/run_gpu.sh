@@ -6,7 +6,9 @@
 #   steps (default all but sanity and profile): candidates (every mfn_stack autotune
 #   candidate vs the reference, ~3 min), tests (the device test module, first configs),
 #   sanity (two of those), mfn, compile, project, epoch (bench/epoch_speed.py), accuracy
-#   (bench/accuracy.py), profile (bench/profile_mfn.py, 3D). A call may run 600 s at most:
+#   (bench/accuracy.py), profile (bench/profile_mfn.py, 3D), host (a training step's host
+#   cost with the Triton launches no-op'd), paper (the paper preset's epoch, ~7 min: a call
+#   of its own). A call may run 600 s at most:
 #   the step limits below add up to ~390 s for "candidates tests mfn" and ~400 s for
 #   "project accuracy epoch", so split a session's work like that.
 set -u
@@ -76,6 +78,10 @@ if has epoch; then
   # stack first (the warm-up above does not run for this step, nor build ReLU heads)
   timeout 180 python bench/epoch_speed.py > "$OUT/epoch_speed.txt" 2>&1; tail -n 8 "$OUT/epoch_speed.txt"
 fi
+has host && bench host 120 bench/test_bench_host_cost.py
+# the paper preset's epoch (synthetic data: simulation ~1.3 GB written, then 2 cases of an
+# untimed and 2 timed epochs each); FIELDKERN_BENCH_PARTICLES=10000 if a session is short
+has paper && bench paper 420 bench/test_bench_paper_epoch.py
 has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"
 if has accuracy; then  # the device's errors against the reference, every mfn_stack path
   stamp "accuracy"

@@ -172,12 +172,44 @@ def epoch_table(benchmarks: list[dict]) -> list[str]:
     return _table(["stage", "slices", "min", "mean", "max", "rounds", "particles/s", "threads"], rows)
 
 
+def paper_epoch_table(benchmarks: list[dict]) -> list[str]:
+    """``test_bench_paper_epoch``: the paper preset's epoch per case, and the simulation."""
+    rows = []
+    for b in benchmarks:
+        info, st = b.get("extra_info", {}), b["stats"]
+        if info.get("case") == "simulate":
+            rows.append(["simulate", str(info.get("particles", "-")), f"{info.get('simulate_seconds', 0):.1f} s",
+                         "-", "-"])
+            continue
+        minutes = info.get("projected_minutes")
+        rows.append([str(info.get("case", b.get("name", ""))), str(info.get("particles", "-")), "-",
+                     f"{st['mean']:.2f} s", "-" if minutes is None else f"{minutes:.1f} min"])
+    return _table(["case", "particles", "simulation", "seconds per epoch", "preset's epochs (upper bound)"], rows)
+
+
+def paper_epoch_targets(benchmarks: list[dict]) -> list[str]:
+    """Issue 21: <= 4 s per epoch and <= 7 minutes for the preset, and the speed-up over the
+    trainer with host round trips."""
+    cases = {b.get("extra_info", {}).get("case"): b for b in benchmarks}
+    new, old = cases.get("trainer"), cases.get("host_round_trips")
+    if new is None:
+        return []
+    seconds = new["stats"]["mean"]
+    lines = [_verdict("paper_epoch, seconds per epoch", seconds, 4.0, False, " s"),
+             _verdict("paper_epoch, whole preset", new.get("extra_info", {}).get("projected_minutes"), 7.0, False,
+                      " min")]
+    if old is not None:
+        lines.append(f"paper_epoch, vs the trainer with host round trips: {old['stats']['mean'] / seconds:.3g}x")
+    return lines
+
+
 def generic_table(benchmarks: list[dict]) -> list[str]:
     rows = [[b.get("name", ""), _ms(_mean(b)), str(b["stats"].get("rounds", "-"))] for b in benchmarks]
     return _table(["benchmark", "mean", "rounds"], rows)
 
 
-TABLES = {"mfn_stack": mfn_table, "project_volume": project_table, "epoch": epoch_table}
+TABLES = {"mfn_stack": mfn_table, "project_volume": project_table, "epoch": epoch_table,
+          "paper_epoch": paper_epoch_table}
 
 
 def run_info(runs: list[tuple[str, dict]], benchmarks: list[dict]) -> list[str]:
@@ -269,6 +301,8 @@ def summarize(runs: list[tuple[str, dict]]) -> list[str]:
         out += [f"## {g}", ""] + run_info([(p, d) for p, d in runs if p in paths], benchmarks) + [""]
         out += TABLES.get(g, generic_table)(benchmarks) + [""]
         verdicts = [line for line in targets(benchmarks) if line.startswith(g)]
+        if g == "paper_epoch":
+            out += ["Targets:", ""] + [f"- {v}" for v in paper_epoch_targets(benchmarks)] + [""]
         if g in ("mfn_stack", "project_volume"):
             out += ["Targets (float32 Triton rows):", ""]
             out += [f"- {v}" for v in verdicts] or ["- no Triton rows"]

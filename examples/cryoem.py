@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--snr", type=float, help="signal-to-noise ratio of the simulation")
     p.add_argument("--pose-init", choices=POSE_INITS,
                    help="gt: true (or the file's) poses, kept fixed; refine: those poses, refined (default with "
-                   "--particles); perturbed: up to 20 deg off (default otherwise); coarse: 45-90 deg off")
+                   "--particles); perturbed: up to 20 deg off (default otherwise); coarse: 45-90 deg off; "
+                   "uniform: 0-180 deg off (appendix E); random: uniform on SO(3), ab initio (both with "
+                   "--pose-search 4608 unless given)")
     p.add_argument("--pose-search", type=int, metavar="N", help="global pose search over N grid rotations at the "
                    "start of every epoch from the second stage (not in the paper; for --pose-init coarse, e.g. 4608)")
     p.add_argument("--epochs", type=int, help="training epochs (stage switches scale with it)")
@@ -68,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (a folder holding anything "
                    "is refused without --resume or --overwrite)")
+    p.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop after the epoch that ends past this "
+                   "many minutes of training, checkpoints written, with exit status 3; --resume goes on")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -75,11 +79,15 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked: exit status 2 with a message for arguments that cannot go together."""
     from fieldkern.cryoem.data import check_map_geometry, is_map
+    from fieldkern.cryoem.poses import FAR_POSE_INITS
+    from fieldkern.cryoem.presets import AB_INITIO_POSE_SEARCH
 
     p = _parser()
     args = p.parse_args(argv)
     if args.pose_init is None:  # a real set's poses are the best start; the paper perturbs simulated ones
         args.pose_init = "refine" if args.particles else "perturbed"
+    if args.pose_init in FAR_POSE_INITS and args.pose_search is None:
+        args.pose_search = AB_INITIO_POSE_SEARCH  # far from the truth: the global search by default
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     if args.reference and not args.particles:
@@ -93,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         given = [f"--{n.replace('_', '-')}" for n in ("box", "apix", "n_particles", "snr") if getattr(args, n) is not None]
         if given:
             p.error(f"{', '.join(given)}: simulation settings, which do not apply to --particles")
+    if args.time_limit is not None and not args.time_limit > 0:
+        p.error("--time-limit must be a positive number of minutes")
     if args.pose_search is not None and args.pose_search < 0:
         p.error("--pose-search must be >= 0")
     for name in ("box", "n_particles", "epochs"):
@@ -152,7 +162,8 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     train_start = time.perf_counter()
     # One reconstruction, or (no ground truth) one per half set for the gold-standard FSC.
     recs = experiment.reconstruct(data, init, recon_cfg, out, resume=args.resume, progress=progress,
-                                  device=device, dist=dist)
+                                  device=device, dist=dist,
+                                  time_limit=None if args.time_limit is None else 60 * args.time_limit)
     train_seconds = time.perf_counter() - train_start
     if not dist.is_main:
         return None
@@ -167,6 +178,10 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     return write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, settings, seconds, train_seconds)
 
 
+#: Exit status of a run stopped by --time-limit (resumable; 1 is an error, 2 bad arguments).
+TIME_LIMIT_EXIT = 3
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -175,11 +190,18 @@ def main(argv=None) -> int:
 
     reuse_freed_memory()  # training allocates and frees large tensors many times a second
 
+    from fieldkern.train import TimeLimitReached
+
     dist = None
     try:
         # Under torchrun: one process per GPU (NCCL) or CPU process (gloo); else unchanged.
         dist = init_from_env(args.device)
         results = run(args, argv, dist)
+    except TimeLimitReached as exc:
+        if dist is None or dist.is_main:
+            print(f"cryoem: stopped at --time-limit {args.time_limit:g} min ({exc}); the checkpoints are in "
+                  f"{args.out}: run the same command with --resume (instead of --overwrite) to go on", file=sys.stderr)
+        return TIME_LIMIT_EXIT
     except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
         rank = "" if dist is None or not dist.distributed else f" (rank {dist.rank})"
         print(f"cryoem: error{rank}: {exc}", file=sys.stderr)

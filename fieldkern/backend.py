@@ -3,7 +3,8 @@
 ``"torch"`` is the plain-PyTorch reference path (any device). ``"triton"`` is the fused
 Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). ``"auto"``
 (the default) takes Triton for CUDA tensors when it is usable and the reference otherwise,
-so callers never branch on hardware.
+so callers never branch on hardware; an op may keep measured-slower calls on the reference
+(``fieldkern.ops.mfn_stack.AUTO_REFERENCE_POINTS``).
 
 The initial setting comes from the environment variable ``FIELDKERN_BACKEND``.
 """

@@ -72,3 +72,28 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_auto_keeps_the_measured_slower_mfn_stack_calls_on_the_reference():
+    """The rule of ``AUTO_REFERENCE_POINTS``: float32, a recorded gradient, at most 2^18
+    points and hidden 128; any other call, or an explicit "triton", is left to Triton."""
+    from fieldkern.ops.mfn_stack import AUTO_REFERENCE_HIDDEN, AUTO_REFERENCE_POINTS, _auto_takes_reference
+
+    def call(points, hidden=AUTO_REFERENCE_HIDDEN, grad=True):
+        x = torch.zeros(points, 3)
+        w = [torch.zeros(hidden, 3, requires_grad=grad)]
+        return _auto_takes_reference(x, w, [None, [torch.zeros(hidden, hidden)]])
+
+    assert call(AUTO_REFERENCE_POINTS)
+    assert call(64)
+    assert not call(AUTO_REFERENCE_POINTS + 1)
+    assert not call(64, hidden=AUTO_REFERENCE_HIDDEN + 1)
+    assert not call(64, grad=False)
+    with torch.no_grad():
+        assert not call(64)
+    with fieldkern.ops.set_precision("mixed"):
+        assert not call(64)
+    with fieldkern.set_backend("triton"):
+        assert not call(64)
+    x = torch.zeros(64, 3, requires_grad=True)  # a gradient for the coordinates alone counts too
+    assert _auto_takes_reference(x, [torch.zeros(32, 3)], [])

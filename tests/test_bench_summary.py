@@ -35,3 +35,19 @@ def test_targets_met_and_missed():
     assert "D=64 B=600 forward, vs chunked reference: not measured" in text
     assert "D=64 B=600 forward, time: 0.4 ms (target <= 0.5 ms) met" in text
     assert summarize.targets([r for r in rows if r["params"]["impl"] != "triton"]) == []
+
+
+def test_paper_epoch_targets_and_table():
+    def run(case, seconds, minutes=None):
+        return {"name": f"test_bench_paper_epoch[{case}]", "stats": {"mean": seconds},
+                "extra_info": {"case": case, "particles": 50000, "projected_minutes": minutes}}
+
+    rows = [run("trainer", 3.0, 5.0), run("host_round_trips", 9.0, 15.0)]
+    text = "\n".join(summarize.paper_epoch_targets(rows))
+    assert "seconds per epoch: 3 s (target <= 4 s) met" in text
+    assert "whole preset: 5 min (target <= 7 min) met" in text
+    assert "host round trips: 3x" in text
+    slow = "\n".join(summarize.paper_epoch_targets([run("trainer", 6.0, 10.0)]))
+    assert "6 s (target <= 4 s) NOT met" in slow and "10 min (target <= 7 min) NOT met" in slow
+    table = "\n".join(summarize.paper_epoch_table(rows))
+    assert "| trainer | 50000 | - | 3.00 s | 5.0 min |" in table

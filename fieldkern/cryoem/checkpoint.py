@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fieldkern._files import torch_save_atomic
+from fieldkern.train.optim import keep_capturable
 
 if TYPE_CHECKING:
     from fieldkern.cryoem.reconstruct import Reconstruction
@@ -165,6 +166,7 @@ def _restore(rec: Reconstruction, ckpt: dict, state: TrainingState, path: Path) 
         rec.model.set_stage(ckpt["stage"])
         rec.model.load_state_dict(ckpt["model"])
         rec.optimizer.load_state_dict(ckpt["optimizer"])
+        keep_capturable(rec.optimizer)
         rng = ckpt["rng"]
         if not (torch.is_tensor(rng) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
             raise ValueError("the random number generator state is not torch's")

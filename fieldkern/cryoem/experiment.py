@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from fieldkern._files import remove_outputs
 from fieldkern.cryoem.config import ReconstructionConfig
+from fieldkern.cryoem.ctf import ctf as _ctf
 from fieldkern.cryoem.data import ExperimentData
 from fieldkern.cryoem.evaluation import (
     Evaluation,
@@ -57,8 +59,8 @@ class ImageRows:
 
 
 def reconstruct(data: ExperimentData, initial: torch.Tensor, config: ReconstructionConfig, out: Path, *,
-                resume: bool = False, progress: bool = True, device=None,
-                dist: DistContext | None = None) -> list[tuple[torch.Tensor | None, Reconstruction]]:
+                resume: bool = False, progress: bool = True, device=None, dist: DistContext | None = None,
+                time_limit: float | None = None) -> list[tuple[torch.Tensor | None, Reconstruction]]:
     """Train on ``data`` from the poses ``initial`` ``(N, 3, 3)``; returns ``(particle indices,
     trained reconstruction)`` pairs: ``[(None, rec)]`` for all particles, or one pair per half set.
 
@@ -69,17 +71,20 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
     (``config.seed`` and ``config.seed + 1``).
     RELION origins (``data.dataset.shifts_A``) centre the images. ``resume`` continues from
     the checkpoints (half 2 starts afresh if the run stopped before it began); FileNotFoundError
-    if the first is missing. Call on every rank.
+    if the first is missing. ``time_limit`` (seconds, for all of them together): stop after
+    the epoch that ends past it with :class:`~fieldkern.train.TimeLimitReached`, every
+    checkpoint written; ``resume`` then goes on. Call on every rank.
     """
+    start = time.monotonic()
     ds = data.dataset
     halves = [None] if data.has_ground_truth else list(split_halves(ds, config.seed))
     recs = []
     for h, index in enumerate(halves, 1):
+        ctfs = batch_ctfs(ds, index, device)
         if index is None:
-            images, ctfs, poses, shifts, tag = ds.images, (lambda idx: ds.ctf(idx.cpu())), initial, ds.shifts_A, ""
+            images, poses, shifts, tag = ds.images, initial, ds.shifts_A, ""
         else:
             images, poses, shifts, tag = ImageRows(ds.images, index), initial[index], ds.shifts_A[index], f"half{h}_"
-            ctfs = functools.partial(_half_ctfs, ds, index)
         # Half sets must be independent down to the field's random initial content, which the
         # data never fully overwrite at high frequencies: a shared seed inflates their FSC.
         cfg = config if index is None else replace(config, seed=config.seed + h - 1)
@@ -95,12 +100,38 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
                 with rec.dist.agree(f"removing the old results in {out}"):
                     if rec.dist.is_main:
                         remove_outputs(out, RESULTS)
-        rec.fit(checkpoint, progress=progress, callbacks=[StageMapWriter(rec, out, ds.apix, tag)])
+        left = None if time_limit is None else max(time_limit - (time.monotonic() - start), 1e-3)
+        rec.fit(checkpoint, progress=progress, callbacks=[StageMapWriter(rec, out, ds.apix, tag)], time_limit=left)
         recs.append((index, rec))
     return recs
 
 
-def _half_ctfs(ds: ParticleDataset, index: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def batch_ctfs(ds: ParticleDataset, index: torch.Tensor | None, device=None):
+    """``idx -> (n, D, D)`` float32 CTFs of the rows ``idx`` of the particles ``index`` (None:
+    all of them). On the CPU (and without a device) from the data set's host parameters; on
+    another device from one copy of them there, indexed by the device's ``idx``, so a batch
+    needs neither a host read of its indices nor a host-to-device copy of its CTFs."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu":
+        if index is None:
+            return lambda idx: ds.ctf(idx.cpu())
+        return functools.partial(_host_ctfs, ds, index)
+    return device_ctfs(ds, index, device)
+
+
+def device_ctfs(ds: ParticleDataset, index: torch.Tensor | None, device):
+    """:func:`batch_ctfs` from a copy of the CTF parameters on ``device`` (any device; the
+    same values as the host's)."""
+    params = ds.ctf_params.to(device)
+    rows = None if index is None else index.to(device)
+
+    def ctfs(idx: torch.Tensor) -> torch.Tensor:
+        p = params.select(idx if rows is None else rows[idx])
+        return _ctf(ds.box, ds.apix, **p, device=device, dtype=torch.float32)
+    return ctfs
+
+
+def _host_ctfs(ds: ParticleDataset, index: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return ds.ctf(index[idx.cpu()])
 
 

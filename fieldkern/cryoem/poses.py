@@ -22,23 +22,33 @@ from fieldkern.cryoem.rotations import (
     matrix_to_quaternion,
     perturb_rotations,
     quaternion_to_matrix,
+    random_rotations,
 )
+from fieldkern.train.optim import adam
 
 #: ``--pose-init`` choices (:func:`initial_poses`).
-POSE_INITS = ("gt", "refine", "perturbed", "coarse")
+POSE_INITS = ("gt", "refine", "perturbed", "coarse", "uniform", "random")
+#: The inits that start far from the truth (more than 90 degrees on average) and so take
+#: the global pose search by default (``presets.AB_INITIO_POSE_SEARCH``).
+FAR_POSE_INITS = ("uniform", "random")
 
 
 def initial_poses(true_rotations: torch.Tensor, mode: str, preset, seed: int) -> torch.Tensor:
     """Starting pose estimates ``(N, 3, 3)``: the truth (``gt``, kept fixed in training;
     ``refine``, refined: a real particle set's poses), the truth rotated about a random axis
-    by up to ``preset.perturb_deg`` degrees (``perturbed``), or by ``preset.coarse_deg``
-    (``coarse``). ``preset``: a :class:`fieldkern.cryoem.presets.CryoEMPreset`."""
+    by up to ``preset.perturb_deg`` degrees (``perturbed``), by an angle in
+    ``preset.coarse_deg`` (``coarse``, the main text's [45, 90]) or in [0, 180] (``uniform``,
+    the paper's appendix E), or rotations uniform on SO(3) that know nothing of the truth
+    (``random``: ab initio; only its count is used). ``preset``: a
+    :class:`fieldkern.cryoem.presets.CryoEMPreset`. Seeded by ``seed``."""
     if mode not in POSE_INITS:
         raise ValueError(f"pose init must be one of {POSE_INITS}, got {mode!r}")
     if mode in ("gt", "refine"):
         return true_rotations.clone()
     gen = torch.Generator().manual_seed(seed + 17)
-    lo, hi = (0.0, preset.perturb_deg) if mode == "perturbed" else preset.coarse_deg
+    if mode == "random":
+        return random_rotations(true_rotations.shape[0], generator=gen, dtype=torch.float64)
+    lo, hi = {"perturbed": (0.0, preset.perturb_deg), "coarse": preset.coarse_deg, "uniform": (0.0, 180.0)}[mode]
     return jitter_rotations(true_rotations.to(torch.float64), lo, hi, generator=gen)
 
 
@@ -110,7 +120,7 @@ def refine_poses(image_losses, rotations: torch.Tensor, steps: int, lr: float,
         initial = initial_perturbation(B, generator)
     theta = initial[0].to(dev, torch.float64).clone().requires_grad_()
     axis = initial[1].to(dev, torch.float64).clone().requires_grad_()
-    opt = torch.optim.Adam([theta, axis], lr=lr, betas=tuple(betas))
+    opt = adam([theta, axis], lr=lr, betas=tuple(betas))
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         image_losses(perturb_rotations(rotations, theta, axis)).sum().backward()
@@ -129,6 +139,7 @@ def pose_errors_deg(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor
 
 
 __all__ = [
+    "FAR_POSE_INITS",
     "POSE_INITS",
     "initial_perturbation",
     "initial_poses",

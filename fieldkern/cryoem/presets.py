@@ -64,6 +64,13 @@ CRYOEM_PRESETS: dict[str, CryoEMPreset] = {
     ),
 }
 
+#: The global pose search's grid for the inits far from the truth (``--pose-init uniform``
+#: / ``random``) when ``--pose-search`` is not given: 4608 super-Fibonacci rotations, about
+#: 15 degrees apart, the grid that took the coarse init (45-90 degrees off) to 9.7 A on the
+#: quick 4AKE data (box 32). Chosen from that one measurement, not yet per box: the
+#: uniform and random inits have not been measured (issue 20).
+AB_INITIO_POSE_SEARCH = 4608
+
 #: The authors' stage epochs per structure (the paper's appendix B).
 PAPER_STAGE_EPOCHS = {"1ol5": (15, 30), "4ake": (25, 50)}
 

@@ -53,7 +53,8 @@ from fieldkern.cryoem.spectra import gaussian_filter, global_mean_std, lowpass_s
 from fieldkern.cryoem.voxel_field import VoxelField
 from fieldkern.distributed import DistContext
 from fieldkern.nn import ResidualMFN
-from fieldkern.train import Callback, StageSchedule, run_stages
+from fieldkern.train import Callback, StageSchedule, TimeLimit, run_stages
+from fieldkern.train.optim import adam
 
 #: Particles per block of the pose search (bounds its ``(block, grid)`` distance matrix).
 _SEARCH_BLOCK = 1024
@@ -127,12 +128,16 @@ class Reconstruction:
             3, config.hidden_features, 1, config.n_scales, D, lambda1=config.lambda1,
             lambda2=config.lambda2, init="residual", head_activation="relu",
         ).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.volume_lr)
+        self.optimizer = adam(self.model.parameters(), lr=config.volume_lr)
         self.field = VoxelField(self.model, D, config.support, self.dist, self.device)
         self.forward_model = forward_model(config.projector, D, self.device)
         self.schedule = StageSchedule(config.stage_epochs or None) if config.n_scales > 1 else StageSchedule(None)
         self.state = TrainingState()
         self._checkpoint_epoch: int | None = None  # epoch of the last checkpoint written or loaded
+        #: Read each batch's loss as it is made (the CPU: free there, and a diverged batch
+        #: stops the epoch at once), or all of an epoch's at its end (CUDA: a read waits for
+        #: the device, so one per epoch keeps the GPU's queue full).
+        self.read_losses_every_batch = self.device.type == "cpu"
 
     # -- data at a batch and stage ----------------------------------------------------------
 
@@ -158,21 +163,22 @@ class Reconstruction:
 
     # -- one epoch --------------------------------------------------------------------------
 
-    def _volume_steps(self, idx, target, ctf, batch_size: int | None = None) -> float:
+    def _volume_steps(self, idx, target, ctf, batch_size: int | None = None) -> torch.Tensor:
         """Adam steps on the field for this rank's particles ``idx`` of a global batch of
         ``batch_size`` (default ``len(idx)``); returns the global batch's mean loss (before the
-        last step)."""
+        last step), a 0-d tensor on the training device: reading it is the caller's choice
+        (one process: nothing in here waits for the device)."""
         batch_size = len(idx) if batch_size is None else batch_size
         model = self.forward_model
         poses = model.bind(self.rotations[idx]) if idx.numel() else None  # they hold still here
         if not self.dist.distributed:
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=self.device)
             for _ in range(self.config.volume_steps):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = model.per_image_loss(model.predict(model.prepare(self.volume()), poses, ctf), target).mean()
                 loss.backward()
                 self.optimizer.step()
-            return float(loss.detach())
+            return loss.detach()
         field_module = self.field.module()
         # The gather's backward sums dL_r/dV over ranks (W x the mean-loss gradient on each
         # rank's planes); DDP then divides the parameter gradients summed over ranks by W.
@@ -191,11 +197,14 @@ class Reconstruction:
                 total = per_image.detach().sum().to("cpu", torch.float64)
             loss.backward()
             self.optimizer.step()
-        return float(self.dist.all_reduce_sum(total.reshape(1))[0]) / batch_size
+        # (data parallel: the sum over ranks is read here, once per batch)
+        return torch.full((), float(self.dist.all_reduce_sum(total.reshape(1))[0]) / batch_size, device=self.device)
 
-    def _pose_steps(self, idx, target, ctf, lr: float, mine: torch.Tensor | None = None) -> None:
+    def _pose_steps(self, idx, target, ctf, lr: float, start, mine: torch.Tensor | None = None) -> None:
         """Pose steps for the particles of global batch ``idx`` selected by the mask ``mine``
-        (all of them by default); ``target`` and ``ctf`` are those particles' rows."""
+        (all of them by default); ``target`` and ``ctf`` are those particles' rows, ``start``
+        the whole batch's starting perturbation ``(theta (B,), axis (B, 3))`` on the device
+        (``_start_perturbations``)."""
         cfg = self.config
         sel = idx if mine is None else idx[mine]
         with torch.no_grad():
@@ -204,17 +213,24 @@ class Reconstruction:
         if sel.numel() == 0:
             return
         model = self.forward_model
-        # The starting perturbation is drawn for the whole global batch, so a particle
-        # starts from the same one whichever rank refines it.
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.state.epoch * 104729 + int(idx[0]))
-        theta, axis = initial_perturbation(len(idx), gen)
-        if mine is not None:
-            m = mine.cpu()
-            theta, axis = theta[m], axis[m]
+        theta, axis = start if mine is None else (start[0][mine], start[1][mine])
         self.rotations[sel] = refine_poses(
             lambda R: model.per_image_loss(model.predict_posed(fixed, R, ctf), target), self.rotations[sel],
             cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
+
+    def _start_perturbations(self, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each global batch's starting pose perturbation (``initial_perturbation``), from the
+        batches' host indices: drawn for the whole batch from a seed of the epoch and its
+        first particle, so a particle starts from the same one whichever rank refines it;
+        moved to the device in one copy per epoch, not one per batch."""
+        cfg = self.config
+        draws = [initial_perturbation(len(idx), torch.Generator(device="cpu").manual_seed(
+            cfg.seed * 7919 + self.state.epoch * 104729 + int(idx[0]))) for idx in batches]
+        sizes = [len(idx) for idx in batches]
+        theta = torch.cat([t for t, _ in draws]).to(self.device).split(sizes)
+        axis = torch.cat([u for _, u in draws]).to(self.device).split(sizes)
+        return list(zip(theta, axis))
 
     def _search_poses(self, stage: int | None) -> None:
         """:func:`~fieldkern.cryoem.poses.search_poses` for this rank's particles against the
@@ -237,17 +253,20 @@ class Reconstruction:
     def train_epoch(self, epoch: int, stage: int | None) -> float:
         """One pass over the particles; returns the mean over batches of the batch loss.
 
-        Raises FloatingPointError as soon as a batch's loss is NaN or inf.
+        Raises FloatingPointError when a batch's loss is NaN or inf: at once with
+        ``read_losses_every_batch`` (the CPU), else at the end of the epoch.
         """
         cfg = self.config
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n_particles, generator=gen).to(self.device)
+        order_host = torch.randperm(self.n_particles, generator=gen)
+        order = order_host.to(self.device)
         lowpass = self.lowpass(stage)
         pose_on = (cfg.refine_poses and cfg.pose_steps > 0
                    and (stage is None or stage >= cfg.pose_start_stage))
         pose_lr = cfg.pose_lr * cfg.pose_lr_decay ** max(0, epoch - self._first_pose_epoch())
         if cfg.refine_poses and cfg.pose_search and (stage is None or stage >= 1):
             self._search_poses(stage)
+        starts = self._start_perturbations(order_host.split(cfg.batch_size)) if pose_on else None
         losses = []
         for b, idx in enumerate(order.split(cfg.batch_size)):
             if self.dist.distributed:
@@ -257,15 +276,15 @@ class Reconstruction:
                 mine, sel = None, idx
             select = self.forward_model.select
             target, ctf = select(self.spectra[sel - self._lo] * lowpass), select(self.ctf(sel))
-            loss = self._volume_steps(sel, target, ctf, len(idx))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} in epoch {epoch}, batch {b} (stage {stage})")
-            losses.append(loss)
+            losses.append(self._volume_steps(sel, target, ctf, len(idx)))
+            if self.read_losses_every_batch:
+                _check_losses(losses[-1:], epoch, stage, first=b)
             if pose_on:
-                self._pose_steps(idx, target, ctf, pose_lr, mine)
+                self._pose_steps(idx, target, ctf, pose_lr, starts[b], mine)
+        values = _check_losses(losses, epoch, stage)
         self._gather_rotations()
         self.state.epoch = epoch + 1
-        return sum(losses) / len(losses)
+        return sum(values) / len(values)
 
     def _gather_rotations(self) -> None:
         """Every rank's refined poses into ``rotations`` on every rank (exact: a sum with zeros)."""
@@ -287,14 +306,17 @@ class Reconstruction:
 
     # -- training, checkpoints, results -----------------------------------------------------
 
-    def fit(self, checkpoint: str | os.PathLike | None = None, progress: bool = True, callbacks=()) -> list[float]:
+    def fit(self, checkpoint: str | os.PathLike | None = None, progress: bool = True, callbacks=(),
+            time_limit: float | None = None) -> list[float]:
         """Train from ``self.state.epoch`` to ``config.epochs``, saving ``checkpoint`` after
         every epoch (atomically: temporary file, then rename); returns the epochs' losses.
 
         A NaN or inf loss (or model parameter, or pose) stops training with a
         FloatingPointError that says so; the checkpoint is only ever written from finite
         states, so the last good one is kept. An OSError writing the checkpoint (disk full,
-        permissions) stops training and names the path.
+        permissions) stops training and names the path. ``time_limit`` (seconds): stop after
+        the epoch (and its checkpoint) that ends past it, raising
+        :class:`~fieldkern.train.TimeLimitReached`; ``fit`` again (after :meth:`load`) goes on.
         """
         reconstruction = self
         progress = progress and self.dist.is_main
@@ -312,7 +334,7 @@ class Reconstruction:
         try:
             return run_stages(
                 self.train_epoch, self.config.epochs, self.schedule, self.model.set_stage,
-                callbacks=[_Saver(), *callbacks], progress=progress, desc="epochs",
+                callbacks=[_Saver(), *callbacks, *self._time_limit(time_limit)], progress=progress, desc="epochs",
                 postfix_every=1, start_step=start,
             )
         except FloatingPointError as exc:
@@ -323,6 +345,14 @@ class Reconstruction:
             else:
                 kept = "no checkpoint was being written"
             raise FloatingPointError(f"training stopped: {exc}; {kept}") from exc
+
+    def _time_limit(self, seconds: float | None) -> list[Callback]:
+        if seconds is None:
+            return []
+        agree = None
+        if self.dist.distributed:  # stop on every rank when any rank's clock ran out
+            agree = lambda up: bool(self.dist.all_reduce_sum(torch.tensor([float(up)], device=self.device))[0] > 0)  # noqa: E731
+        return [TimeLimit(seconds, self.config.epochs, agree)]
 
     def save(self, path) -> None:
         """Write a checkpoint (:func:`~fieldkern.cryoem.checkpoint.save_checkpoint`: rank 0
@@ -354,6 +384,16 @@ class Reconstruction:
             return [v.detach().cpu() for v in self.volume(all_scales=True)]
         finally:
             self.model.set_stage(stage)
+
+
+def _check_losses(losses: list[torch.Tensor], epoch: int, stage: int | None, first: int = 0) -> list[float]:
+    """The batch losses as floats (one read of all of them), FloatingPointError naming the
+    first non-finite one (``first``: the batch number of ``losses[0]``)."""
+    values = torch.stack(losses).tolist()
+    for b, loss in enumerate(values, first):
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} in epoch {epoch}, batch {b} (stage {stage})")
+    return values
 
 
 def _check_inputs(images, rotations, shifts: torch.Tensor | None) -> tuple[int, int]:

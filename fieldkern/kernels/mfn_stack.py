@@ -636,11 +636,11 @@ class _Partials:
     def stride(self) -> int:
         return self.buf.stride(0)
 
-    def sums(self) -> dict[str, torch.Tensor]:
-        """(L, size) sums over the programs, in a fixed order: deterministic."""
-        total = self.buf.sum(0)
-        # copies: outputs of a custom op may not alias each other
-        return {k: total[:, o:o + self.sizes[k]].clone() for k, o in self.offsets.items()}
+    def sums(self, keys) -> dict[str, torch.Tensor]:
+        """(L, size) sums over the programs of each of ``keys``, in a fixed order:
+        deterministic. One reduction per key, each a tensor of its own (outputs of a custom op
+        may not alias each other)."""
+        return {k: self.buf[:, :, self.offsets[k]:self.offsets[k] + self.sizes[k]].sum(0) for k in keys}
 
 
 @dataclasses.dataclass
@@ -699,7 +699,8 @@ class _BackwardCall:
         """dx and the parameter gradients (``mfn_stack_backward``)."""
         p = self.params
         L, H, D = p.w.shape
-        sums = self.partials.sums()
+        present = {"w": True, "b": True, "c": p.c is not None, "g": p.gamma is not None, "m": p.mu is not None}
+        sums = self.partials.sums([k for k, there in present.items() if there])
         return self.dx, StackParams(
             w=sums["w"].view(L, H, D), b=sums["b"], a=self.da, c=sums["c"][1:] if p.c is not None else None,
             u=self.du, d=self.dd, gamma=sums["g"] if p.gamma is not None else None,
@@ -782,7 +783,7 @@ def _layer_products(call: _BackwardCall, *, i: int, p0: int, p1: int, bufs: _Lay
     if spec.has_head(i - 1):
         _head_sum(call, i=i - 1, p0=p0, p1=p1, z=bufs.zprev, z_lo=zprev_lo)
     if call.need_da:
-        call.da[i - 1] += _points_sum(bufs.dlin, bufs.zprev, zprev_lo, **kw)
+        _add_points_sum(call.da[i - 1], bufs.dlin, bufs.zprev, zprev_lo, **kw)
     bufs.zprev = bufs.zprev_lo = zprev_lo = None  # freed before dz_{i-1} is allocated
     return _rows_matmul(bufs.dlin, call.a_hi[i - 1], None if call.a_lo is None else call.a_lo[i - 1], **kw)
 
@@ -794,9 +795,9 @@ def _head_sum(call: _BackwardCall, *, i: int, p0: int, p1: int, z: torch.Tensor,
     kw = dict(mixed=call.spec.mixed, cublas=call.cublas)
     if call.split and z_lo is None:
         dh_hi, dh_lo = call.top_dh
-        call.du[i] += _points_sum(z, dh_hi[p0:p1], dh_lo[p0:p1], **kw).t()
+        _add_points_sum(call.du[i].t(), z, dh_hi[p0:p1], dh_lo[p0:p1], **kw)
     else:
-        call.du[i] += _points_sum(call.dh[i, p0:p1], z, z_lo, **kw)
+        _add_points_sum(call.du[i], call.dh[i, p0:p1], z, z_lo, **kw)
 
 
 def _rows_matmul(a, b, b_lo, *, mixed, cublas):
@@ -813,14 +814,16 @@ def _rows_matmul(a, b, b_lo, *, mixed, cublas):
     return c
 
 
-def _points_sum(a, b, b_lo, *, mixed, cublas):
-    """``a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB), by cuBLAS (the caller holds
+def _add_points_sum(out, a, b, b_lo, *, mixed, cublas):
+    """``out += a^T b`` (NA, NB) float32 for a (M, NA), b (M, NB), in place (one ``addmm_``
+    launch on cuBLAS, the kernel and one sum with add otherwise), by cuBLAS (the caller holds
     ``ieee_float32``) or the Triton GEMM (``b_lo``: the ``split_tf32`` remainder of ``b``
     for the float32 Triton GEMM, ``b`` being its head; None elsewhere): the sum over points
     split into slabs (parallelism; a (H, H) result alone is one or four tiles), the slab
     partials summed in a fixed order (deterministic)."""
     if cublas:
-        return torch.mm(a.t(), b)
+        out.addmm_(a.t(), b)
+        return
     M, NA = a.shape
     NB = b.shape[1]
     tiles = triton.cdiv(NA, 64) * triton.cdiv(NB, 64)
@@ -830,4 +833,4 @@ def _points_sum(a, b, b_lo, *, mixed, cublas):
     part = torch.empty((n_slabs, NA, NB), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_A"]), triton.cdiv(NB, meta["BLOCK_B"]), n_slabs)  # noqa: E731
     _points_sum_kernel[grid](a, b, or_dummy(b_lo, b), part, M, NA, NB, slab, MIXED=mixed)
-    return part.sum(0)
+    out.add_(part.sum(0))

@@ -5,11 +5,17 @@ GPU's tensor cores read only the top 10 mantissa bits of each float32 operand, s
 path that forgot to split a product (``_common.mm_split``) passes every CPU comparison and
 then misses float32 tolerances by ~50x on the device. :func:`emulate_tf32_tensor_cores`
 makes the interpreter round those operands as the hardware does.
+
+:func:`count_launches` counts what a block of code launches (Triton kernels, ATen operators,
+allocations, host syncs), optionally with the Triton launches no-op'd, so launch counts and
+host cost are testable without a GPU.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -55,3 +61,114 @@ def emulate_tf32_tensor_cores(mode: str = "truncate") -> Iterator[None]:
         yield
     finally:
         builder.create_dot = create_dot
+
+
+@dataclasses.dataclass
+class LaunchCount:
+    """What a block of code launched (:func:`count_launches`).
+
+    ``triton``: Triton kernel launches by kernel name, in order; ``torch``: ATen operators
+    that compute (each one kernel launch on a GPU), by name; ``allocations``: operators that
+    only allocate (``empty``, ``empty_strided``, ``empty_like``); ``syncs``: operators that
+    read a value back to the host (``.item()``, ``bool()``, ``float()`` of a tensor, copies
+    to the CPU from another device), which stall the GPU and break CUDA-graph capture."""
+
+    triton: list[str] = dataclasses.field(default_factory=list)
+    torch: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    allocations: int = 0
+    syncs: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def launches(self) -> int:
+        """Kernel launches a GPU would see: Triton kernels plus computing ATen operators."""
+        return len(self.triton) + sum(self.torch.values())
+
+
+# ATen operators that launch nothing: allocations and metadata (views are excluded by their
+# schema, see ``_classify``).
+_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+_NO_LAUNCH = {"detach", "alias", "lift_fresh", "set_", "resize_", "is_same_size",
+              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_has_compatible_shallow_copy_type",
+              "is_pinned", "_local_scalar_dense"}
+
+
+@contextlib.contextmanager
+def count_launches(noop: bool = False) -> Iterator[LaunchCount]:
+    """Count the kernel launches, allocations and host syncs of a block (:class:`LaunchCount`).
+
+    ``noop``: Triton launches return at once instead of running (see :func:`triton_launches`).
+    Views and metadata queries are not counted; a ``fieldkern::`` custom op is looked into:
+    what its implementation runs is counted, not the op itself."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = LaunchCount()
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "fieldkern":
+                device = next(a.device for a in args if isinstance(a, torch.Tensor))
+                keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if device.type == "cuda"
+                                               else torch._C.DispatchKey.CPU)
+                with self:
+                    return func.redispatch(keys, *args, **kwargs)
+            _classify(count, func, args, kwargs)
+            return func(*args, **kwargs)
+
+    with triton_launches(noop=noop, record=count.triton), _Counter():
+        yield count
+
+
+@contextlib.contextmanager
+def triton_launches(noop: bool = False, record: list | None = None) -> Iterator[list]:
+    """Within the block, every Triton launch (interpreted or compiled, through
+    ``@triton.autotune`` too) appends its kernel's name to ``record`` (a new list by default,
+    yielded); with ``noop`` it then returns at once instead of running, so the Python cost
+    of a call can be timed without its kernels (their outputs are whatever the allocations
+    held)."""
+    from triton.runtime import interpreter, jit
+
+    names = [] if record is None else record
+    originals = {cls: cls.run for cls in (interpreter.InterpretedFunction, jit.JITFunction)}
+
+    def counted(original):
+        def run(self, *args, **kwargs):
+            if kwargs.get("warmup"):
+                return original(self, *args, **kwargs)
+            names.append(getattr(self, "__name__", None) or self.fn.__name__)
+            return None if noop else original(self, *args, **kwargs)
+        return run
+
+    for cls, original in originals.items():
+        cls.run = counted(original)
+    try:
+        yield names
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
+
+
+def _classify(count: LaunchCount, func, args, kwargs) -> None:
+    name = func.overloadpacket.__name__
+    if name == "_local_scalar_dense":
+        count.syncs.append(name)
+    elif name in ("_to_copy", "copy_") and _to_host(func, args, kwargs):
+        count.syncs.append(name)
+    elif name in _ALLOCATIONS:
+        count.allocations += 1
+    elif not func.is_view and name not in _NO_LAUNCH:
+        count.torch[name] += 1
+
+
+def _to_host(func, args, kwargs) -> bool:
+    """A copy from a non-CPU tensor into host memory."""
+    import torch
+
+    name = func.overloadpacket.__name__
+    if name == "copy_":
+        dst, src = args[0], args[1]
+        return dst.device.type == "cpu" and isinstance(src, torch.Tensor) and src.device.type != "cpu"
+    src = args[0]
+    dev = kwargs.get("device")
+    return src.device.type != "cpu" and dev is not None and torch.device(dev).type == "cpu"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fieldkern.backend import resolve
+from fieldkern.backend import get_backend, resolve
 from fieldkern.checks import check_coordinates, check_shape, check_weight
 from fieldkern.ops._precision import get_precision
 from fieldkern.ops._stack import StackParams, StackSpec
@@ -117,6 +117,29 @@ def _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
         check_shape(f"head_bias[{i}]", head_bias[i], (out_features,), dtype)
 
 
+#: ``backend="auto"`` on CUDA takes the PyTorch reference for a float32 call that records a
+#: gradient with at most this many points and hidden width: the one kind of call measured
+#: slower on Triton than eager (bench/RESULTS.md, "mfn_stack (ResidualMFN), H100": a training
+#: step of the 3D hidden-128 3-scale network at 64^3 = 2^18 points, 6.38 ms against 5.64 ms,
+#: launched from Python with a sync per step). Every other measured call took Triton faster
+#: (forwards 1.5-2.5x, mixed precision 1.03-1.9x, 2D hidden 256 training at 2^16-2^20 points
+#: 1.14-1.42x, 3D at 128^3 1.63x), so "auto" takes it there.
+AUTO_REFERENCE_POINTS = 1 << 18
+AUTO_REFERENCE_HIDDEN = 128
+
+
+def _auto_takes_reference(x, filter_weight, others) -> bool:
+    """Whether ``backend="auto"`` keeps this call on the reference (``AUTO_REFERENCE_POINTS``);
+    an explicit ``set_backend("triton")`` always runs Triton."""
+    if get_backend() != "auto" or get_precision() != "float32":
+        return False
+    points = x.numel() // max(1, x.shape[-1])
+    if points > AUTO_REFERENCE_POINTS or filter_weight[0].shape[0] > AUTO_REFERENCE_HIDDEN:
+        return False
+    tensors = [x, *filter_weight, *(t for group in others if group is not None for t in group)]
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def mfn_stack(
     x: torch.Tensor,
     filter_weight: Sequence[torch.Tensor],
@@ -154,7 +177,9 @@ def mfn_stack(
     """
     _check_stack_args(x, filter_weight, filter_bias, linear_weight, linear_bias,
                       head_weight, head_bias, gabor_gamma, gabor_mu, head_activation)
-    if resolve("mfn_stack", x) == "triton" and x.dtype != torch.float64:
+    if resolve("mfn_stack", x) == "triton" and x.dtype != torch.float64 and not _auto_takes_reference(
+            x, filter_weight, [filter_bias, linear_weight, linear_bias, head_weight, head_bias, gabor_gamma,
+                               gabor_mu]):
         return _mfn_stack_triton(
             x, filter_weight, filter_bias, linear_weight, linear_bias, head_weight, head_bias,
             gabor_gamma, gabor_mu, residual, head_activation, detach_heads_below,

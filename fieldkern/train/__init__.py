@@ -2,10 +2,11 @@
 
 :class:`StageSchedule` maps a step (iteration or epoch) to the active stage;
 :func:`run_stages` runs a caller-supplied step function under it, switching the model's
-stage and notifying :class:`Callback` objects at stage boundaries.
+stage and notifying :class:`Callback` objects at stage boundaries; :class:`TimeLimit` stops
+a run cleanly between steps (to resume it later from its checkpoint).
 """
 
-from fieldkern.train.loop import Callback, run_stages, stage_setter
+from fieldkern.train.loop import Callback, TimeLimit, TimeLimitReached, run_stages, stage_setter
 from fieldkern.train.schedule import StageSchedule
 
-__all__ = ["Callback", "StageSchedule", "run_stages", "stage_setter"]
+__all__ = ["Callback", "StageSchedule", "TimeLimit", "TimeLimitReached", "run_stages", "stage_setter"]

@@ -10,6 +10,7 @@ is the caller's ``step_fn``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 from fieldkern.checks import is_int
@@ -34,6 +35,37 @@ class Callback:
 
     def on_train_end(self, n_steps: int) -> None:
         """After the last step (and after the last ``on_stage_end``)."""
+
+
+class TimeLimitReached(Exception):
+    """Raised by :class:`TimeLimit` after step ``step`` (0-based) when time is up."""
+
+    def __init__(self, step: int, n_steps: int):
+        super().__init__(f"time limit reached after step {step + 1} of {n_steps}")
+        self.step, self.n_steps = step, n_steps
+
+
+class TimeLimit(Callback):
+    """Stop a run cleanly between steps once ``seconds`` have passed since it was made: after
+    a step's other callbacks (list it last, e.g. after a checkpoint writer), never after the
+    last step. ``agree``: ``flag -> bool`` that makes every process of a data-parallel run
+    take the same decision (e.g. any rank's clock ran out)."""
+
+    def __init__(self, seconds: float, n_steps: int, agree: Callable[[bool], bool] | None = None):
+        if not seconds > 0:
+            raise ValueError(f"seconds must be positive, got {seconds!r}")
+        self.deadline = time.monotonic() + float(seconds)
+        self.n_steps = n_steps
+        self.agree = agree
+
+    def on_step_end(self, step: int, stage: int | None, loss: float) -> None:
+        if step + 1 >= self.n_steps:
+            return
+        up = time.monotonic() >= self.deadline
+        if self.agree is not None:
+            up = self.agree(up)
+        if up:
+            raise TimeLimitReached(step, self.n_steps)
 
 
 def stage_setter(model, **stage_kwargs) -> Callable[[int | None], None]:

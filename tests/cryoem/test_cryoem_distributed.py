@@ -384,6 +384,28 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path)
     assert a["loss_per_epoch"] == b["loss_per_epoch"] and a["resolution_angstrom"] == b["resolution_angstrom"]
 
 
+def test_a_run_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    """``--time-limit``: a clean stop after an epoch (checkpoint written, no results, exit
+    status 3, the way to go on named), then ``--resume`` in a later call: bit for bit the
+    uninterrupted run (a device session's 10-minute calls)."""
+    out = tmp_path / "limited"
+    stopped = _example(out, "--time-limit", "0.0001")
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    assert "--resume" in stopped.stderr and "time limit reached after step 1 of 10" in stopped.stderr
+    assert not (out / "results.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
+    resumed = _example(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.equal(_poses(out / "poses.star"), _poses(uninterrupted / "poses.star"))
+    a, b = (json.loads((d / "results.json").read_text()) for d in (out, uninterrupted))
+    assert a["loss_per_epoch"] == b["loss_per_epoch"] and a["resolution_angstrom"] == b["resolution_angstrom"]
+
+
+def test_time_limit_must_be_positive(tmp_path):
+    proc = _example(tmp_path / "x", "--time-limit", "0")
+    assert proc.returncode == 2 and "--time-limit must be a positive number of minutes" in proc.stderr
+
+
 def test_unwritable_out_fails_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -204,7 +204,8 @@ def test_mfn_stack_saves_for_backward_only_when_needed():
 @pytest.mark.parametrize("mixed", [False, True])
 def test_backward_point_products(mixed):
     """The backward's two GEMM kernels (hidden > 128 or mixed) against torch: a sum over
-    points split into slabs with a ragged last one, and rows times a square matrix."""
+    points split into slabs with a ragged last one, added in place, and rows times a square
+    matrix."""
     from fieldkern.kernels import mfn_stack as M
 
     g = torch.Generator().manual_seed(0)
@@ -217,7 +218,14 @@ def test_backward_point_products(mixed):
         b, w = b.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
     ref_sum, ref_rows = a.float().t() @ b, a.float() @ w
     b_split = (b, None) if mixed else split_tf32(b)
-    torch.testing.assert_close(M._points_sum(a, *b_split, mixed=mixed, cublas=False), ref_sum, rtol=1e-5, atol=1e-4)
+    start = torch.randn(200, 3, generator=g)  # the sum is added in place to what is there
+    out = start.clone()
+    M._add_points_sum(out, a, *b_split, mixed=mixed, cublas=False)
+    torch.testing.assert_close(out, start + ref_sum, rtol=1e-5, atol=1e-4)
+    if not mixed:  # and on cuBLAS (float32 only), the same
+        out = start.clone()
+        M._add_points_sum(out, a, b, None, mixed=False, cublas=True)
+        torch.testing.assert_close(out, start + ref_sum, rtol=1e-5, atol=1e-4)
     w_split = (w, None) if mixed else split_tf32(w)
     torch.testing.assert_close(M._rows_matmul(a, *w_split, mixed=mixed, cublas=False), ref_rows, rtol=1e-5,
                                atol=1e-4)

@@ -220,12 +220,12 @@ def test_kernels_hold_float32_torch_products_to_ieee(monkeypatch):
     heads, the stack backward's cuBLAS products, the multiplicative layer's backward) runs
     with it off; it is on again afterwards."""
     seen = []
-    for name in ("mm", "addmm"):
-        def spy(*args, _real=getattr(torch, name), **kwargs):
-            seen.append((_real.__name__, torch.backends.cuda.matmul.allow_tf32))
+    for owner, name in ((torch, "mm"), (torch, "addmm"), (torch.Tensor, "addmm_")):
+        def spy(*args, _real=getattr(owner, name), _name=name, **kwargs):
+            seen.append((_name, torch.backends.cuda.matmul.allow_tf32))
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(torch, name, spy)
+        monkeypatch.setattr(owner, name, spy)
     p = stack_params(2, 16, 3, 1, trainable_w=True)
     g = torch.Generator().manual_seed(0)
     z, a = torch.randn(30, 12, generator=g).requires_grad_(), torch.randn(16, 12, generator=g).requires_grad_()
@@ -241,6 +241,8 @@ def test_kernels_hold_float32_torch_products_to_ieee(monkeypatch):
     finally:
         _restore_tf32_state(state)
     names = [n for n, _ in seen]
-    # 3 heads, the backward's dU (3), dA (2) and dz (2) products, the layer's dz and dA
-    assert names.count("addmm") == 3 and names.count("mm") == 3 + 2 + 2 + 2, names
+    # 3 heads; the backward's dU (3) and dA (2) products added in place, its dz (2); the
+    # layer's dz and dA
+    assert names.count("addmm") == 3 and names.count("addmm_") == 3 + 2, names
+    assert names.count("mm") == 2 + 2, names
     assert not any(on for _, on in seen)

@@ -39,6 +39,11 @@ class CTFParams:
         """Keyword arguments for :func:`fieldkern.cryoem.ctf` for the given particle indices."""
         return {k: getattr(self, k)[indices] for k in self.__dataclass_fields__}
 
+    def to(self, device) -> CTFParams:
+        """The same parameters on ``device`` (a trainer on a GPU computes each batch's CTFs
+        there from its indices, with no host round trip)."""
+        return CTFParams(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
 
 def _rows(idx, n: int) -> np.ndarray:
     """The row numbers an index (int, slice, list, array or tensor) selects of ``n`` rows, 1-D."""
