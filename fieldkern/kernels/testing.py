@@ -71,15 +71,12 @@ class LaunchCount:
     that compute (each one kernel launch on a GPU), by name; ``allocations``: operators that
     only allocate (``empty``, ``empty_strided``, ``empty_like``); ``syncs``: operators that
     read a value back to the host (``.item()``, ``bool()``, ``float()`` of a tensor, copies
-    to the CPU from another device), which stall the GPU and break CUDA-graph capture;
-    ``sync_origins``: for each, the innermost fieldkern function that made it (comprehension
-    frames skipped), ``"torch/optim"`` for a torch optimiser's, ``"?"`` for other code."""
+    to the CPU from another device), which stall the GPU and break CUDA-graph capture."""
 
     triton: list[str] = dataclasses.field(default_factory=list)
     torch: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     allocations: int = 0
     syncs: list[str] = dataclasses.field(default_factory=list)
-    sync_origins: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def launches(self) -> int:
@@ -154,26 +151,14 @@ def triton_launches(noop: bool = False, record: list | None = None) -> Iterator[
 
 def _classify(count: LaunchCount, func, args, kwargs) -> None:
     name = func.overloadpacket.__name__
-    if name == "_local_scalar_dense" or (name in ("_to_copy", "copy_") and _to_host(func, args, kwargs)):
+    if name == "_local_scalar_dense":
         count.syncs.append(name)
-        count.sync_origins.append(_origin())
+    elif name in ("_to_copy", "copy_") and _to_host(func, args, kwargs):
+        count.syncs.append(name)
     elif name in _ALLOCATIONS:
         count.allocations += 1
     elif not func.is_view and name not in _NO_LAUNCH:
         count.torch[name] += 1
-
-
-def _origin() -> str:
-    import os
-    import traceback
-
-    for frame in reversed(traceback.extract_stack()):
-        path = frame.filename.replace(os.sep, "/")
-        if "torch/optim" in path:
-            return "torch/optim"
-        if "/fieldkern/" in path and not path.endswith("kernels/testing.py") and not frame.name.startswith("<"):
-            return frame.name
-    return "?"
 
 
 def _to_host(func, args, kwargs) -> bool:
