@@ -27,20 +27,11 @@ import pytest
 import torch
 
 from _bench_utils import CUDA, DEVICE, sync
+from epoch_speed import blobs
 
 pytestmark = pytest.mark.skipif(not CUDA, reason="the paper preset's epoch needs a CUDA device")
 
 N_PARTICLES = int(os.environ.get("FIELDKERN_BENCH_PARTICLES", 50_000))
-
-
-def _blobs(D: int, generator: torch.Generator) -> torch.Tensor:
-    c = torch.arange(D, dtype=torch.float32) - D // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    vol = torch.zeros(D, D, D)
-    for _ in range(8):
-        ctr = (torch.rand(3, generator=generator) - 0.5) * D * 0.4
-        vol += torch.exp(-((x - ctr[0]) ** 2 + (y - ctr[1]) ** 2 + (z - ctr[2]) ** 2) / (0.002 * D * D + 1))
-    return vol
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def paper_data(tmp_path_factory):
 
     preset = cryoem_preset("paper", "4ake")
     folder = tmp_path_factory.mktemp("paper")
-    vol = _blobs(preset.box, torch.Generator().manual_seed(0))
+    vol = blobs(preset.box, torch.Generator().manual_seed(0))
     sync()
     start = time.perf_counter()
     sim = simulate(vol, folder, N_PARTICLES, apix=preset.apix, snr=preset.snr, seed=0, device=DEVICE,
