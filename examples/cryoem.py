@@ -31,7 +31,7 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     import torch
 
-    from fieldkern.cryoem.config import PROJECTORS, SUPPORTS
+    from fieldkern.cryoem.config import MARCHINGS, PROJECTORS, SUPPORTS
     from fieldkern.cryoem.poses import POSE_INITS
     from fieldkern.cryoem.presets import CRYOEM_PRESETS
 
@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pose-init", choices=POSE_INITS,
                    help="gt: true (or the file's) poses, kept fixed; refine: those poses, refined (default with "
                    "--particles); perturbed: up to 20 deg off (default otherwise); coarse: 45-90 deg off; "
-                   "uniform: 0-180 deg off (appendix E); random: uniform on SO(3), ab initio (both with "
-                   "--pose-search 4608 unless given)")
+                   "uniform: 0-180 deg off (appendix E); random: uniform on SO(3), ab initio, also for --particles "
+                   "without angles (both with --pose-search 4608 and more coarse-scale epochs unless given)")
     p.add_argument("--pose-search", type=int, metavar="N", help="global pose search over N grid rotations at the "
                    "start of every epoch from the second stage (not in the paper; for --pose-init coarse, e.g. 4608)")
     p.add_argument("--epochs", type=int, help="training epochs (stage switches scale with it)")
@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    "or real (real-space ray sums)")
     p.add_argument("--support", choices=SUPPORTS, help="where the field may be non-zero: sphere (inscribed in the "
                    "box; the quick preset's) or box (the paper's)")
+    p.add_argument("--marching", choices=MARCHINGS, help="fixed: stages start at the preset's epochs (default); fsc: "
+                   "two half sets train side by side and their FSC decides after every epoch to stay, go to the next "
+                   "stage, limit the band or stop, within --epochs (not in the paper; no --pose-search)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/cryoem", metavar="DIR", help="output folder (default runs/cryoem)")
@@ -103,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{', '.join(given)}: simulation settings, which do not apply to --particles")
     if args.time_limit is not None and not args.time_limit > 0:
         p.error("--time-limit must be a positive number of minutes")
+    if args.marching == "fsc" and args.pose_search:
+        why = f" (the default of --pose-init {args.pose_init})" if args.pose_init in FAR_POSE_INITS else ""
+        p.error(f"--marching fsc compares two half maps in one frame; --pose-search{why} may mirror each half: "
+                "drop one of them")
     if args.pose_search is not None and args.pose_search < 0:
         p.error("--pose-search must be >= 0")
     for name in ("box", "n_particles", "epochs"):
@@ -130,8 +137,9 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     device = dist.device
     structure_key = str(args.structure).lower()
     overrides = {"box": args.box, "apix": args.apix, "n_particles": args.n_particles, "snr": args.snr,
-                 "projector": args.projector, "support": args.support, "seed": args.seed, "pose_search": args.pose_search}
-    preset = cryoem_preset(args.preset, structure_key, **overrides)
+                 "projector": args.projector, "support": args.support, "marching": args.marching, "seed": args.seed,
+                 "pose_search": args.pose_search}
+    preset = cryoem_preset(args.preset, structure_key, args.pose_init, **overrides)
     if args.epochs is not None:
         preset = scale_epochs(preset, args.epochs)
     # Memory, before any work: a simulation from the preset's sizes now, a particle set once read.
@@ -151,12 +159,13 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     start = time.perf_counter()
     data = prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
                         progress=progress, device=device, dist=dist, invert=args.invert, downsample=args.downsample)
-    if data.true_rotations is None:
-        raise ValueError(f"{data.source}: the particles have no poses to start from")
     ds = data.dataset
     check_memory(memory_needs(preset.recon, ds.box, len(ds), world_size=dist.world_size),
                  device, f"{data.source} (box {ds.box}, {len(ds)} particles; {settings})")
-    init = initial_poses(data.true_rotations, args.pose_init, preset, args.seed)
+    try:
+        init = initial_poses(data.true_rotations, args.pose_init, preset, args.seed, n=len(ds))
+    except ValueError as exc:
+        raise ValueError(f"{data.source}: {exc}") from None
     # Known poses stay fixed; otherwise they are refined.
     recon_cfg = replace(preset.recon, refine_poses=args.pose_init != "gt")
     train_start = time.perf_counter()
@@ -175,7 +184,8 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
         "device": str(device), "world_size": dist.world_size, "backend": dist.backend,
         "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
     })
-    return write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, settings, seconds, train_seconds)
+    return write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, settings, seconds, train_seconds,
+                         marching=recs[0][1].state.marching)
 
 
 #: Exit status of a run stopped by --time-limit (resumable; 1 is an error, 2 bad arguments).

@@ -37,10 +37,16 @@ class CheckpointError(ValueError):
 @dataclass
 class TrainingState:
     """What a checkpoint holds besides the model and optimiser: the epochs done and the mean
-    loss of each."""
+    loss of each; under FSC marching (:mod:`fieldkern.cryoem.marching`) also the epochs at
+    which stages began, the decisions so far (:meth:`MarchingStep.as_dict` rows), the
+    support limit in Fourier shells (None: none) and whether marching ended the run."""
 
     epoch: int = 0
     losses: list[float] = field(default_factory=list)
+    stage_switches: list[int] = field(default_factory=list)
+    marching: list[dict] = field(default_factory=list)
+    support_limit: float | None = None
+    finished: bool = False
 
 
 def start_fingerprint(rotations: torch.Tensor, shifts: torch.Tensor | None) -> str:

@@ -12,6 +12,9 @@ from fieldkern.cryoem.forward_model import FORWARD_MODELS
 
 PROJECTORS = tuple(FORWARD_MODELS)
 SUPPORTS = ("box", "sphere")
+#: How stages switch: at ``stage_epochs`` ("fixed") or by the half-map FSC ("fsc",
+#: :mod:`fieldkern.cryoem.marching`: two half sets trained side by side).
+MARCHINGS = ("fixed", "fsc")
 
 
 @dataclass
@@ -41,6 +44,10 @@ class ReconstructionConfig:
         projector: the forward model (:mod:`fieldkern.cryoem.forward_model`): "fourier"
             (central slices from precomputed taps), "grid_sample" (the same slices by 3D
             ``grid_sample``: the reference) or "real" (rotated-grid ray sums).
+        marching: "fixed" (stages start at ``stage_epochs``) or "fsc": after every epoch the
+            FSC between two half-set reconstructions decides whether to stay, go to the next
+            stage, limit the band or stop (:mod:`fieldkern.cryoem.marching`; ``epochs`` is
+            then the most it may take, ``stage_epochs`` unused). Not in the paper.
         seed: seeds the model initialisation and the batch order.
     """
 
@@ -62,6 +69,7 @@ class ReconstructionConfig:
     pose_search: int = 0
     support: str = "box"
     projector: str = "fourier"
+    marching: str = "fixed"
     seed: int = 0
 
     def __post_init__(self):
@@ -71,6 +79,12 @@ class ReconstructionConfig:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if self.support not in SUPPORTS:
             raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
+        if self.marching not in MARCHINGS:
+            raise ValueError(f"marching must be one of {MARCHINGS}, got {self.marching!r}")
+        if self.marching == "fsc" and int(self.pose_search) > 0:
+            # A search may flip each half's hand independently: their FSC would compare mirror images.
+            raise ValueError("marching 'fsc' compares two half maps in one frame; it cannot be combined "
+                             f"with a global pose search (pose_search = {self.pose_search})")
         if len(self.stage_epochs) != self.n_scales - 1:
             raise ValueError(
                 f"stage_epochs must hold n_scales - 1 = {self.n_scales - 1} epochs, got {self.stage_epochs}"
@@ -84,4 +98,4 @@ class ReconstructionConfig:
             raise ValueError(f"pose_search must be >= 0 (grid rotations; 0: off), got {self.pose_search}")
 
 
-__all__ = ["PROJECTORS", "SUPPORTS", "ReconstructionConfig"]
+__all__ = ["MARCHINGS", "PROJECTORS", "SUPPORTS", "ReconstructionConfig"]

@@ -94,7 +94,7 @@ def prepare_data(structure: str, out_dir: Path, preset, seed: int, particles: st
 
 def _read_particles(particles, reference, invert: bool, downsample: int | None) -> ExperimentData:
     """A RELION particle set, its contrast checked, with ``reference`` as the ground truth."""
-    ds = load_particles(particles, invert=invert)
+    ds = load_particles(particles, invert=invert, require_poses=False)  # none: ab initio only
     stack_box = ds.box
     if downsample is not None:
         ds = ds.downsample(downsample)

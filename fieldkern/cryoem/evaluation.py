@@ -20,6 +20,8 @@ from fieldkern.cryoem.io import ParticleDataset
 from fieldkern.cryoem.poses import pose_errors_deg
 from fieldkern.cryoem.projection import transform_volume
 
+_FLIP_Z = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+
 #: FSC threshold against a ground-truth map (the paper's criterion).
 GROUND_TRUTH_THRESHOLD = 0.5
 #: FSC threshold between independently refined half maps (Rosenthal & Henderson 2003; RELION,
@@ -43,17 +45,39 @@ class Evaluation:
     half_maps: list[list[torch.Tensor]] = field(repr=False, default_factory=list)
     #: The alignment's transform (``transform_volume``'s matrix and shift), None without one.
     transform: tuple[torch.Tensor, torch.Tensor] | None = field(repr=False, default=None)
+    #: Half sets measured against a ground truth: the half maps' own resolutions (FSC 0.143).
+    half_map_resolution: list[float] | None = None
 
 
-def pose_error_summary(initial: torch.Tensor, final: torch.Tensor, truth: torch.Tensor | None) -> dict | None:
-    """Mean and median angle (degrees) of the initial and final poses from ``truth``."""
+def pose_error_summary(initial: torch.Tensor, final: torch.Tensor, truth: torch.Tensor | None,
+                       aligned: torch.Tensor | None = None) -> dict | None:
+    """Mean and median angle (degrees) of the initial and final poses from ``truth``, and of
+    the final poses moved into the truth's frame (``aligned``, from
+    :func:`poses_in_reference_frame`) when given."""
     if truth is None:
         return None
-    before, after = pose_errors_deg(initial, truth), pose_errors_deg(final, truth)
-    return {
-        "initial": {"mean": float(before.mean()), "median": float(before.median())},
-        "final": {"mean": float(after.mean()), "median": float(after.median())},
-    }
+
+    def summary(poses):
+        errors = pose_errors_deg(poses, truth)
+        return {"mean": float(errors.mean()), "median": float(errors.median())}
+
+    out = {"initial": summary(initial), "final": summary(final)}
+    if aligned is not None:
+        out["final_aligned"] = summary(aligned)
+    return out
+
+
+def poses_in_reference_frame(rotations: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Poses ``(N, 3, 3)`` of the map moved by ``transform_volume(V, matrix, t)`` (an alignment
+    to a reference) that give the same images, as proper rotations: ``R M^T``, and for a
+    mirroring ``M`` (det -1) ``F R M^T`` with ``F = diag(1, 1, -1)``: a flip along the
+    projection axis leaves a projection unchanged. So the poses of a mirrored reconstruction
+    can be compared with the truth's (the shift only moves the images)."""
+    M = matrix.to(torch.float64)
+    R = rotations.to(torch.float64) @ M.T
+    if torch.linalg.det(M) < 0:
+        R = _FLIP_Z.to(R) @ R
+    return R
 
 
 def _alignment_dict(al) -> dict:
@@ -88,14 +112,15 @@ def evaluate(volumes: list[torch.Tensor], ground_truth: torch.Tensor | None, api
     """FSC resolution (0.5 criterion) of every scale (``volumes``: ``(D, D, D)`` maps, coarsest
     first) against the ground truth (``apix`` A/voxel), after one rigid alignment of the finest
     map (applied to all scales: they share a frame), and pose errors of the ``initial`` and
-    ``final`` poses ``(N, 3, 3)`` from ``truth`` (None: not known). ``flip``: the alignment may
+    ``final`` poses ``(N, 3, 3)`` from ``truth`` (None: not known), the final ones also after
+    moving them into the truth's frame by that alignment (``final_aligned``). ``flip``: the alignment may
     mirror the map, for reconstructions whose hand the data did not fix (a global pose search:
     projections determine a map only up to its mirror image)."""
-    poses = pose_error_summary(initial, final, truth)
     if ground_truth is None:
-        return Evaluation([], [], {}, poses, [v.clone() for v in volumes])
+        return Evaluation([], [], {}, pose_error_summary(initial, final, truth), [v.clone() for v in volumes])
     gt = ground_truth.to(torch.float64)
     al, aligned, curves, res = _aligned_fsc(volumes, [gt] * len(volumes), apix, GROUND_TRUTH_THRESHOLD, flip=flip)
+    poses = pose_error_summary(initial, final, truth, poses_in_reference_frame(final, al.matrix))
     # alignment: how far the reconstruction's frame drifted from the ground truth's.
     return Evaluation(res, curves, _alignment_dict(al), poses, aligned, transform=(al.matrix, al.shift))
 
@@ -127,20 +152,23 @@ def split_halves(ds: ParticleDataset, seed: int) -> tuple[torch.Tensor, torch.Te
     return first, second
 
 
-def evaluate_half_maps(half1: list[torch.Tensor], half2: list[torch.Tensor], apix: float) -> Evaluation:
+def evaluate_half_maps(half1: list[torch.Tensor], half2: list[torch.Tensor], apix: float,
+                       global_search: bool = False) -> Evaluation:
     """Gold-standard FSC of two independent reconstructions (lists of per-scale maps).
 
     Half 2's finest map is rigidly aligned to half 1's by a local refinement from the identity
     (the halves start from the same poses' frame but refine them independently, so the frames
     may drift apart by a degree or two; a global search could lock onto noise) and the same
-    transform is applied to each of its scales; per scale, the FSC between the halves and the
+    transform is applied to each of its scales (``global_search``: a global search that may
+    mirror instead, for halves reconstructed ab initio, each in a frame and hand of its own); per scale, the FSC between the halves and the
     resolution at :data:`HALF_MAP_THRESHOLD`. The maps to write are the averages of half 1
     and aligned half 2. ``pose_error_deg`` is left None (see :func:`pose_error_summary`).
     """
     if len(half1) != len(half2):
         raise ValueError(f"half maps must have the same number of scales, got {len(half1)} and {len(half2)}")
     a = [v.to(torch.float64) for v in half1]
-    al, b, curves, res = _aligned_fsc(half2, a, apix, HALF_MAP_THRESHOLD, local=True)
+    align = {"flip": True} if global_search else {"local": True}
+    al, b, curves, res = _aligned_fsc(half2, a, apix, HALF_MAP_THRESHOLD, **align)
     alignment = {**_alignment_dict(al), "matrix": al.matrix.tolist()}
     return Evaluation(res, curves, alignment, None, [(v1 + v2) / 2 for v1, v2 in zip(a, b)],
                       fsc_against="half maps", fsc_threshold=HALF_MAP_THRESHOLD, half_maps=[a, b],
@@ -153,13 +181,13 @@ def poses_in_aligned_frame(rotations: torch.Tensor, shifts_A: torch.Tensor, matr
     the map moved by ``transform_volume(V, matrix, shift)`` (``shift`` in voxels, x y z).
 
     ``project(transform_volume(V, M, t), R M^T)`` is ``project(V, R)`` moved by
-    ``(R M^T t)_xy``, so the pose becomes ``R M^T`` and the origin (which centres the image
-    when added) grows by that in-plane shift.
+    ``(R M^T t)_xy``, so the pose becomes ``R M^T`` (made proper for a mirroring ``M``:
+    :func:`poses_in_reference_frame`) and the origin (which centres the image when added)
+    grows by that in-plane shift.
     """
     M = matrix.to(torch.float64)
-    R = rotations.to(torch.float64) @ M.T
-    moved = (R @ shift.to(torch.float64))[:, :2]
-    return R, shifts_A.to(torch.float64) + moved * apix
+    moved = ((rotations.to(torch.float64) @ M.T) @ shift.to(torch.float64))[:, :2]
+    return poses_in_reference_frame(rotations, M), shifts_A.to(torch.float64) + moved * apix
 
 
 __all__ = [
@@ -170,5 +198,6 @@ __all__ = [
     "evaluate_half_maps",
     "pose_error_summary",
     "poses_in_aligned_frame",
+    "poses_in_reference_frame",
     "split_halves",
 ]

@@ -35,6 +35,7 @@ from fieldkern.cryoem.evaluation import (
     split_halves,
 )
 from fieldkern.cryoem.io import ParticleDataset
+from fieldkern.cryoem.marching import fit_halves
 from fieldkern.cryoem.outputs import RESULTS, StageMapWriter
 from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.distributed import DistContext
@@ -64,11 +65,13 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
     """Train on ``data`` from the poses ``initial`` ``(N, 3, 3)``; returns ``(particle indices,
     trained reconstruction)`` pairs: ``[(None, rec)]`` for all particles, or one pair per half set.
 
-    With a ground truth: one reconstruction of every particle (``out/checkpoint.pt``, maps
-    ``stage{k}_scale{k}.mrc``). Without one: two, one per half set of
-    :func:`~fieldkern.cryoem.evaluation.split_halves`, trained one after the other
-    (``checkpoint_half{1,2}.pt``, ``half{h}_stage{k}_scale{k}.mrc``) from different seeds
-    (``config.seed`` and ``config.seed + 1``).
+    With a ground truth and fixed stages: one reconstruction of every particle
+    (``out/checkpoint.pt``, maps ``stage{k}_scale{k}.mrc``). Without one, or with
+    ``config.marching == "fsc"``: two, one per half set of
+    :func:`~fieldkern.cryoem.evaluation.split_halves` (``checkpoint_half{1,2}.pt``,
+    ``half{h}_stage{k}_scale{k}.mrc``) from different seeds (``config.seed`` and
+    ``config.seed + 1``), trained one after the other, or side by side under FSC marching
+    (:func:`fieldkern.cryoem.marching.fit_halves`).
     RELION origins (``data.dataset.shifts_A``) centre the images. ``resume`` continues from
     the checkpoints (half 2 starts afresh if the run stopped before it began); FileNotFoundError
     if the first is missing. ``time_limit`` (seconds, for all of them together): stop after
@@ -77,33 +80,49 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
     """
     start = time.monotonic()
     ds = data.dataset
-    halves = [None] if data.has_ground_truth else list(split_halves(ds, config.seed))
+    one = data.has_ground_truth and config.marching == "fixed"
+    halves = [None] if one else list(split_halves(ds, config.seed))
+    if config.marching == "fsc":
+        runs = [_half_run(data, index, h, initial, config, out, device, dist, resume) for h, index in enumerate(halves, 1)]
+        fit_halves([rec for _, rec, _ in runs], [c for _, _, c in runs], progress=progress, time_limit=time_limit,
+                   callbacks=[StageMapWriter(rec, out, ds.apix, f"half{h}_") for h, (_, rec, _) in enumerate(runs, 1)])
+        return [(index, rec) for index, rec, _ in runs]
     recs = []
     for h, index in enumerate(halves, 1):
-        ctfs = batch_ctfs(ds, index, device)
-        if index is None:
-            images, poses, shifts, tag = ds.images, initial, ds.shifts_A, ""
-        else:
-            images, poses, shifts, tag = ImageRows(ds.images, index), initial[index], ds.shifts_A[index], f"half{h}_"
-        # Half sets must be independent down to the field's random initial content, which the
-        # data never fully overwrite at high frequencies: a shared seed inflates their FSC.
-        cfg = config if index is None else replace(config, seed=config.seed + h - 1)
-        rec = Reconstruction(images, ctfs, poses, cfg, device=device, dist=dist, shifts=shifts / ds.apix)
-        checkpoint = out / ("checkpoint.pt" if index is None else f"checkpoint_half{h}.pt")
-        if resume:
-            if checkpoint.is_file():
-                rec.load(checkpoint)
-            elif h == 1:
-                raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-            if h == 1:
-                # The run goes on: the old run's final results no longer describe the folder.
-                with rec.dist.agree(f"removing the old results in {out}"):
-                    if rec.dist.is_main:
-                        remove_outputs(out, RESULTS)
+        index, rec, checkpoint = _half_run(data, index, h, initial, config, out, device, dist, resume)
+        tag = "" if index is None else f"half{h}_"
         left = None if time_limit is None else max(time_limit - (time.monotonic() - start), 1e-3)
         rec.fit(checkpoint, progress=progress, callbacks=[StageMapWriter(rec, out, ds.apix, tag)], time_limit=left)
         recs.append((index, rec))
     return recs
+
+
+def _half_run(data: ExperimentData, index: torch.Tensor | None, h: int, initial: torch.Tensor,
+              config: ReconstructionConfig, out: Path, device, dist, resume: bool):
+    """``(index, reconstruction, checkpoint path)`` of half set ``h`` (rows ``index``; None: all
+    particles), loaded from its checkpoint with ``resume``."""
+    ds = data.dataset
+    ctfs = batch_ctfs(ds, index, device)
+    if index is None:
+        images, poses, shifts = ds.images, initial, ds.shifts_A
+    else:
+        images, poses, shifts = ImageRows(ds.images, index), initial[index], ds.shifts_A[index]
+    # Half sets must be independent down to the field's random initial content, which the
+    # data never fully overwrite at high frequencies: a shared seed inflates their FSC.
+    cfg = config if index is None else replace(config, seed=config.seed + h - 1)
+    rec = Reconstruction(images, ctfs, poses, cfg, device=device, dist=dist, shifts=shifts / ds.apix)
+    checkpoint = out / ("checkpoint.pt" if index is None else f"checkpoint_half{h}.pt")
+    if resume:
+        if checkpoint.is_file():
+            rec.load(checkpoint)
+        elif h == 1:
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        if h == 1:
+            # The run goes on: the old run's final results no longer describe the folder.
+            with rec.dist.agree(f"removing the old results in {out}"):
+                if rec.dist.is_main:
+                    remove_outputs(out, RESULTS)
+    return index, rec, checkpoint
 
 
 def batch_ctfs(ds: ParticleDataset, index: torch.Tensor | None, device=None):
@@ -140,7 +159,8 @@ def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstructio
     """Evaluate what :func:`reconstruct` returned: ``(evaluation, maps, rotations, origins_A,
     losses)`` with every particle's pose ``(N, 3, 3)`` and RELION origin ``(N, 2)`` in A (half
     2's moved into half 1's frame, which the averaged half maps are in) and the losses per
-    epoch (one list per half set)."""
+    epoch (one list per half set). Half sets with a ground truth (FSC marching): the averaged
+    half maps are measured against the truth, the half-map resolutions kept beside."""
     ds = data.dataset
     if len(recs) == 1:
         rec = recs[0][1]
@@ -149,13 +169,17 @@ def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstructio
                       flip=rec.config.pose_search > 0)
         return ev, volumes, rotations, ds.shifts_A, rec.state.losses
     (first, rec1), (second, rec2) = recs
-    ev = evaluate_half_maps(rec1.volumes(), rec2.volumes(), ds.apix)
+    ev = evaluate_half_maps(rec1.volumes(), rec2.volumes(), ds.apix, global_search=rec1.config.pose_search > 0)
     rotations = initial.clone().to(torch.float64)
     shifts = ds.shifts_A.clone().to(torch.float64)
     rotations[first] = rec1.rotations.cpu()
     rotations[second], shifts[second] = poses_in_aligned_frame(rec2.rotations.cpu(), shifts[second],
                                                                *ev.transform, ds.apix)
     ev.pose_error_deg = pose_error_summary(initial, rotations, data.true_rotations)
+    if data.ground_truth is not None:  # half sets with a truth (FSC marching): the average against it
+        halves = ev
+        ev = evaluate(halves.aligned_maps, data.ground_truth, ds.apix, initial, rotations, data.true_rotations)
+        ev.half_maps, ev.half_map_resolution = halves.half_maps, halves.resolution_angstrom
     return ev, ev.aligned_maps, rotations, shifts, [rec1.state.losses, rec2.state.losses]
 
 

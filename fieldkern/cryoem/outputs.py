@@ -81,14 +81,15 @@ class StageMapWriter(Callback):
 
 def write_outputs(out: Path, data: ExperimentData, rotations: torch.Tensor, shifts_A: torch.Tensor, losses,
                   volumes, ev: Evaluation, settings: dict, seconds: float,
-                  train_seconds: float | None = None) -> dict:
+                  train_seconds: float | None = None, marching: list[dict] | None = None) -> dict:
     """Maps (``.mrc``), ``fsc.csv``/``fsc.png``, ``slices.png``, ``poses.star`` (``rotations``
     ``(N, 3, 3)`` and RELION origins ``shifts_A`` ``(N, 2)`` of every particle) and
     ``results.json`` in ``out``; returns the results dictionary. ``volumes``: the maps of every
     scale (written unless ``ev`` holds aligned ones); ``losses``: the loss per epoch (a list),
     or one list per half set; with half maps, ``half{1,2}_scale{k}.mrc`` are written too (half
     2 aligned); ``settings``: :func:`cryoem_settings`; ``seconds``: the whole run's time and
-    ``train_seconds`` the training's."""
+    ``train_seconds`` the training's; ``marching``: FSC marching's decisions, one dict per
+    epoch (epoch, stage, band edge, FSC there, resolved shell, decision, support limit)."""
     ds = data.dataset
     apix, D = ds.apix, ds.box
     maps = ev.aligned_maps or volumes
@@ -118,6 +119,10 @@ def write_outputs(out: Path, data: ExperimentData, rotations: torch.Tensor, shif
         ("loss_per_epoch_halves" if ev.half_maps else "loss_per_epoch"): losses,
         "settings": settings,
     }
+    if ev.half_map_resolution is not None:
+        results["half_map_resolution_angstrom"] = [_json_float(r) for r in ev.half_map_resolution]
+    if marching:
+        results["marching"] = marching
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
@@ -192,8 +197,22 @@ def summary_lines(results: dict) -> list[str]:
         mirrored = (results.get("alignment") or {}).get("flipped")
         lines.append(f"{what} (deg): mean {pe['initial']['mean']:.2f} -> {pe['final']['mean']:.2f}, "
                      f"median {pe['initial']['median']:.2f} -> {pe['final']['median']:.2f}")
+        aligned = pe.get("final_aligned")
         if mirrored:  # a mirrored map's poses are those of the mirror image
             lines[-1] += " (the map came out mirrored: these poses belong to its mirror image)"
+        if aligned and (mirrored or results["settings"].get("pose_init") in ("uniform", "random")):
+            lines.append(f"{what} in the truth's frame (after the map's alignment{', mirrored' if mirrored else ''}): "
+                         f"mean {aligned['mean']:.2f}, median {aligned['median']:.2f}")
+    half = results.get("half_map_resolution_angstrom")
+    if half and half[-1] is not None:
+        lines.append(f"half maps: resolution at FSC 0.143 = {half[-1]:.2f} A (finest scale)")
+    if results.get("marching"):
+        steps = results["marching"]
+        switches = [s["epoch"] + 1 for s in steps if s["decision"] == "next"]
+        limits = [s for s in steps if s["decision"] == "limit"]
+        limited = f", band limited to shell {limits[0]['support_limit']:g}" if limits else ""
+        lines.append(f"FSC marching: {len(steps)} epochs, next stage after epochs {switches or 'none'}, "
+                     f"ended by {steps[-1]['decision']!r}{limited}")
     lines.append(f"time {results['seconds']:.0f} s")
     return lines
 

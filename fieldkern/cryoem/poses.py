@@ -33,16 +33,23 @@ POSE_INITS = ("gt", "refine", "perturbed", "coarse", "uniform", "random")
 FAR_POSE_INITS = ("uniform", "random")
 
 
-def initial_poses(true_rotations: torch.Tensor, mode: str, preset, seed: int) -> torch.Tensor:
+def initial_poses(true_rotations: torch.Tensor | None, mode: str, preset, seed: int,
+                  n: int | None = None) -> torch.Tensor:
     """Starting pose estimates ``(N, 3, 3)``: the truth (``gt``, kept fixed in training;
     ``refine``, refined: a real particle set's poses), the truth rotated about a random axis
     by up to ``preset.perturb_deg`` degrees (``perturbed``), by an angle in
     ``preset.coarse_deg`` (``coarse``, the main text's [45, 90]) or in [0, 180] (``uniform``,
     the paper's appendix E), or rotations uniform on SO(3) that know nothing of the truth
     (``random``: ab initio; only its count is used). ``preset``: a
-    :class:`fieldkern.cryoem.presets.CryoEMPreset`. Seeded by ``seed``."""
+    :class:`fieldkern.cryoem.presets.CryoEMPreset`. Seeded by ``seed``. Particles without
+    poses (``true_rotations`` None) start only from ``random``, ``n`` of them."""
     if mode not in POSE_INITS:
         raise ValueError(f"pose init must be one of {POSE_INITS}, got {mode!r}")
+    if true_rotations is None:
+        if mode != "random" or n is None:
+            raise ValueError(f"the particles have no poses to start from (--pose-init {mode}): "
+                             "--pose-init random starts from none (ab initio)")
+        true_rotations = torch.empty(n, 3, 3, dtype=torch.float64)  # only its count is used
     if mode in ("gt", "refine"):
         return true_rotations.clone()
     gen = torch.Generator().manual_seed(seed + 17)

@@ -67,12 +67,20 @@ CRYOEM_PRESETS: dict[str, CryoEMPreset] = {
 #: The global pose search's grid for the inits far from the truth (``--pose-init uniform``
 #: / ``random``) when ``--pose-search`` is not given: 4608 super-Fibonacci rotations, about
 #: 15 degrees apart, the grid that took the coarse init (45-90 degrees off) to 9.7 A on the
-#: quick 4AKE data (box 32). Chosen from that one measurement, not yet per box: the
-#: uniform and random inits have not been measured (issue 20).
+#: quick 4AKE data (box 32). One grid for every box: on the quick data it took uniform and
+#: random inits of 4AKE (box 32) and random of 1OL5 (box 40) below 9 A (docs/cryoem.md).
 AB_INITIO_POSE_SEARCH = 4608
 
 #: The authors' stage epochs per structure (the paper's appendix B).
 PAPER_STAGE_EPOCHS = {"1ol5": (15, 30), "4ake": (25, 50)}
+
+#: ``(epochs, stage_epochs)`` for the inits far from the truth (``--pose-init uniform`` /
+#: ``random``), per preset. ``paper``: appendix E's 30 epochs for each of the first two
+#: scales; it does not give the last scale's, so the main text's are kept (50 for 4AKE, 70
+#: for 1OL5: :func:`ab_initio_schedule`). ``quick``: measured on the quick data
+#: (docs/cryoem.md, "Ab initio").
+AB_INITIO_STAGE_EPOCHS = {"paper": (30, 60), "quick": (6, 12)}
+AB_INITIO_LAST_STAGE_EPOCHS = {"quick": 18}
 
 #: (box, apix) of the quick preset where the default box 32 at 3 A is not enough. 1OL5's
 #: pose error could not drop 30% at box 32 even against the true map (10.01 -> 6.9 deg with
@@ -81,16 +89,34 @@ PAPER_STAGE_EPOCHS = {"1ol5": (15, 30), "4ake": (25, 50)}
 QUICK_GEOMETRY = {"1ol5": (40, 2.4)}
 
 
-def cryoem_preset(name: str, structure: str | None = None, **overrides) -> CryoEMPreset:
+def ab_initio_schedule(name: str, structure: str | None = None) -> tuple[int, tuple[int, ...]] | None:
+    """``(epochs, stage_epochs)`` of preset ``name`` for a far pose init (None: its usual
+    schedule): :data:`AB_INITIO_STAGE_EPOCHS`, then the last stage's usual epochs."""
+    if name not in AB_INITIO_STAGE_EPOCHS:
+        return None
+    switches = AB_INITIO_STAGE_EPOCHS[name]
+    usual = CRYOEM_PRESETS[name].recon
+    usual_switches = PAPER_STAGE_EPOCHS.get(structure, usual.stage_epochs) if name == "paper" else usual.stage_epochs
+    last = AB_INITIO_LAST_STAGE_EPOCHS.get(name, usual.epochs - usual_switches[-1])
+    return switches[-1] + last, switches
+
+
+def cryoem_preset(name: str, structure: str | None = None, pose_init: str | None = None, **overrides) -> CryoEMPreset:
     """A copy of preset ``name`` for ``structure`` (a key of :data:`PAPER_STAGE_EPOCHS` or
-    :data:`QUICK_GEOMETRY` changes it), with ``overrides`` that are not None applied to its
-    fields or its ``recon``. An override wins over the per-structure settings."""
+    :data:`QUICK_GEOMETRY` changes it) and ``pose_init`` (a far one takes
+    :func:`ab_initio_schedule`), with ``overrides`` that are not None applied to its fields
+    or its ``recon``. An override wins over the per-structure and per-init settings."""
+    from fieldkern.cryoem.poses import FAR_POSE_INITS
+
     if name not in CRYOEM_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(CRYOEM_PRESETS)}")
     preset = CRYOEM_PRESETS[name]
     recon_fields = set(ReconstructionConfig.__dataclass_fields__)
     recon_over = {k: v for k, v in overrides.items() if k in recon_fields and v is not None}
     top_over = {k: v for k, v in overrides.items() if k not in recon_fields and v is not None}
+    far = ab_initio_schedule(name, structure) if pose_init in FAR_POSE_INITS else None
+    if far is not None and not {"epochs", "stage_epochs"} & set(recon_over):
+        recon_over["epochs"], recon_over["stage_epochs"] = far
     if name == "paper" and structure in PAPER_STAGE_EPOCHS and "stage_epochs" not in recon_over:
         recon_over["stage_epochs"] = PAPER_STAGE_EPOCHS[structure]
     if name == "quick" and structure in QUICK_GEOMETRY and "box" not in top_over and "apix" not in top_over:
@@ -112,4 +138,4 @@ def scale_epochs(preset: CryoEMPreset, epochs: int) -> CryoEMPreset:
     return replace(preset, recon=replace(preset.recon, epochs=epochs, stage_epochs=tuple(switches)))
 
 
-__all__ = ["CRYOEM_PRESETS", "PAPER_STAGE_EPOCHS", "QUICK_GEOMETRY", "CryoEMPreset", "cryoem_preset", "scale_epochs"]
+__all__ = ["AB_INITIO_STAGE_EPOCHS", "CRYOEM_PRESETS", "PAPER_STAGE_EPOCHS", "ab_initio_schedule", "QUICK_GEOMETRY", "CryoEMPreset", "cryoem_preset", "scale_epochs"]

@@ -37,19 +37,18 @@ Decisions, and why:
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from fieldkern.checks import check_finite
 from fieldkern.cryoem.checkpoint import TrainingState, load_checkpoint, save_checkpoint, start_fingerprint
 from fieldkern.cryoem.config import ReconstructionConfig
+from fieldkern.cryoem.epochs import check_inputs, check_losses, pose_learning_rate, start_perturbations
 from fieldkern.cryoem.forward_model import forward_model
 from fieldkern.cryoem.fourier_slice import volume_spectrum
-from fieldkern.cryoem.poses import initial_perturbation, refine_poses, search_poses
+from fieldkern.cryoem.poses import refine_poses, search_poses
 from fieldkern.cryoem.rotations import super_fibonacci_rotations
-from fieldkern.cryoem.spectra import gaussian_filter, global_mean_std, lowpass_sigma, particle_spectra
+from fieldkern.cryoem.spectra import BAND_EDGE_SIGMAS, gaussian_filter, global_mean_std, lowpass_sigma, particle_spectra
 from fieldkern.cryoem.voxel_field import VoxelField
 from fieldkern.distributed import DistContext
 from fieldkern.nn import ResidualMFN
@@ -100,7 +99,7 @@ class Reconstruction:
     def __init__(self, images, ctfs, rotations, config: ReconstructionConfig, device="cpu",
                  dist: DistContext | None = None, shifts: torch.Tensor | None = None):
         shifts = None if shifts is None else torch.as_tensor(shifts).detach().cpu()
-        N, D = _check_inputs(images, rotations, shifts)
+        N, D = check_inputs(images, rotations, shifts)
         self.dist = dist if dist is not None else DistContext.single(device)
         self.config = config
         self.device = torch.device(device)
@@ -156,9 +155,12 @@ class Reconstruction:
         return c.to(self.device, torch.float32)
 
     def lowpass(self, stage: int | None) -> torch.Tensor:
-        """The data's Gaussian low-pass ``(D, D)`` at ``stage`` (None: the finest)."""
+        """The data's Gaussian low-pass ``(D, D)`` at ``stage`` (None: the finest), narrowed
+        to a support limit set by FSC marching (its edge at ``state.support_limit`` shells)."""
         s = self.config.n_scales - 1 if stage is None else stage
         sigma = lowpass_sigma(s, self.config.n_scales, self.D, self.config.lambda1, self.config.lambda2)
+        if self.state.support_limit is not None:
+            sigma = min(sigma, self.state.support_limit / BAND_EDGE_SIGMAS)
         return gaussian_filter(self.D, sigma, self.device)
 
     # -- one epoch --------------------------------------------------------------------------
@@ -204,7 +206,7 @@ class Reconstruction:
         """Pose steps for the particles of global batch ``idx`` selected by the mask ``mine``
         (all of them by default); ``target`` and ``ctf`` are those particles' rows, ``start``
         the whole batch's starting perturbation ``(theta (B,), axis (B, 3))`` on the device
-        (``_start_perturbations``)."""
+        (:func:`~fieldkern.cryoem.epochs.start_perturbations`)."""
         cfg = self.config
         sel = idx if mine is None else idx[mine]
         with torch.no_grad():
@@ -219,19 +221,6 @@ class Reconstruction:
             cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
 
-    def _start_perturbations(self, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each global batch's starting pose perturbation (``initial_perturbation``), from the
-        batches' host indices: drawn for the whole batch from a seed of the epoch and its
-        first particle, so a particle starts from the same one whichever rank refines it;
-        moved to the device in one copy per epoch, not one per batch."""
-        cfg = self.config
-        draws = [initial_perturbation(len(idx), torch.Generator(device="cpu").manual_seed(
-            cfg.seed * 7919 + self.state.epoch * 104729 + int(idx[0]))) for idx in batches]
-        sizes = [len(idx) for idx in batches]
-        theta = torch.cat([t for t, _ in draws]).to(self.device).split(sizes)
-        axis = torch.cat([u for _, u in draws]).to(self.device).split(sizes)
-        return list(zip(theta, axis))
-
     def _search_poses(self, stage: int | None) -> None:
         """:func:`~fieldkern.cryoem.poses.search_poses` for this rank's particles against the
         current map at the stage's band. Every rank must call it."""
@@ -244,11 +233,6 @@ class Reconstruction:
             idx = torch.arange(self._lo + lo, min(self._hi, self._lo + lo + _SEARCH_BLOCK), device=self.device)
             self.rotations[idx] = search_poses(spectrum, self.rotations[idx], self.spectra[idx - self._lo] * lowpass,
                                                self.ctf(idx), grid, mask)[0]
-
-    def _first_pose_epoch(self) -> int:
-        s = self.config.pose_start_stage
-        switches = self.schedule.switches or ()
-        return 0 if s <= 0 or not switches else switches[min(s, len(switches)) - 1]
 
     def train_epoch(self, epoch: int, stage: int | None) -> float:
         """One pass over the particles; returns the mean over batches of the batch loss.
@@ -263,10 +247,11 @@ class Reconstruction:
         lowpass = self.lowpass(stage)
         pose_on = (cfg.refine_poses and cfg.pose_steps > 0
                    and (stage is None or stage >= cfg.pose_start_stage))
-        pose_lr = cfg.pose_lr * cfg.pose_lr_decay ** max(0, epoch - self._first_pose_epoch())
+        pose_lr = pose_learning_rate(cfg, epoch, self.schedule.switches)
         if cfg.refine_poses and cfg.pose_search and (stage is None or stage >= 1):
             self._search_poses(stage)
-        starts = self._start_perturbations(order_host.split(cfg.batch_size)) if pose_on else None
+        starts = (start_perturbations(order_host.split(cfg.batch_size), cfg.seed, epoch, self.device)
+                  if pose_on else None)
         losses = []
         for b, idx in enumerate(order.split(cfg.batch_size)):
             if self.dist.distributed:
@@ -278,10 +263,10 @@ class Reconstruction:
             target, ctf = select(self.spectra[sel - self._lo] * lowpass), select(self.ctf(sel))
             losses.append(self._volume_steps(sel, target, ctf, len(idx)))
             if self.read_losses_every_batch:
-                _check_losses(losses[-1:], epoch, stage, first=b)
+                check_losses(losses[-1:], epoch, stage, first=b)
             if pose_on:
                 self._pose_steps(idx, target, ctf, pose_lr, starts[b], mine)
-        values = _check_losses(losses, epoch, stage)
+        values = check_losses(losses, epoch, stage)
         self._gather_rotations()
         self.state.epoch = epoch + 1
         return sum(values) / len(values)
@@ -294,7 +279,8 @@ class Reconstruction:
         owned[self._lo:self._hi] = self.rotations[self._lo:self._hi]
         self.rotations = self.dist.all_reduce_sum(owned)
 
-    def _check_finite(self) -> None:
+    def check_finite(self) -> None:
+        """FloatingPointError naming the model parameters (or the poses) that are NaN or inf."""
         bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if not torch.isfinite(self.rotations).all():
             bad.append("poses")
@@ -318,15 +304,15 @@ class Reconstruction:
         the epoch (and its checkpoint) that ends past it, raising
         :class:`~fieldkern.train.TimeLimitReached`; ``fit`` again (after :meth:`load`) goes on.
         """
+        if self.config.marching != "fixed":
+            raise ValueError(f"marching {self.config.marching!r} trains two half sets side by side: "
+                             "use fieldkern.cryoem.marching.fit_halves")
         reconstruction = self
         progress = progress and self.dist.is_main
 
         class _Saver(Callback):
             def on_step_end(self, step, stage, loss):
-                reconstruction.state.losses.append(loss)
-                reconstruction._check_finite()
-                if checkpoint is not None:
-                    reconstruction.save(checkpoint)
+                reconstruction.end_epoch(loss, checkpoint)
 
         start = self.state.epoch
         if start >= self.config.epochs:
@@ -334,19 +320,31 @@ class Reconstruction:
         try:
             return run_stages(
                 self.train_epoch, self.config.epochs, self.schedule, self.model.set_stage,
-                callbacks=[_Saver(), *callbacks, *self._time_limit(time_limit)], progress=progress, desc="epochs",
+                callbacks=[_Saver(), *callbacks, *self.time_limit(time_limit)], progress=progress, desc="epochs",
                 postfix_every=1, start_step=start,
             )
         except FloatingPointError as exc:
-            if checkpoint is not None and self._checkpoint_epoch is not None:
-                kept = f"the last good checkpoint, {str(checkpoint)!r} (after epoch {self._checkpoint_epoch}), was kept"
-            elif checkpoint is not None:
-                kept = "no checkpoint had been written yet"
-            else:
-                kept = "no checkpoint was being written"
-            raise FloatingPointError(f"training stopped: {exc}; {kept}") from exc
+            raise FloatingPointError(f"training stopped: {exc}; {self.kept_checkpoint(checkpoint)}") from exc
 
-    def _time_limit(self, seconds: float | None) -> list[Callback]:
+    def end_epoch(self, loss: float, checkpoint=None) -> None:
+        """Book an epoch's mean ``loss``, check the model and poses are finite
+        (FloatingPointError) and save ``checkpoint`` (None: none)."""
+        self.state.losses.append(loss)
+        self.check_finite()
+        if checkpoint is not None:
+            self.save(checkpoint)
+
+    def kept_checkpoint(self, checkpoint) -> str:
+        """What a stopped run left of ``checkpoint`` (for its error message)."""
+        if checkpoint is None:
+            return "no checkpoint was being written"
+        if self._checkpoint_epoch is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint, {str(checkpoint)!r} (after epoch {self._checkpoint_epoch}), was kept"
+
+    def time_limit(self, seconds: float | None) -> list[Callback]:
+        """The :class:`~fieldkern.train.TimeLimit` callback for ``seconds`` (none for None);
+        every rank stops when any rank's clock ran out."""
         if seconds is None:
             return []
         agree = None
@@ -384,32 +382,6 @@ class Reconstruction:
             return [v.detach().cpu() for v in self.volume(all_scales=True)]
         finally:
             self.model.set_stage(stage)
-
-
-def _check_losses(losses: list[torch.Tensor], epoch: int, stage: int | None, first: int = 0) -> list[float]:
-    """The batch losses as floats (one read of all of them), FloatingPointError naming the
-    first non-finite one (``first``: the batch number of ``losses[0]``)."""
-    values = torch.stack(losses).tolist()
-    for b, loss in enumerate(values, first):
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} in epoch {epoch}, batch {b} (stage {stage})")
-    return values
-
-
-def _check_inputs(images, rotations, shifts: torch.Tensor | None) -> tuple[int, int]:
-    """``(N, D)`` of images ``(N, D, D)``, checking rotations ``(N, 3, 3)`` and finite shifts
-    ``(N, 2)`` (or None). The images' values are checked as each rank reads its block."""
-    shape = tuple(images.shape)
-    if len(shape) != 3 or shape[1] != shape[2]:
-        raise ValueError(f"images must have shape (N, D, D), got {shape}")
-    N, D = shape[0], shape[-1]
-    if tuple(rotations.shape) != (N, 3, 3):
-        raise ValueError(f"rotations must have shape ({N}, 3, 3), got {tuple(rotations.shape)}")
-    if shifts is not None:
-        if tuple(shifts.shape) != (N, 2):
-            raise ValueError(f"shifts must have shape ({N}, 2) (pixels, x then y), got {tuple(shifts.shape)}")
-        check_finite("shifts", shifts)
-    return N, D
 
 
 __all__ = ["Reconstruction"]

@@ -24,6 +24,17 @@ def lowpass_sigma(stage: int, n_scales: int, D: int, lambda1: float, lambda2: fl
     return D / 3 / c ** (n_scales - 1 - stage)
 
 
+#: A stage's band edge in units of its low-pass width: the edge ``band * D / 2`` (the
+#: scale's fraction of Nyquist, in Fourier shells) is ``1.5 sigma``, where the Gaussian is 0.32.
+BAND_EDGE_SIGMAS = 1.5
+
+
+def band_edge(stage: int, n_scales: int, D: int, lambda1: float, lambda2: float) -> float:
+    """The highest frequency of ``stage``'s band, Fourier shells: ``band * D / 2``
+    (:func:`lowpass_sigma`'s band; ``D / 2``, Nyquist, at the last stage)."""
+    return BAND_EDGE_SIGMAS * lowpass_sigma(stage, n_scales, D, lambda1, lambda2)
+
+
 def gaussian_filter(D: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
     """``exp(-|k|^2 / (2 sigma^2))`` on the centred ``D x D`` frequency grid, ``|k|`` in Fourier pixels."""
     k = torch.arange(D, device=device, dtype=dtype) - D // 2
@@ -53,4 +64,4 @@ def particle_spectra(local: torch.Tensor, std: float, shifts: torch.Tensor | Non
     return spectra
 
 
-__all__ = ["gaussian_filter", "global_mean_std", "lowpass_sigma", "particle_spectra"]
+__all__ = ["BAND_EDGE_SIGMAS", "band_edge", "gaussian_filter", "global_mean_std", "lowpass_sigma", "particle_spectra"]

@@ -37,6 +37,12 @@ class Callback:
         """After the last step (and after the last ``on_stage_end``)."""
 
 
+class StopTraining(Exception):
+    """Raised by a callback's ``on_step_end`` to end :func:`run_stages` after that step (e.g.
+    frequency marching decided the last stage is done): the stage ends, ``on_train_end`` is
+    called, and the steps run so far are returned."""
+
+
 class TimeLimitReached(Exception):
     """Raised by :class:`TimeLimit` after step ``step`` (0-based) when time is up."""
 
@@ -110,7 +116,8 @@ def run_stages(
             ``start_step`` is set and announced with ``on_stage_start``).
 
     Returns:
-        The loss of every step run, ``n_steps - start_step`` floats.
+        The loss of every step run, ``n_steps - start_step`` floats (fewer when a callback
+        raised :class:`StopTraining`; the other callbacks of that step are not called).
 
     Raises:
         FloatingPointError: if a step returns a non-finite loss (diverged runs must not be
@@ -144,8 +151,12 @@ def run_stages(
             bar.close()
             raise FloatingPointError(f"loss became {loss} at step {step} (stage {stage})")
         losses.append(loss)
-        for cb in callbacks:
-            cb.on_step_end(step, stage, loss)
+        try:
+            for cb in callbacks:
+                cb.on_step_end(step, stage, loss)
+        except StopTraining:
+            n_steps = step + 1
+            break
         if progress and (step % postfix_every == 0 or step == n_steps - 1):
             bar.set_postfix(stage="-" if stage is None else stage, loss=f"{loss:.3g}", refresh=False)
     bar.close()

@@ -239,7 +239,7 @@ def test_example_tiny_preset_writes_every_output(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["nyquist_angstrom"] == pytest.approx(12.0)
     assert len(results["resolution_angstrom"]) == 3
-    assert set(results["pose_error_deg"]) == {"initial", "final"}
+    assert set(results["pose_error_deg"]) == {"initial", "final", "final_aligned"}
     assert results["n_particles"] == 120 and results["box"] == 16
     assert "resolution at FSC 0.5" in proc.stdout
     # The refined poses read back as a RELION particle set with the same images.

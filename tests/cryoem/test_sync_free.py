@@ -6,7 +6,7 @@ launches start only when the GPU is idle. The test runs an epoch on the CPU with
 reading rule of CUDA (``read_losses_every_batch = False``) and records every host read
 (``aten::_local_scalar_dense``) with the function that made it. Reads that on CUDA touch no
 device value are allowed by name: the pose perturbations' seeds from the epoch's host-side
-batch order (``_start_perturbations``), torch's CPU Adam step counts (``torch/optim``; on
+batch order (``start_perturbations``), torch's CPU Adam step counts (``torch/optim``; on
 CUDA the optimisers are capturable, :mod:`fieldkern.train.optim`) and the rotation checks
 (``_check_orthonormal``, which CUDA tensors skip). Anything else fails the test.
 """
@@ -26,7 +26,7 @@ from fieldkern.cryoem import reconstruct
 from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.train.optim import adam
 
-HOST_ONLY = ("_start_perturbations",)
+HOST_ONLY = ("start_perturbations",)
 
 
 class _HostReads(TorchDispatchMode):
@@ -71,8 +71,8 @@ def test_an_epoch_reads_its_losses_once(monkeypatch, projector):
     rec.read_losses_every_batch = False  # CUDA's rule
     monkeypatch.setattr(fieldkern.checks, "_check_orthonormal", lambda *a, **k: None)  # as for CUDA tensors
     checked = []
-    real_check = reconstruct._check_losses
-    monkeypatch.setattr(reconstruct, "_check_losses", lambda losses, *a, **k: checked.append(len(losses))
+    real_check = reconstruct.check_losses
+    monkeypatch.setattr(reconstruct, "check_losses", lambda losses, *a, **k: checked.append(len(losses))
                         or real_check(losses, *a, **k))
     mode = _HostReads()
     with mode:

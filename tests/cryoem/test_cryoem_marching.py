@@ -1,0 +1,123 @@
+"""FSC marching of two half-set reconstructions (fieldkern.cryoem.marching): decisions,
+stage switches, the band limit, checkpoints and resume, the command line."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from test_reconstruct import particles, run_example, small_config
+
+from fieldkern.cryoem import fourier_shell_correlation, jitter_rotations
+from fieldkern.cryoem.marching import fit_halves, half_map_curve, stage_band_edge
+from fieldkern.cryoem.reconstruct import Reconstruction
+from fieldkern.train import Callback
+from fieldkern.train.marching import FSCMarching
+
+#: A plateau at every chance: each stage ends after min_epochs = patience + 1 = 2 epochs.
+IMPATIENT = FSCMarching(min_epochs=2, patience=1, min_gain=100.0)
+
+
+def halves(n=120, **kw):
+    _, images, ctfs, R = particles(n, seed=5)
+    start = jitter_rotations(R.double(), 0.0, 10.0, generator=torch.Generator().manual_seed(2))
+    cfg = small_config(marching="fsc", epochs=8, stage_epochs=(3,), pose_steps=2, refine_poses=True, **kw)
+    rows = [torch.arange(0, n, 2), torch.arange(1, n, 2)]
+    return [Reconstruction(images[r], ctfs[r], start[r], replace(cfg, seed=h)) for h, r in enumerate(rows)]
+
+
+def test_marching_switches_stages_and_stops_as_the_rule_decides(tmp_path):
+    recs = halves()
+    steps = fit_halves(recs, [tmp_path / "h1.pt", tmp_path / "h2.pt"], rule=IMPATIENT, progress=False)
+    assert [(s.epoch, s.stage, s.decision) for s in steps] == [
+        (0, 0, "continue"), (1, 0, "next"), (2, 1, "continue"), (3, 1, "stop")]
+    for rec in recs:
+        assert rec.state.epoch == 4 and len(rec.state.losses) == 4  # 4 of the 8 epochs allowed
+        assert rec.state.finished and rec.state.stage_switches == [2] and rec.model.stage == 1
+        assert [row["decision"] for row in rec.state.marching] == [s.decision for s in steps]
+    assert steps[0].band_edge == pytest.approx(stage_band_edge(recs[0], 0))
+    assert steps[-1].band_edge == pytest.approx(7.0)  # the last stage: Nyquist's shell 8, capped at the curve's end
+    # the decision's curve is the FSC of the two halves' maps at the active scale
+    _, fsc = fourier_shell_correlation(recs[0].volume().double(), recs[1].volume().double())
+    assert half_map_curve(recs) == pytest.approx(fsc.tolist())
+    # a finished run trains nothing more
+    assert fit_halves(recs, progress=False) == steps and recs[0].state.epoch == 4
+
+
+def test_the_epoch_budget_ends_a_run_that_never_plateaus():
+    recs = halves()
+    patient = FSCMarching(min_epochs=100)
+    steps = fit_halves(recs, rule=patient, progress=False)
+    assert [s.decision for s in steps] == ["continue"] * 7 + ["end"]
+    assert recs[0].state.finished and recs[0].model.stage == 0
+
+
+class _Interrupt(Callback):
+    def on_step_end(self, step, stage, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_marching_run_equals_the_uninterrupted_one(tmp_path):
+    full = halves()
+    fit_halves(full, rule=IMPATIENT, progress=False)
+    ckpts = [tmp_path / "h1.pt", tmp_path / "h2.pt"]
+    with pytest.raises(KeyboardInterrupt):
+        fit_halves(halves(), ckpts, rule=IMPATIENT, progress=False, callbacks=[_Interrupt()])
+    resumed = halves()
+    for rec, ckpt in zip(resumed, ckpts):
+        rec.load(ckpt)
+    assert resumed[0].state.epoch == 3 and resumed[0].state.stage_switches == [2]
+    fit_halves(resumed, ckpts, rule=IMPATIENT, progress=False)
+    for a, b in zip(full, resumed):
+        assert a.state.marching == b.state.marching and a.state.losses == b.state.losses
+        assert torch.equal(a.rotations, b.rotations)
+        for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            assert torch.equal(x, y), name
+
+
+def test_a_support_limit_narrows_the_fitted_band():
+    rec = halves()[0]
+    wide = rec.lowpass(1)
+    rec.state.support_limit = 2.0
+    narrow = rec.lowpass(1)
+    D = rec.D
+    # the limit is the Gaussian's band edge, 1.5 sigma: exp(-1.125) there
+    assert float(narrow[D // 2, D // 2 + 2]) == pytest.approx(torch.exp(torch.tensor(-1.125)).item(), rel=1e-5)
+    assert torch.all(narrow <= wide + 1e-7)
+
+
+def test_bad_marching_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="marching"):
+        small_config(marching="adaptive")
+    with pytest.raises(ValueError, match="pose_search"):
+        small_config(marching="fsc", pose_search=96)
+    recs = halves()
+    with pytest.raises(ValueError, match="fit_halves"):
+        recs[0].fit(progress=False)
+    _, images, ctfs, R = particles(40)
+    fixed = [Reconstruction(images, ctfs, R, small_config()) for _ in range(2)]
+    with pytest.raises(ValueError, match="marching='fsc'"):
+        fit_halves(fixed, progress=False)
+    recs[1].state.epoch = 1
+    with pytest.raises(ValueError, match="different points"):
+        fit_halves(recs, progress=False)
+
+
+def test_command_line_marching_logs_its_decisions(tmp_path):
+    out = tmp_path / "run"
+    proc = run_example("--preset", "tiny", "--marching", "fsc", "--epochs", "4", "--out", str(out), "--no-progress",
+                       cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["marching"]
+    assert [r["epoch"] for r in rows] == list(range(len(rows))) and 1 <= len(rows) <= 4
+    assert rows[-1]["decision"] in ("stop", "end")
+    assert {"stage", "band_edge", "fsc_at_edge", "resolved_shell", "decision"} <= set(rows[0])
+    # with a ground truth: the averaged half maps against it, the half maps' own FSC beside
+    assert results["fsc_against"] == "ground truth" and len(results["half_map_resolution_angstrom"]) == 3
+    assert (out / "checkpoint_half1.pt").is_file() and (out / "half2_scale2.mrc").is_file()
+    assert "FSC marching:" in proc.stdout
+    proc = run_example("--preset", "tiny", "--marching", "fsc", "--pose-init", "random", "--out", str(tmp_path / "o"),
+                       cwd=tmp_path)
+    assert proc.returncode == 2 and "--pose-search" in proc.stderr and "random" in proc.stderr
