@@ -10,6 +10,8 @@ from fieldkern.train.marching import (
     FSCMarching,
     MarchingSchedule,
     MarchingStep,
+    band_score,
+    epochs_since_best,
     resolved_shell,
     sudden_drop,
     value_at,
@@ -50,11 +52,32 @@ def test_an_improving_curve_continues():
 
 @pytest.mark.parametrize("stage, expected", [(0, "next"), (1, "next"), (2, "stop")])
 def test_a_plateau_moves_to_the_next_stage_or_stops_at_the_last(stage, expected):
-    rule = FSCMarching(min_epochs=2, patience=2, min_gain=0.1)
+    rule = FSCMarching(min_epochs=2, patience=2, min_gain=0.01)
     curves = [curve(6), curve(8), curve(9), curve(9.05), curve(9.08)]
     decisions = [s.decision for s in march(rule, curves, stage=stage)]
-    # improving, then judged only once patience + 1 epochs of the stage are in
+    # improving, then two epochs without a gain of 0.01 in the band's mean FSC
     assert decisions == ["continue", "continue", "continue", "continue", expected]
+
+
+def test_a_jittering_crossing_with_a_rising_band_mean_goes_on():
+    """The resolved shell jumps back and forth (as on the quick data) while the curve's
+    band mean still rises: not a plateau."""
+    curves = [curve(8 + 0.1 * e) for e in range(8)]
+    for e in range(1, 8, 2):
+        curves[e][10] = 0.13  # a dip below 0.143 at shell 10 on odd epochs (no sudden drop)
+    steps = march(FSCMarching(min_epochs=2, patience=2, min_gain=0.001), curves)
+    shells, scores = [s.resolved_shell for s in steps], [s.score for s in steps]
+    assert all(b < a - 0.5 for a, b in zip(shells[::2], shells[1::2]))  # the crossing falls back
+    assert all(b > a + 0.001 for a, b in zip(scores[::2], scores[2::2]))  # the band mean rises
+    assert [s.decision for s in steps] == ["continue"] * 8
+
+
+def test_band_score_and_epochs_since_best():
+    assert band_score([1.0, 0.8, 0.6, 0.1], 2.7) == pytest.approx(0.7)
+    assert band_score([1.0, 0.8, 0.6, 0.1], 0.5) == pytest.approx(0.8)  # at least shell 1
+    assert epochs_since_best([0.1, 0.5, 0.52, 0.51], 0.05) == 2  # 0.52 is no new best
+    assert epochs_since_best([0.1, 0.5, 0.52, 0.51], 0.0) == 1
+    assert epochs_since_best([float("nan"), 0.3], 0.1) == 0  # a row from an older log
 
 
 def test_a_stage_resolved_to_its_band_edge_moves_on_after_min_epochs():
@@ -64,25 +87,28 @@ def test_a_stage_resolved_to_its_band_edge_moves_on_after_min_epochs():
     assert [s.decision for s in steps] == ["continue", "next"]
     assert steps[0].resolved_shell == 1.5 and steps[0].band_edge == 1.5
     assert steps[0].fsc_at_edge == pytest.approx(value_at(curve(8), 1.5))
+    # the last stage never ends for being resolved to its edge (it is Nyquist)
+    assert [s.decision for s in march(rule, [curve(8), curve(9)], stage=2, edge=1.5)] == ["continue"] * 2
 
 
 def test_only_the_current_stage_counts_for_a_plateau():
     rule = FSCMarching(min_epochs=1, patience=2)
-    history = march(rule, [curve(4)] * 3, stage=0, edge=4.0)
-    assert history[-1].decision == "next"
-    step = rule.decide(curve(6), 3, 1, 3, 8.0, history)
-    assert step.decision == "continue"  # stage 1 has one epoch, not patience + 1
+    history = march(rule, [curve(4)] * 3, stage=0, edge=8.0)
+    assert [s.decision for s in history] == ["continue", "continue", "next"]
+    step = rule.decide(curve(6), 3, 1, 3, 15.0, history)
+    assert step.decision == "continue"  # stage 1's first epoch is its best so far
 
 
 def test_a_sudden_drop_limits_the_support_once():
     drop = [1.0, 0.98, 0.95, 0.93, 0.9, 0.2, 0.1, 0.05] + [0.0] * 8
     assert sudden_drop(drop, 15, drop=0.5, width=2, start=0.6) == 4
-    steps = march(FSCMarching(), [curve(9), drop, drop, drop])
+    steps = march(FSCMarching(patience=1), [curve(9), drop, drop, drop])
     assert [s.decision for s in steps][:2] == ["continue", "limit"]
     assert steps[1].support_limit == 4.0
     # limited: no second limit, the resolved shell is capped at the limit, and a plateau stops
     assert all(s.support_limit == 4.0 for s in steps[1:])
     assert steps[2].resolved_shell <= 4.0
+    assert steps[2].score == pytest.approx(band_score(drop, 4.0))  # the score too stops at the limit
     assert steps[3].decision == "stop"
     # a coarse stage's curve is not trusted for drops
     assert march(FSCMarching(), [drop], stage=1)[0].decision == "continue"
@@ -117,7 +143,7 @@ def test_steps_round_trip_through_their_dicts():
     step = FSCMarching().decide(curve(5), 4, 1, 3, 6.0)
     assert MarchingStep(**step.as_dict()) == step
     assert set(step.as_dict()) == {"epoch", "stage", "band_edge", "fsc_at_edge", "resolved_shell", "decision",
-                                   "support_limit"}
+                                   "support_limit", "score"}
 
 
 def test_marching_schedule_follows_its_switches():

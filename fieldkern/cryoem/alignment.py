@@ -34,7 +34,8 @@ from fieldkern.cryoem.fourier import fourier_crop, fourier_shift
 from fieldkern.cryoem.projection import transform_volume
 from fieldkern.cryoem.rotations import axis_angle_to_matrix, matmul3, super_fibonacci_rotations
 
-_FLIP = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+#: The mirror along z (a hand flip), ``diag(1, 1, -1)`` float64.
+FLIP_Z = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 
 
 @dataclass
@@ -237,7 +238,7 @@ def _align_volume(
     hands = [] if local else [False, True] if flip else [False]
     cands = [(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), False)] if local else []
     for h in hands:
-        mats = matmul3(grid, _FLIP) if h else grid
+        mats = matmul3(grid, FLIP_Z) if h else grid
         scores, peaks = _scores(v_s, ref_s_f, mats, chunk)
         top = torch.topk(scores, min(n_candidates, scores.numel())).indices
         cands += [(mats[i], _unravel_shift(int(peaks[i]), s_size), h) for i in top.tolist()]
@@ -262,7 +263,7 @@ def _align_volume(
         t = _subvoxel_peak(cc, idx)
     aligned = fourier_shift(rotated, t, 3)
     score = float((_normalise(aligned) * _normalise(r64)).sum())
-    R = matmul3(M, _FLIP) if flipped else M
+    R = matmul3(M, FLIP_Z) if flipped else M
     return AlignmentResult(
         volume=aligned.to(dtype=volume.dtype, device=volume.device),
         matrix=M.clone(),

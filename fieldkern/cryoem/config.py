@@ -35,7 +35,7 @@ class ReconstructionConfig:
             whose slice fits the particle best at the stage's band, where that beats its
             estimate (:func:`fieldkern.cryoem.poses.search_poses`): for starting poses far off
             (``coarse``), which local pose steps cannot bring back. Not in the paper. 4608
-            rotations: ~10 degree spacing.
+            rotations: a random rotation lies 7.5 degrees from the nearest on average, 11.8 at most.
         pose_lr_decay: the pose learning rate is multiplied by this every epoch after the
             first epoch with pose steps.
         support: "box" (the field fills the box) or "sphere" (it is evaluated, and the map

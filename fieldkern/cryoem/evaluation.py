@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fieldkern.cryoem.alignment import align_volume
+from fieldkern.cryoem.alignment import FLIP_Z, align_volume
 from fieldkern.cryoem.fsc import fourier_shell_correlation, resolution
 from fieldkern.cryoem.io import ParticleDataset
 from fieldkern.cryoem.poses import pose_errors_deg
 from fieldkern.cryoem.projection import transform_volume
-
-_FLIP_Z = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 
 #: FSC threshold against a ground-truth map (the paper's criterion).
 GROUND_TRUTH_THRESHOLD = 0.5
@@ -76,7 +74,7 @@ def poses_in_reference_frame(rotations: torch.Tensor, matrix: torch.Tensor) -> t
     M = matrix.to(torch.float64)
     R = rotations.to(torch.float64) @ M.T
     if torch.linalg.det(M) < 0:
-        R = _FLIP_Z.to(R) @ R
+        R = FLIP_Z.to(R) @ R
     return R
 
 

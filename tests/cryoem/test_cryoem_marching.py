@@ -113,7 +113,7 @@ def test_command_line_marching_logs_its_decisions(tmp_path):
     rows = results["marching"]
     assert [r["epoch"] for r in rows] == list(range(len(rows))) and 1 <= len(rows) <= 4
     assert rows[-1]["decision"] in ("stop", "end")
-    assert {"stage", "band_edge", "fsc_at_edge", "resolved_shell", "decision"} <= set(rows[0])
+    assert {"stage", "band_edge", "fsc_at_edge", "resolved_shell", "score", "decision"} <= set(rows[0])
     # with a ground truth: the averaged half maps against it, the half maps' own FSC beside
     assert results["fsc_against"] == "ground truth" and len(results["half_map_resolution_angstrom"]) == 3
     assert (out / "checkpoint_half1.pt").is_file() and (out / "half2_scale2.mrc").is_file()
