@@ -89,7 +89,7 @@ def write_outputs(out: Path, data: ExperimentData, rotations: torch.Tensor, shif
     or one list per half set; with half maps, ``half{1,2}_scale{k}.mrc`` are written too (half
     2 aligned); ``settings``: :func:`cryoem_settings`; ``seconds``: the whole run's time and
     ``train_seconds`` the training's; ``marching``: FSC marching's decisions, one dict per
-    epoch (epoch, stage, band edge, FSC there, resolved shell, decision, support limit)."""
+    epoch (epoch, stage, band edge, FSC there, resolved shell, score, decision, support limit)."""
     ds = data.dataset
     apix, D = ds.apix, ds.box
     maps = ev.aligned_maps or volumes
