@@ -55,9 +55,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="gt: true (or the file's) poses, kept fixed; refine: those poses, refined (default with "
                    "--particles); perturbed: up to 20 deg off (default otherwise); coarse: 45-90 deg off; "
                    "uniform: 0-180 deg off (appendix E); random: uniform on SO(3), ab initio, also for --particles "
-                   "without angles (both with --pose-search 4608 and more coarse-scale epochs unless given)")
+                   "without angles (both with --pose-search 4608, --search-temperature 10 and more coarse-scale epochs "
+                   "unless given)")
     p.add_argument("--pose-search", type=int, metavar="N", help="global pose search over N grid rotations at the "
                    "start of every epoch from the second stage (not in the paper; for --pose-init coarse, e.g. 4608)")
+    p.add_argument("--search-temperature", type=float, metavar="T", help="before the last stage, draw each pose "
+                   "from its posterior over the search grid at T times its noise level instead of taking the best "
+                   "fit (0: the best fit; default 10 with --pose-init uniform or random, else 0)")
     p.add_argument("--epochs", type=int, help="training epochs (stage switches scale with it)")
     p.add_argument("--projector", choices=PROJECTORS, help="the trainer's forward model: fourier (central slices "
                    "from precomputed taps, the default), grid_sample (the same slices by grid_sample, the reference) "
@@ -83,7 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked: exit status 2 with a message for arguments that cannot go together."""
     from fieldkern.cryoem.data import check_map_geometry, is_map
     from fieldkern.cryoem.poses import FAR_POSE_INITS
-    from fieldkern.cryoem.presets import AB_INITIO_POSE_SEARCH
+    from fieldkern.cryoem.presets import (
+        AB_INITIO_POSE_SEARCH,
+        AB_INITIO_SEARCH_TEMPERATURE,
+    )
 
     p = _parser()
     args = p.parse_args(argv)
@@ -91,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pose_init = "refine" if args.particles else "perturbed"
     if args.pose_init in FAR_POSE_INITS and args.pose_search is None:
         args.pose_search = AB_INITIO_POSE_SEARCH  # far from the truth: the global search by default
+    if args.pose_init in FAR_POSE_INITS and args.search_temperature is None and args.pose_search:
+        args.search_temperature = AB_INITIO_SEARCH_TEMPERATURE  # and broad draws before the last stage
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     if args.reference and not args.particles:
@@ -112,6 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "drop one of them")
     if args.pose_search is not None and args.pose_search < 0:
         p.error("--pose-search must be >= 0")
+    if args.search_temperature is not None and not args.search_temperature >= 0:
+        p.error("--search-temperature must be >= 0")
+    if args.search_temperature and not args.pose_search:
+        p.error("--search-temperature draws the poses of a global search: it needs --pose-search N")
     for name in ("box", "n_particles", "epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -130,7 +143,11 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     from fieldkern.cryoem import experiment
     from fieldkern.cryoem.data import is_map, prepare_data
     from fieldkern.cryoem.memory import check_memory, memory_needs
-    from fieldkern.cryoem.outputs import cryoem_settings, prepare_output_dir, write_outputs
+    from fieldkern.cryoem.outputs import (
+        cryoem_settings,
+        prepare_output_dir,
+        write_outputs,
+    )
     from fieldkern.cryoem.poses import initial_poses
     from fieldkern.cryoem.presets import cryoem_preset, scale_epochs
 
@@ -138,7 +155,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     structure_key = str(args.structure).lower()
     overrides = {"box": args.box, "apix": args.apix, "n_particles": args.n_particles, "snr": args.snr,
                  "projector": args.projector, "support": args.support, "marching": args.marching, "seed": args.seed,
-                 "pose_search": args.pose_search}
+                 "pose_search": args.pose_search, "search_temperature": args.search_temperature}
     preset = cryoem_preset(args.preset, structure_key, args.pose_init, **overrides)
     if args.epochs is not None:
         preset = scale_epochs(preset, args.epochs)

@@ -36,6 +36,13 @@ class ReconstructionConfig:
             estimate (:func:`fieldkern.cryoem.poses.search_poses`): for starting poses far off
             (``coarse``), which local pose steps cannot bring back. Not in the paper. 4608
             rotations: a random rotation lies 7.5 degrees from the nearest on average, 11.8 at most.
+        search_temperature: 0 (default): the search takes each image's best fit. ``T > 0``:
+            before the last stage, each image's pose is drawn from its posterior over the grid
+            and its estimate at ``T`` times its residual's noise level
+            (:func:`fieldkern.cryoem.poses.search_poses`), the best fit at the last stage. Far
+            from the truth, best fits to the first blob-like maps lock in a wrong assignment
+            (on the quick 1OL5 data: a chimera of the structure and a copy rotated ~180 degrees);
+            broad draws let the low-resolution map form first. Not in the paper.
         pose_lr_decay: the pose learning rate is multiplied by this every epoch after the
             first epoch with pose steps.
         support: "box" (the field fills the box) or "sphere" (it is evaluated, and the map
@@ -67,6 +74,7 @@ class ReconstructionConfig:
     refine_poses: bool = True
     pose_start_stage: int = 1
     pose_search: int = 0
+    search_temperature: float = 0.0
     support: str = "box"
     projector: str = "fourier"
     marching: str = "fixed"
@@ -94,6 +102,8 @@ class ReconstructionConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pose_steps < 0:
             raise ValueError(f"pose_steps must be >= 0, got {self.pose_steps}")
+        if not float(self.search_temperature) >= 0:  # also refuses NaN
+            raise ValueError(f"search_temperature must be >= 0 (0: the best fit), got {self.search_temperature}")
         if int(self.pose_search) < 0:
             raise ValueError(f"pose_search must be >= 0 (grid rotations; 0: off), got {self.pose_search}")
 

@@ -61,31 +61,62 @@ def initial_poses(true_rotations: torch.Tensor | None, mode: str, preset, seed: 
 
 @torch.no_grad()
 def search_poses(spectrum: torch.Tensor, rotations: torch.Tensor, targets: torch.Tensor, ctfs: torch.Tensor,
-                 grid: torch.Tensor, frequencies: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 grid: torch.Tensor, frequencies: torch.Tensor | None = None, temperature: float = 0.0,
+                 uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Global pose search over ``grid`` ``(G, 3, 3)``: per image, the grid rotation whose
     central slice of ``spectrum`` (:func:`fieldkern.cryoem.fourier_slice.volume_spectrum`),
     times the image's CTF, is closest to its target spectrum, where that beats the current
-    estimate.
+    estimate; or, with ``temperature > 0``, a draw from the posterior (:func:`_draw_poses`).
 
     ``rotations (n, 3, 3)``, ``targets`` (complex) and ``ctfs`` ``(n, D, D)``; ``frequencies``:
     a ``(D, D)`` boolean mask of the frequencies compared (default all). The squared
     distances of every image to every grid slice come from two matrix products over the
     masked frequencies (``|C S - T|^2 = C^2 |S|^2 - 2 Re(conj(T) C S) + |T|^2``), so a search
-    over thousands of rotations costs about as much as a few pose steps. Returns the new
+    over thousands of rotations costs about as much as a few pose steps. ``uniforms (n,)``:
+    one number in [0, 1) per image for the draws (needed with a temperature). Returns the new
     rotations (``rotations``' dtype) and a boolean ``(n,)`` of the images that moved.
     """
+    if not temperature >= 0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0: the best fit), got {temperature}")
+    if temperature > 0 and (uniforms is None or uniforms.shape != rotations.shape[:1]):
+        raise ValueError(f"a draw at temperature {temperature} needs uniforms of shape ({rotations.shape[0]},)")
     D = targets.shape[-1]
     mask = torch.ones(D, D, dtype=torch.bool, device=targets.device) if frequencies is None else frequencies
     slices = central_slices(spectrum, grid.to(spectrum.real.dtype), D)[:, mask]          # (G, K)
     T, C = targets[:, mask], ctfs[:, mask].to(slices.real.dtype)
+    # fit = |C S - T|^2 - |T|^2 for every (image, grid slice), then the current estimate's
     fit = C.square() @ slices.abs().square().T - 2 * ((T.conj() * C).to(slices.dtype) @ slices.T).real
-    best_fit, best = fit.min(dim=1)
     current = central_slices(spectrum, rotations.to(spectrum.real.dtype), D)[:, mask]
     current_fit = (C.square() * current.abs().square()).sum(1) - 2 * (T.conj() * C * current).sum(1).real
-    moved = best_fit < current_fit
+    if temperature > 0:
+        fit = torch.cat([fit, current_fit[:, None]], 1)                                   # (n, G + 1)
+        # each image's noise variance per coefficient: its best residual per compared
+        # frequency, an overestimate while the map is still wrong (so early draws are broad)
+        noise = (fit.min(dim=1).values + T.abs().square().sum(1)) / T.shape[1]
+        pick = _draw_poses(fit, noise, temperature, uniforms)
+        moved = pick < grid.shape[0]
+    else:
+        best_fit, pick = fit.min(dim=1)
+        moved = best_fit < current_fit
     out = rotations.clone()
-    out[moved] = grid[best[moved]].to(out)
+    out[moved] = grid[pick[moved]].to(out)
     return out, moved
+
+
+def _draw_poses(fit: torch.Tensor, noise: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """The index of one candidate per image ``(n,)``, drawn with probability proportional to
+    ``exp(-fit / (2 T noise))``: ``fit (n, M)``, each candidate's squared residual over the
+    compared frequencies (up to a per-image constant), is the pose posterior's exponent under
+    Gaussian noise of variance ``noise (n,)`` per complex coefficient (a full plane counts
+    each coefficient twice), tempered by ``T = temperature``. Inverse-CDF draws from
+    ``uniforms (n,)`` in [0, 1): an image's draw depends on its own row only, whichever block
+    or rank searches it."""
+    best = fit.min(dim=1, keepdim=True).values
+    scale = 2 * temperature * noise.double().clamp_min(1e-30)[:, None]
+    weights = torch.exp(-(fit - best).double() / scale)
+    cdf = weights.cumsum(dim=1)
+    # right=True: the first candidate whose cdf exceeds u, never one of weight 0
+    return torch.searchsorted(cdf, uniforms.to(cdf)[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp_max(fit.shape[1] - 1)
 
 
 def orthonormalize(R: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,18 @@ CRYOEM_PRESETS: dict[str, CryoEMPreset] = {
 #: The global pose search's grid for the inits far from the truth (``--pose-init uniform``
 #: / ``random``) when ``--pose-search`` is not given: 4608 super-Fibonacci rotations (a random
 #: rotation lies 7.5 degrees from the nearest on average, 11.8 at most), the grid that took the coarse init (45-90 degrees off) to 9.7 A on the
-#: quick 4AKE data (box 32). One grid for every box: on the quick data it took uniform and
-#: random inits of 4AKE (box 32) and random of 1OL5 (box 40) below 9 A (docs/cryoem.md).
+#: quick 4AKE data (box 32). One grid for every box: on the quick data, with
+#: :data:`AB_INITIO_SEARCH_TEMPERATURE`, it took uniform and random inits of 4AKE (box 32)
+#: and 1OL5 (box 40), two seeds each, below 9 A (docs/cryoem.md).
 AB_INITIO_POSE_SEARCH = 4608
+
+#: The search's temperature for the far inits when ``--search-temperature`` is not given
+#: (``ReconstructionConfig.search_temperature``). Measured on the quick 1OL5 data
+#: (docs/cryoem.md, "Ab initio"): the best fit (0) and a draw at 1 (nearly the best fit: the
+#: likeliest pose holds 80% of the posterior from the first search) locked into a chimera
+#: (12.77 / 13.16 A); 10 keeps the first draws broad (the likeliest pose under 10% through
+#: stage 1) and took both inits of both structures to 7.5-8.7 A, seeds 0 and 1.
+AB_INITIO_SEARCH_TEMPERATURE = 10.0
 
 #: The authors' stage epochs per structure (the paper's appendix B).
 PAPER_STAGE_EPOCHS = {"1ol5": (15, 30), "4ake": (25, 50)}
@@ -138,4 +147,4 @@ def scale_epochs(preset: CryoEMPreset, epochs: int) -> CryoEMPreset:
     return replace(preset, recon=replace(preset.recon, epochs=epochs, stage_epochs=tuple(switches)))
 
 
-__all__ = ["AB_INITIO_STAGE_EPOCHS", "CRYOEM_PRESETS", "PAPER_STAGE_EPOCHS", "ab_initio_schedule", "QUICK_GEOMETRY", "CryoEMPreset", "cryoem_preset", "scale_epochs"]
+__all__ = ["AB_INITIO_POSE_SEARCH", "AB_INITIO_SEARCH_TEMPERATURE", "AB_INITIO_STAGE_EPOCHS", "CRYOEM_PRESETS", "PAPER_STAGE_EPOCHS", "ab_initio_schedule", "QUICK_GEOMETRY", "CryoEMPreset", "cryoem_preset", "scale_epochs"]

@@ -11,7 +11,8 @@ One training step on a batch of particles (the paper's appendices B and D):
    current estimate with its own Adam, folded into the estimate after the batch
    (:func:`fieldkern.cryoem.poses.refine_poses`). With ``pose_search``, every epoch from the
    second stage on first moves each pose to the best rotation of a global grid
-   (:func:`fieldkern.cryoem.poses.search_poses`).
+   (:func:`fieldkern.cryoem.poses.search_poses`); before the last stage, with
+   ``search_temperature``, each pose is drawn from the tempered posterior over the grid instead.
 
 Decisions, and why:
 
@@ -57,6 +58,8 @@ from fieldkern.train.optim import adam
 
 #: Particles per block of the pose search (bounds its ``(block, grid)`` distance matrix).
 _SEARCH_BLOCK = 1024
+#: Offset of the search draws' seed from the batch order's (``seed * 1_000_003 + epoch``).
+_SEARCH_SEED = 500_000
 
 
 class Reconstruction:
@@ -221,18 +224,26 @@ class Reconstruction:
             cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
         )
 
-    def _search_poses(self, stage: int | None) -> None:
+    def _search_poses(self, stage: int | None, epoch: int) -> None:
         """:func:`~fieldkern.cryoem.poses.search_poses` for this rank's particles against the
-        current map at the stage's band. Every rank must call it."""
+        current map at the stage's band: drawn at ``search_temperature`` before the last
+        stage, the best fit at the last. Every rank must call it."""
+        cfg = self.config
         with torch.no_grad():
             spectrum = volume_spectrum(self.field.training_volume())  # collective
         lowpass = self.lowpass(stage)
         mask = lowpass > 0.01  # beyond, the low-passed targets are ~0 and only add noise
-        grid = super_fibonacci_rotations(int(self.config.pose_search), device=self.device)
+        grid = super_fibonacci_rotations(int(cfg.pose_search), device=self.device)
+        temperature = cfg.search_temperature if stage is not None and stage < cfg.n_scales - 1 else 0.0
+        uniforms = None
+        if temperature > 0:  # one draw per particle and epoch, whatever the blocks and ranks
+            gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + epoch + _SEARCH_SEED)
+            uniforms = torch.rand(self.n_particles, generator=gen, dtype=torch.float64).to(self.device)
         for lo in range(0, self._hi - self._lo, _SEARCH_BLOCK):
             idx = torch.arange(self._lo + lo, min(self._hi, self._lo + lo + _SEARCH_BLOCK), device=self.device)
             self.rotations[idx] = search_poses(spectrum, self.rotations[idx], self.spectra[idx - self._lo] * lowpass,
-                                               self.ctf(idx), grid, mask)[0]
+                                               self.ctf(idx), grid, mask, temperature,
+                                               None if uniforms is None else uniforms[idx])[0]
 
     def train_epoch(self, epoch: int, stage: int | None) -> float:
         """One pass over the particles; returns the mean over batches of the batch loss.
@@ -249,7 +260,7 @@ class Reconstruction:
                    and (stage is None or stage >= cfg.pose_start_stage))
         pose_lr = pose_learning_rate(cfg, epoch, self.schedule.switches)
         if cfg.refine_poses and cfg.pose_search and (stage is None or stage >= 1):
-            self._search_poses(stage)
+            self._search_poses(stage, epoch)
         starts = (start_perturbations(order_host.split(cfg.batch_size), cfg.seed, epoch, self.device)
                   if pose_on else None)
         losses = []

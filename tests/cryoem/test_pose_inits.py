@@ -9,7 +9,7 @@ import torch
 
 from fieldkern.cryoem import random_rotations
 from fieldkern.cryoem.poses import FAR_POSE_INITS, POSE_INITS, initial_poses, pose_errors_deg
-from fieldkern.cryoem.presets import AB_INITIO_POSE_SEARCH, cryoem_preset
+from fieldkern.cryoem.presets import AB_INITIO_POSE_SEARCH, AB_INITIO_SEARCH_TEMPERATURE, cryoem_preset
 
 N = 20000
 PRESET = cryoem_preset("quick", "4ake")
@@ -68,9 +68,18 @@ def test_far_inits_take_the_global_search_by_default():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     for init in FAR_POSE_INITS:
-        assert cli.parse_args(["--pose-init", init]).pose_search == AB_INITIO_POSE_SEARCH
-        assert cli.parse_args(["--pose-init", init, "--pose-search", "0"]).pose_search == 0
-    assert cli.parse_args(["--pose-init", "coarse"]).pose_search is None
+        args = cli.parse_args(["--pose-init", init])
+        assert (args.pose_search, args.search_temperature) == (AB_INITIO_POSE_SEARCH, AB_INITIO_SEARCH_TEMPERATURE)
+        args = cli.parse_args(["--pose-init", init, "--pose-search", "0"])
+        assert (args.pose_search, args.search_temperature) == (0, None)
+        assert cli.parse_args(["--pose-init", init, "--search-temperature", "0"]).search_temperature == 0
+    args = cli.parse_args(["--pose-init", "coarse"])
+    assert (args.pose_search, args.search_temperature) == (None, None)
+    assert cli.parse_args(["--pose-init", "coarse", "--pose-search", "96",
+                           "--search-temperature", "3"]).search_temperature == 3
+    for bad in (["--search-temperature", "2"], ["--pose-search", "96", "--search-temperature", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--pose-init", "coarse", *bad])
     with pytest.raises(SystemExit):
         cli.parse_args(["--pose-init", "ab-initio"])
 

@@ -110,20 +110,80 @@ def test_global_search_brings_back_poses_that_local_steps_cannot():
     assert not moved.any() and torch.equal(kept, R.double())
 
 
-def test_reconstruction_searches_from_the_second_stage():
+def test_search_draws_follow_the_tempered_posterior():
+    """Inverse-CDF draws of one image's candidates hit each with probability
+    exp(-fit / (2 T noise)) / Z; a candidate of weight 0 is never drawn."""
+    from fieldkern.cryoem.poses import _draw_poses
+
+    n, T, noise = 40_000, 2.0, 0.5
+    fit = torch.tensor([3.0, 1.0, 2.0, 1.5, 1e4], dtype=torch.float64).expand(n, 5)
+    picks = _draw_poses(fit, torch.full((n,), noise), T, torch.rand(n, generator=torch.Generator().manual_seed(0),
+                                                                   dtype=torch.float64))
+    expected = torch.softmax(-fit[0] / (2 * T * noise), 0)
+    seen = torch.bincount(picks, minlength=5).double() / n
+    assert seen[4] == 0 and expected[4] < 1e-300
+    # binomial standard error at n = 40,000 is <= 0.0025: 4 of them
+    assert (seen - expected).abs().max() < 0.01, (seen, expected)
+
+
+def test_search_at_a_temperature_draws_near_the_best_fit_and_per_image():
+    """A draw at a small temperature is the best fit; at a large one the draws spread out;
+    an image's draw is the same whether searched alone or with others."""
+    from fieldkern.cryoem import super_fibonacci_rotations
+
+    vol, _, ctfs, R = particles(40, seed=4)
+    spectrum = volume_spectrum(vol)
+    targets = ctfs.float() * central_slices(spectrum, R.float(), D)
+    start = random_rotations(40, generator=torch.Generator().manual_seed(9)).double()
+    grid = super_fibonacci_rotations(576)
+    u = torch.rand(40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    best, _ = search_poses(spectrum, start, targets, ctfs, grid)
+    cold, _ = search_poses(spectrum, start, targets, ctfs, grid, temperature=1e-6, uniforms=u)
+    assert torch.equal(cold, best)
+    hot, moved = search_poses(spectrum, start, targets, ctfs, grid, temperature=1e4, uniforms=u)
+    assert moved.float().mean() > 0.9
+    assert pose_errors_deg(hot, best).median() > 60  # measured 131: nearly uniform draws
+    # clean images: the residual's noise level is tiny, so it takes T = 100 for half the
+    # draws to leave the best fit (measured 52%)
+    warm, _ = search_poses(spectrum, start, targets, ctfs, grid, temperature=100.0, uniforms=u)
+    assert 0.2 < (pose_errors_deg(warm, best) > 0).float().mean() < 0.8
+    halves = [search_poses(spectrum, start[s], targets[s], ctfs[s], grid, temperature=100.0, uniforms=u[s])[0]
+              for s in (slice(0, 13), slice(13, 40))]
+    assert torch.equal(torch.cat(halves), warm)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be >= 0"):
+            search_poses(spectrum, start, targets, ctfs, grid, temperature=bad, uniforms=u)
+    with pytest.raises(ValueError, match=r"needs uniforms of shape \(40,\)"):
+        search_poses(spectrum, start, targets, ctfs, grid, temperature=1.0)
+
+
+def test_reconstruction_searches_from_the_second_stage(monkeypatch):
+    from fieldkern.cryoem import reconstruct
+
     _, images, ctfs, R = particles(40)
     start = random_rotations(40, generator=torch.Generator().manual_seed(2)).double()
-    rec = Reconstruction(images, ctfs, start, small_config(epochs=3, stage_epochs=(1,), refine_poses=True,
-                                                           pose_steps=2, pose_search=96, batch_size=20))
+    temperatures = []
+
+    def spy(*args, **kw):
+        temperatures.append(args[6])
+        return search_poses(*args, **kw)
+
+    monkeypatch.setattr(reconstruct, "search_poses", spy)
+    rec = Reconstruction(images, ctfs, start, small_config(
+        n_scales=3, epochs=4, stage_epochs=(1, 3), refine_poses=True, pose_steps=2, pose_search=96, batch_size=20,
+        search_temperature=10.0))
     stages = []
     search = rec._search_poses
-    rec._search_poses = lambda stage: stages.append(stage) or search(stage)
+    rec._search_poses = lambda stage, epoch: stages.append((stage, epoch)) or search(stage, epoch)
     rec.fit(progress=False)
-    assert stages == [1, 1]  # epochs 1 and 2; none in the coarsest stage (epoch 0)
+    assert stages == [(1, 1), (1, 2), (2, 3)]  # none in the coarsest stage (epoch 0)
+    assert temperatures == [10.0, 10.0, 0.0]  # draws before the last stage, the best fit at it
     assert torch.allclose(rec.rotations @ rec.rotations.transpose(-1, -2), torch.eye(3, dtype=torch.float64),
                           atol=1e-9)
     with pytest.raises(ValueError, match="pose_search"):
         small_config(pose_search=-1)
+    with pytest.raises(ValueError, match="search_temperature must be >= 0"):
+        small_config(search_temperature=-0.5)
 
 
 class _Interrupt(Callback):

@@ -12,11 +12,13 @@ have (a candidate autotuning could never launch). Run it with the GPU image's tr
 (3.6): compilers differ in what they accept and in what spills.
 """
 
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)
 if "--candidates" in sys.argv:
@@ -145,30 +147,41 @@ def candidates():
                  [triton.Config({"BLOCK": PV.BLOCK, "TILE_W": w}) for w in (0, 8)], None))
     jobs.append(("", PV.project_volume_bwd_gather_kernel, dict(REACH=1.733),
                  [triton.Config({"BLOCK_V": PV.BLOCK_VOXELS})], None))
-    failed = 0
-    count = 0
+    tasks = [(j, c) for j, (_, _, _, cfgs, _) in enumerate(jobs) for c in range(len(cfgs))]
     print(f"triton {triton.__version__}, sm_90; regs / spill stack bytes per thread, shared bytes per block")
-    for label, kernel, consts, cfgs, types in jobs:
-        name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
-        for cfg in cfgs:
-            count += 1
-            what = f"{name} {label} {cfg.kwargs} warps {cfg.num_warps} stages {cfg.num_stages}"
-            try:
-                compiled = build(kernel, dict(consts, **cfg.kwargs), num_warps=cfg.num_warps, types=types,
-                                 num_stages=cfg.num_stages, quiet=True)
-            except Exception as exc:  # report every failure, not just the first
-                failed += 1
-                print("FAIL", what, str(exc).strip().splitlines()[-1:] or type(exc).__name__, flush=True)
-                continue
-            regs, stack = resources(compiled)
-            shared = compiled.metadata.shared
-            if shared > MAX_SHARED:
-                failed += 1
-                print("FAIL", what, f"needs {shared} bytes of shared memory, over {MAX_SHARED}", flush=True)
-                continue
-            print("ok", what, f"regs {regs} stack {stack} shared {shared}", flush=True)
-    print(f"{count} candidates, {failed} failed")
+    # One process per core: the compiles are independent and CPU-bound (about 2x on CI's 2
+    # cores); forked workers inherit ``jobs`` (kernels do not pickle), lines print in order.
+    _JOBS[:] = jobs
+    workers = min(len(tasks), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        lines = list(pool.map(_compile_candidate, tasks, chunksize=4))
+    for line in lines:
+        print(line, flush=True)
+    failed = sum(line.startswith("FAIL") for line in lines)
+    print(f"{len(lines)} candidates, {failed} failed")
     return 1 if failed else 0
+
+
+#: The candidates' jobs, set before the workers fork.
+_JOBS: list = []
+
+
+def _compile_candidate(task: tuple[int, int]) -> str:
+    """Compile config ``task[1]`` of job ``task[0]``: its "ok ..." or "FAIL ..." line."""
+    label, kernel, consts, cfgs, types = _JOBS[task[0]]
+    cfg = cfgs[task[1]]
+    name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
+    what = f"{name} {label} {cfg.kwargs} warps {cfg.num_warps} stages {cfg.num_stages}"
+    try:
+        compiled = build(kernel, dict(consts, **cfg.kwargs), num_warps=cfg.num_warps, types=types,
+                         num_stages=cfg.num_stages, quiet=True)
+    except Exception as exc:  # report every failure, not just the first
+        return f"FAIL {what} {str(exc).strip().splitlines()[-1:] or type(exc).__name__}"
+    regs, stack = resources(compiled)
+    shared = compiled.metadata.shared
+    if shared > MAX_SHARED:
+        return f"FAIL {what} needs {shared} bytes of shared memory, over {MAX_SHARED}"
+    return f"ok {what} regs {regs} stack {stack} shared {shared}"
 
 
 if __name__ == "__main__":
