@@ -88,3 +88,37 @@ def test_unknown_init_is_refused_by_name():
     assert set(FAR_POSE_INITS) < set(POSE_INITS)
     with pytest.raises(ValueError, match=r"pose init must be one of .*'uniform', 'random'\), got 'randm'"):
         initial_poses(_truth()[:3], "randm", PRESET, seed=0)
+
+
+def test_tiny_ab_initio_run_recovers_the_poses_to_the_grids_resolution(tmp_path):
+    """From poses uniform on SO(3), 1000 simulated 4AKE particles (box 24 at 4 A, SNR 0.5) and
+    a search over 4608 grid rotations drawn at temperature 10 before the last stage bring
+    the poses (in the truth's frame, after the map's alignment, mirror allowed) within the
+    grid's spacing: the nearest grid rotation is 7.5 degrees off on average. Measured (fit
+    ~22 s on 2 cores), six runs (data seeds 0-3, two other starts): median 4.3-5.0 degrees,
+    96-99% within 15 degrees. With the best fit instead (temperature 0) data seeds 0 and 3
+    failed (median 29 and 81 degrees); with 600 particles and 20 epochs the median spread
+    over 4.8-10 degrees, too close to the bound for a test."""
+    from fieldkern.cryoem import align_volume, load_particles, simulate
+    from fieldkern.cryoem.config import ReconstructionConfig
+    from fieldkern.cryoem.evaluation import poses_in_reference_frame
+    from fieldkern.cryoem.experiment import batch_ctfs
+    from fieldkern.cryoem.io import read_mrc
+    from fieldkern.cryoem.reconstruct import Reconstruction
+
+    n = 1000
+    simulate("4ake", tmp_path, n_particles=n, box=24, apix=4.0, snr=0.5, seed=0, progress=False)
+    ds = load_particles(tmp_path / "particles.star")
+    start = initial_poses(None, "random", PRESET, seed=0, n=n)
+    config = ReconstructionConfig(
+        hidden_features=64, epochs=30, stage_epochs=(6, 12), batch_size=500, volume_steps=5, pose_steps=5,
+        volume_lr=5e-3, pose_lr=4e-2, pose_lr_decay=0.8, pose_start_stage=2, support="sphere",
+        pose_search=AB_INITIO_POSE_SEARCH, search_temperature=AB_INITIO_SEARCH_TEMPERATURE)
+    rec = Reconstruction(ds.images[:], batch_ctfs(ds, None), start, config)
+    rec.fit(progress=False)
+    truth_map = read_mrc(tmp_path / "ground_truth.mrc")[0].double()
+    alignment = align_volume(rec.volumes()[-1].double(), truth_map, flip=True)
+    errors = pose_errors_deg(poses_in_reference_frame(rec.rotations, alignment.matrix), ds.rotations)
+    assert pose_errors_deg(start, ds.rotations).median() > 90
+    assert errors.median() < 7.5, errors.median()
+    assert (errors < 15).float().mean() > 0.9, (errors < 15).float().mean()
