@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from fieldkern._files import torch_save_atomic
+from fieldkern.cryoem.config import ReconstructionConfig
 from fieldkern.train.optim import keep_capturable
 
 if TYPE_CHECKING:
@@ -121,7 +122,9 @@ def _read(path: Path, device) -> dict:
 def _check_same_run(ckpt: dict, rec: Reconstruction, path: Path) -> None:
     """The checkpoint's settings, particle count, data signature and starting poses are ``rec``'s."""
     ours = {k: (tuple(v) if isinstance(v, list) else v) for k, v in asdict(rec.config).items()}
-    theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(ckpt["config"]).items()}
+    # a setting added after the checkpoint was written ran at its default then
+    defaults = {f.name: f.default for f in fields(ReconstructionConfig)}
+    theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in {**defaults, **dict(ckpt["config"])}.items()}
     if ours != theirs:
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise CheckpointError(f"checkpoint {path} was made with other settings ({', '.join(diff)})")

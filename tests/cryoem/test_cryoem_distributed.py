@@ -248,6 +248,16 @@ def test_corrupt_or_mismatched_checkpoints_are_refused_and_not_loaded(tmp_path):
         torch.save(bad, tmp_path / f"{name}.pt")
         refused(tmp_path / f"{name}.pt", match)
 
+    # A checkpoint from before a setting existed ran at its default: it loads while this run
+    # keeps the default, and is refused once this run sets it otherwise.
+    older = torch.load(good, weights_only=True)
+    assert older["config"].pop("search_temperature") == 0.0
+    torch.save(older, tmp_path / "older.pt")
+    rec.load(tmp_path / "older.pt")
+    other = reconstruction(epochs=1, batch_size=40, search_temperature=10.0)
+    with pytest.raises(CheckpointError, match=r"other settings \(search_temperature\)"):
+        other.load(tmp_path / "older.pt")
+
     # Other starting poses (another --pose-init or seed): the run and its report would differ.
     images, ctfs, start = data()
     moved = jitter_rotations(start, 40.0, 60.0, generator=torch.Generator().manual_seed(8))
