@@ -91,6 +91,13 @@ def test_a_stage_resolved_to_its_band_edge_moves_on_after_min_epochs():
     assert [s.decision for s in march(rule, [curve(8), curve(9)], stage=2, edge=1.5)] == ["continue"] * 2
 
 
+def test_by_default_a_resolved_coarse_band_gets_three_epochs():
+    """The defaults keep a coarse stage 3 epochs even when its band is resolved at once (the
+    quick data's coarse fields still improved then; ``FSCMarching.min_epochs``)."""
+    steps = march(FSCMarching(), [curve(8), curve(9), curve(10), curve(11)], stage=1, edge=4.0)
+    assert [s.decision for s in steps[:3]] == ["continue", "continue", "next"]
+
+
 def test_only_the_current_stage_counts_for_a_plateau():
     rule = FSCMarching(min_epochs=1, patience=2)
     history = march(rule, [curve(4)] * 3, stage=0, edge=8.0)

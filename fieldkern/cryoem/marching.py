@@ -63,7 +63,7 @@ class _March(Callback):
             rec.state.support_limit = step_.support_limit
             rec.state.stage_switches = list(self.schedule.switches)
             rec.state.finished = step_.decision in ("stop", "end")
-            rec.end_epoch(epoch_loss, checkpoint)
+            rec.end_epoch(epoch_loss, checkpoint, checked=True)
         if step_.decision == "stop":
             raise StopTraining
 

@@ -337,11 +337,13 @@ class Reconstruction:
         except FloatingPointError as exc:
             raise FloatingPointError(f"training stopped: {exc}; {self.kept_checkpoint(checkpoint)}") from exc
 
-    def end_epoch(self, loss: float, checkpoint=None) -> None:
+    def end_epoch(self, loss: float, checkpoint=None, checked: bool = False) -> None:
         """Book an epoch's mean ``loss``, check the model and poses are finite
-        (FloatingPointError) and save ``checkpoint`` (None: none)."""
+        (FloatingPointError; ``checked``: the caller just did) and save ``checkpoint`` (None:
+        none)."""
         self.state.losses.append(loss)
-        self.check_finite()
+        if not checked:
+            self.check_finite()
         if checkpoint is not None:
             self.save(checkpoint)
 

@@ -76,6 +76,28 @@ def test_a_resumed_marching_run_equals_the_uninterrupted_one(tmp_path):
             assert torch.equal(x, y), name
 
 
+class _Poison(Callback):
+    """Makes half 2's field NaN after epoch ``at``."""
+
+    def __init__(self, rec, at):
+        self.rec, self.at = rec, at
+
+    def on_step_end(self, step, stage, loss):
+        if step == self.at:
+            with torch.no_grad():
+                next(self.rec.model.parameters()).fill_(float("nan"))
+
+
+def test_a_diverged_half_stops_marching_and_keeps_the_last_good_checkpoints(tmp_path):
+    recs = halves()
+    ckpts = [tmp_path / "h1.pt", tmp_path / "h2.pt"]
+    with pytest.raises(FloatingPointError, match=r"training stopped: .*after epoch 2\)"):
+        fit_halves(recs, ckpts, rule=IMPATIENT, progress=False, callbacks=[_Poison(recs[1], at=1)])
+    for loaded, ckpt in zip(halves(), ckpts):  # written after epoch 2 (steps 0 and 1), none from the NaN state
+        loaded.load(ckpt)
+        assert loaded.state.epoch == 2 and all(torch.isfinite(p).all() for p in loaded.model.parameters())
+
+
 def test_a_support_limit_narrows_the_fitted_band():
     rec = halves()[0]
     wide = rec.lowpass(1)

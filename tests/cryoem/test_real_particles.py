@@ -3,6 +3,7 @@ FSC without a ground truth (half sets, local alignment of the half maps, poses m
 half 1's frame, the example's run without --reference, on one process and under torchrun)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,6 +46,28 @@ def test_split_halves_follows_relion_subsets_or_splits_at_random(tmp_path):
     assert torch.equal(a, a.sort().values)
     assert torch.equal(a, evaluation.split_halves(ds, seed=0)[0])       # seeded
     assert not torch.equal(a, evaluation.split_halves(ds, seed=1)[0])
+
+
+@pytest.mark.parametrize("n, batch", [(3000, 1000), (41, 10), (1001, 600), (7, 2)])
+def test_half_sets_take_their_own_seeds_and_under_marching_as_many_batches_as_the_whole_set(tmp_path, n, batch):
+    from fieldkern.cryoem.config import ReconstructionConfig
+    from fieldkern.cryoem.experiment import half_set_config
+
+    halves = evaluation.split_halves(_dataset(tmp_path, n=n), seed=0)
+    for marching in ("fixed", "fsc"):
+        config = ReconstructionConfig(seed=5, batch_size=batch, marching=marching)
+        for h, index in enumerate(halves, 1):
+            cfg = half_set_config(config, h)
+            assert cfg.seed == 5 + h - 1
+            assert cfg.epochs == config.epochs and cfg.stage_epochs == config.stage_epochs
+            if marching == "fixed":
+                assert cfg.batch_size == batch
+                continue
+            # as many field steps per epoch as one run on every particle (to one, when the split rounds)
+            full, half = math.ceil(n / batch), math.ceil(len(index) / cfg.batch_size)
+            assert full - 1 <= half <= full + 1 and (n % 2 or half <= full)
+    with pytest.raises(ValueError, match="a half set is 1 or 2"):
+        half_set_config(config, 3)
 
 
 def test_split_halves_refuses_bad_subsets(tmp_path):
