@@ -4,7 +4,8 @@
 # JSONs into $OUT, so a step that runs out of time costs only its own results.
 # Usage: OUT=/some/dir bash bench/run_gpu.sh [steps...]
 #   steps (default all but sanity and profile): candidates (every mfn_stack autotune
-#   candidate vs the reference, ~3 min), tests (the device test module, first configs),
+#   candidate vs the reference, ~3 min), tests (the device test module, first configs, and
+#   the trainer's sync-free steps),
 #   sanity (two of those), mfn, compile, project, epoch (bench/epoch_speed.py), accuracy
 #   (bench/accuracy.py), profile (bench/profile_mfn.py, 3D), host (a training step's host
 #   cost with the Triton launches no-op'd), paper (the paper preset's epoch, ~7 min: a call
@@ -51,6 +52,9 @@ if has tests; then
   late="backward_products or project_volume_deterministic or gradient_variants or forward_variants"
   t "not every and (mfn_stack and (case0 or case1))" 7 &
   t "not every and not (mfn_stack and (case0 or case1)) and not ($late)" 8 & t "not every and ($late)" 11 &
+  # the trainer's steps under torch.cuda.set_sync_debug_mode("error")
+  timeout 150 python -m pytest -q -p no:cacheprovider -rf tests/cryoem/test_sync_free.py -k cuda \
+    > "$LOGS/tests_trainer.log" 2>&1 &
 fi
 wait
 if [ -e "$LOGS/warm.log" ]; then

@@ -1,6 +1,7 @@
 """Central slices from precomputed taps (fieldkern.cryoem.slice_taps) against the grid_sample
 reference (fieldkern.cryoem.fourier_slice.central_slices), their adjoint and their gradients."""
 
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from fieldkern.cryoem.slice_taps import (
     half_plane,
     sample_positions,
     sample_slices,
+    scatter_taps,
     slice_taps,
     spectrum_table,
     take_slices,
@@ -110,6 +112,35 @@ def test_adjoint_is_the_transpose():
     taps = slice_taps(sample_positions(rotations(3, dtype=torch.float64), plane, P), P)
     table = torch.randn(taps.matrix.shape[1], 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: torch.view_as_real(take_slices(t, taps)), (table,))
+
+
+@pytest.mark.parametrize("method", ["bincount", "index_add"])
+def test_both_adjoints_are_the_transpose(method):
+    """The CPU's bincount and the GPUs' index_add_ give the transpose's product, in float32."""
+    D, P = 10, 20
+    taps = slice_taps(sample_positions(rotations(5), half_plane(D), P), P)
+    grad = torch.randn(taps.matrix.shape[0], 2, generator=torch.Generator().manual_seed(2))
+    rows = taps.matrix.shape[1]
+    expected = taps.matrix.to_dense().double().t() @ grad.double()
+    out = scatter_taps(taps, grad, rows, method)
+    assert out.dtype == torch.float32 and out.shape == (rows, 2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adjoint_method_by_device():
+    """bincount on the CPU, index_add_ on any other device: on "meta" (a device that is not
+    the host) bincount cannot run at all, since its output's size depends on the data."""
+    taps = slice_taps(sample_positions(rotations(2), half_plane(6), 12), 12)
+    rows = taps.matrix.shape[1]
+    grad = torch.randn(taps.matrix.shape[0], 2)
+    torch.testing.assert_close(scatter_taps(taps, grad, rows), scatter_taps(taps, grad, rows, "bincount"),
+                               rtol=0, atol=0)
+    meta = dataclasses.replace(taps, columns=taps.columns.to("meta"), weights=taps.weights.to("meta"))
+    assert scatter_taps(meta, grad.to("meta"), rows).shape == (rows, 2)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        scatter_taps(meta, grad.to("meta"), rows, "bincount")
+    with pytest.raises(ValueError, match="method must be 'bincount' or 'index_add'"):
+        scatter_taps(taps, grad, rows, "atomic")
 
 
 def test_gradient_flows_to_the_volume_as_with_grid_sample():

@@ -2,13 +2,19 @@
 
 On a GPU every host read of a device value (``float(loss)``, ``.item()``, ``int(idx[0])``,
 ``bool(t.all())``, a copy to the host) waits for the queue to drain, so the next batch's
-launches start only when the GPU is idle. The test runs an epoch on the CPU with the
-reading rule of CUDA (``read_losses_every_batch = False``) and records every host read
-(``aten::_local_scalar_dense``) with the function that made it. Reads that on CUDA touch no
-device value are allowed by name: the pose perturbations' seeds from the epoch's host-side
-batch order (``start_perturbations``), torch's CPU Adam step counts (``torch/optim``; on
-CUDA the optimisers are capturable, :mod:`fieldkern.train.optim`) and the rotation checks
-(``_check_orthonormal``, which CUDA tensors skip). Anything else fails the test.
+launches start only when the GPU is idle; so do operators whose output's size depends on the
+data (``bincount``, ``nonzero``, boolean indexing, ...: CUDA reads the size back) and
+tensors made from host data on the device (``torch.tensor([...], device=...)``, a blocking
+copy from pageable memory). None of them can be captured in a CUDA graph. The test runs an
+epoch on the CPU with the reading rule of CUDA (``read_losses_every_batch = False``) and
+records each of these with the function that made it: host reads
+(``aten::_local_scalar_dense``), the data-dependent operators by name, and host data of more
+than one element. Reads that on CUDA touch no device value are allowed by name: the pose
+perturbations' seeds from the epoch's host-side batch order (``start_perturbations``),
+torch's CPU Adam step counts (``torch/optim``; on CUDA the optimisers are capturable,
+:mod:`fieldkern.train.optim`) and the rotation checks (``_check_orthonormal``, which CUDA
+tensors skip). Anything else fails the test. What runs only on a GPU (the Triton kernels'
+launchers) is not seen here.
 """
 
 from __future__ import annotations
@@ -22,25 +28,48 @@ from test_forward_model import batch, config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fieldkern.checks
-from fieldkern.cryoem import reconstruct
+from fieldkern.cryoem import reconstruct, slice_taps
 from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.train.optim import adam
 
 HOST_ONLY = ("start_perturbations",)
 
 
+#: Operators that wait on a GPU whatever their arguments: their output's size (or value, for
+#: ``equal``) is read back to the host.
+WAITS_ON_A_GPU = frozenset({"_local_scalar_dense", "bincount", "nonzero", "argwhere", "masked_select",
+                            "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave",
+                            "equal", "is_nonzero", "allclose"})
+
+
 class _HostReads(TorchDispatchMode):
-    """Where each host read came from: the innermost fieldkern function, or "torch/optim"."""
+    """Where each wait for a GPU came from: the innermost fieldkern function, or "torch/optim"."""
 
     def __init__(self):
         super().__init__()
         self.reads = []
+        self.ops = []  # (operator, origin) of each, for the failure message
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("_local_scalar_dense", "_to_copy", "copy_") and \
-                (func.overloadpacket.__name__ == "_local_scalar_dense" or _to_host(args, kwargs)):
+        name = func.overloadpacket.__name__
+        if name in WAITS_ON_A_GPU or _mask_index(name, args) or _host_data(name, args) or \
+                (name in ("_to_copy", "copy_") and _to_host(args, kwargs)):
             self.reads.append(_origin())
+            self.ops.append((name, self.reads[-1]))
         return func(*args, **(kwargs or {}))
+
+
+def _mask_index(name: str, args) -> bool:
+    """Indexing by a boolean mask (``t[mask]``, ``t[mask] = v``): a ``nonzero`` inside."""
+    if name not in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        return False
+    return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+
+
+def _host_data(name: str, args) -> bool:
+    """A tensor of Python data (``torch.tensor([...])``): on a GPU, a copy from the host. One
+    element is allowed (a scalar operand: torch passes it with the launch)."""
+    return name == "lift_fresh" and args[0].numel() > 1
 
 
 def _to_host(args, kwargs) -> bool:
@@ -70,6 +99,7 @@ def test_an_epoch_reads_its_losses_once(monkeypatch, projector):
     rec.train_epoch(0, 0)  # first epoch: whatever is built once stays out
     rec.read_losses_every_batch = False  # CUDA's rule
     monkeypatch.setattr(fieldkern.checks, "_check_orthonormal", lambda *a, **k: None)  # as for CUDA tensors
+    monkeypatch.setattr(slice_taps, "SCATTER_METHODS", {})  # the taps' adjoint as off the CPU
     checked = []
     real_check = reconstruct.check_losses
     monkeypatch.setattr(reconstruct, "check_losses", lambda losses, *a, **k: checked.append(len(losses))
@@ -78,7 +108,7 @@ def test_an_epoch_reads_its_losses_once(monkeypatch, projector):
     with mode:
         loss = rec.train_epoch(1, 1)
     assert loss > 0
-    assert [r for r in mode.reads if r not in HOST_ONLY + ("torch/optim",)] == [], mode.reads
+    assert [r for r in mode.reads if r not in HOST_ONLY + ("torch/optim",)] == [], mode.ops
     assert checked == [3]  # 3 batches, their losses read together (``tolist``) at the end
 
 
@@ -88,6 +118,27 @@ def test_the_recorder_sees_a_float_of_a_loss():
     with mode:
         float(torch.ones(2).sum())
     assert len(mode.reads) == 1
+
+
+@pytest.mark.parametrize("block", [
+    lambda: torch.bincount(torch.tensor([0, 2, 2]), minlength=4),
+    lambda: torch.arange(4)[torch.arange(4) > 1],
+    lambda: torch.zeros(3) + torch.tensor([1.0, 2.0, 3.0]),
+])
+def test_the_recorder_sees_what_waits_on_a_gpu(block):
+    """The check can fail: a data-dependent size (bincount, a boolean mask) or host data."""
+    mode = _HostReads()
+    with mode:
+        block()
+    assert mode.reads, mode.ops
+
+
+def test_the_recorder_lets_scalars_and_device_indexing_pass():
+    mode = _HostReads()
+    with mode:
+        t = torch.arange(5.0)
+        t[torch.arange(2)] = t[torch.arange(3, 5)] * 2.0 + torch.tensor(1.0)
+    assert mode.reads == [], mode.ops
 
 
 def test_the_cpu_rule_reads_each_batch_and_stops_at_a_diverged_one(monkeypatch):
@@ -134,3 +185,32 @@ def test_device_ctfs_are_the_host_ctfs(tmp_path):
     rows = torch.tensor([2, 0, 5])
     torch.testing.assert_close(device_ctfs(ds, half, "cpu")(rows), _host_ctfs(ds, half, rows), rtol=0, atol=0)
     assert not torch.equal(device_ctfs(ds, None, "cpu")(idx[:1]), device_ctfs(ds, None, "cpu")(idx[1:2]))
+
+
+def _never_synchronizing(step):
+    """``step`` run under ``torch.cuda.set_sync_debug_mode("error")``: any call that waits for
+    the device (a host read, a blocking copy, an operator sized by the data) raises."""
+    def run(*args, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(*args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("projector", ["fourier", "grid_sample", "real"])
+def test_cuda_steps_never_wait_for_the_device(projector):
+    """On a GPU the volume and pose steps of an epoch never synchronize (what the CPU test
+    above cannot see: the launchers, cuBLAS/cuSPARSE and torch's own CUDA operators); the
+    first epoch runs unguarded (autotuning, what is cached)."""
+    _, R, spectra, ctf = batch(48)
+    images = torch.fft.ifft2(torch.fft.ifftshift(spectra, dim=(-2, -1))).real
+    rec = Reconstruction(images, ctf.contiguous().cuda(), R, config(batch_size=16, projector=projector),
+                         device="cuda")
+    assert not rec.read_losses_every_batch
+    rec.train_epoch(0, 0)
+    rec._volume_steps = _never_synchronizing(rec._volume_steps)
+    rec._pose_steps = _never_synchronizing(rec._pose_steps)
+    assert rec.train_epoch(1, 1) > 0
