@@ -44,6 +44,15 @@ def start_perturbations(batches: list[torch.Tensor], seed: int, epoch: int,
     return list(zip(theta, axis))
 
 
+def owned_positions(batches: list[torch.Tensor], lo: int, hi: int, device) -> list[torch.Tensor]:
+    """For each global batch of host indices, the positions (long, increasing) of the
+    particles in ``lo .. hi - 1`` (a rank's shard), found on the host and moved to ``device``
+    in one copy per epoch: a boolean mask of a device batch would cost a wait for the GPU
+    per use (indexing by a mask reads its count back)."""
+    positions = [torch.nonzero((idx >= lo) & (idx < hi)).flatten() for idx in batches]
+    return list(torch.cat(positions).to(device).split([len(p) for p in positions]))
+
+
 def pose_learning_rate(config: ReconstructionConfig, epoch: int, switches) -> float:
     """The pose steps' learning rate at ``epoch``: ``pose_lr`` decayed by ``pose_lr_decay``
     per epoch since the first epoch of stage ``pose_start_stage`` (``switches``: the epochs
@@ -69,4 +78,4 @@ def check_losses(losses: list[torch.Tensor], epoch: int, stage: int | None, firs
     return values
 
 
-__all__ = ["check_inputs", "check_losses", "pose_learning_rate", "start_perturbations"]
+__all__ = ["check_inputs", "check_losses", "owned_positions", "pose_learning_rate", "start_perturbations"]

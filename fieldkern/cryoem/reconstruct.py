@@ -44,7 +44,7 @@ import torch
 
 from fieldkern.cryoem.checkpoint import TrainingState, load_checkpoint, save_checkpoint, start_fingerprint
 from fieldkern.cryoem.config import ReconstructionConfig
-from fieldkern.cryoem.epochs import check_inputs, check_losses, pose_learning_rate, start_perturbations
+from fieldkern.cryoem.epochs import check_inputs, check_losses, owned_positions, pose_learning_rate, start_perturbations
 from fieldkern.cryoem.forward_model import forward_model
 from fieldkern.cryoem.fourier_slice import volume_spectrum
 from fieldkern.cryoem.poses import refine_poses, search_poses
@@ -172,7 +172,8 @@ class Reconstruction:
         """Adam steps on the field for this rank's particles ``idx`` of a global batch of
         ``batch_size`` (default ``len(idx)``); returns the global batch's mean loss (before the
         last step), a 0-d tensor on the training device: reading it is the caller's choice
-        (one process: nothing in here waits for the device)."""
+        (nothing in here waits for the device; data parallel, the loss's sum over ranks is a
+        collective on the device under NCCL)."""
         batch_size = len(idx) if batch_size is None else batch_size
         model = self.forward_model
         poses = model.bind(self.rotations[idx]) if idx.numel() else None  # they hold still here
@@ -188,26 +189,25 @@ class Reconstruction:
         # The gather's backward sums dL_r/dV over ranks (W x the mean-loss gradient on each
         # rank's planes); DDP then divides the parameter gradients summed over ranks by W.
         weight = self.dist.world_size / batch_size
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(self.config.volume_steps):
             self.optimizer.zero_grad(set_to_none=True)
             vol = self.field.training_volume(field_module)
             if idx.numel() == 0:
                 # Nothing of this batch lives here; still join DDP's gradient reduction.
                 loss = 0.0 * vol.sum()
-                total = torch.zeros((), dtype=torch.float64)
             else:
                 per_image = model.per_image_loss(model.predict(model.prepare(vol), poses, ctf), target)
                 loss = weight * per_image.sum()
-                total = per_image.detach().sum().to("cpu", torch.float64)
+                total = per_image.detach().sum().to(torch.float64)
             loss.backward()
             self.optimizer.step()
-        # (data parallel: the sum over ranks is read here, once per batch)
-        return torch.full((), float(self.dist.all_reduce_sum(total.reshape(1))[0]) / batch_size, device=self.device)
+        # The sum over ranks stays on the device (NCCL: no host read; reading it is the caller's choice).
+        return (self.dist.all_reduce_sum(total.reshape(1))[0] / batch_size).float()
 
     def _pose_steps(self, idx, target, ctf, lr: float, start, mine: torch.Tensor | None = None) -> None:
-        """Pose steps for the particles of global batch ``idx`` selected by the mask ``mine``
-        (all of them by default); ``target`` and ``ctf`` are those particles' rows, ``start``
+        """Pose steps for the particles of global batch ``idx`` at the positions ``mine``
+        (long, on the device; all of them by default); ``target`` and ``ctf`` are those particles' rows, ``start``
         the whole batch's starting perturbation ``(theta (B,), axis (B, 3))`` on the device
         (:func:`~fieldkern.cryoem.epochs.start_perturbations`)."""
         cfg = self.config
@@ -263,13 +263,12 @@ class Reconstruction:
             self._search_poses(stage, epoch)
         starts = (start_perturbations(order_host.split(cfg.batch_size), cfg.seed, epoch, self.device)
                   if pose_on else None)
+        owned = (owned_positions(order_host.split(cfg.batch_size), self._lo, self._hi, self.device)
+                 if self.dist.distributed else None)
         losses = []
         for b, idx in enumerate(order.split(cfg.batch_size)):
-            if self.dist.distributed:
-                mine = (idx >= self._lo) & (idx < self._hi)
-                sel = idx[mine]
-            else:
-                mine, sel = None, idx
+            mine = None if owned is None else owned[b]
+            sel = idx if mine is None else idx[mine]
             select = self.forward_model.select
             target, ctf = select(self.spectra[sel - self._lo] * lowpass), select(self.ctf(sel))
             losses.append(self._volume_steps(sel, target, ctf, len(idx)))

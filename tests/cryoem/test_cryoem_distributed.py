@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _cryoem_helpers import random_blobs
+from test_sync_free import epoch_waits
 
 from fieldkern.cryoem import (
     apply_ctf,
@@ -96,6 +97,10 @@ def _worker(tmp):
         # Batches of 4: some hold no particle of one rank (that rank joins DDP with a zero loss).
         small = reconstruction(ctx, epochs=1, batch_size=4)
         small.fit(progress=False)
+        # An epoch under CUDA's reading rule: each rank waits for nothing but the allowed reads.
+        waits = reconstruction(ctx, batch_size=4)
+        waits.train_epoch(0, 0)
+        all_waits = ctx.all_gather_object(epoch_waits(waits, 1, 1)[1])
         # The spherical support: each rank evaluates the field inside the sphere on its planes.
         sphere = reconstruction(ctx, epochs=2, support="sphere")
         sphere.fit(progress=False)
@@ -121,7 +126,8 @@ def _worker(tmp):
                         "small_volumes": small.volumes(), "small_rotations": small.rotations,
                         "sphere_volumes": sphere.volumes(), "sphere_rotations": sphere.rotations,
                         "resumed_volumes": resumed.volumes(), "resumed_rotations": resumed.rotations,
-                        "all_rotations": all_rotations, "errors": all_errors}, tmp / "dist_results.pt")
+                        "all_rotations": all_rotations, "errors": all_errors,
+                        "waits": all_waits}, tmp / "dist_results.pt")
     finally:
         shutdown(ctx)
 
@@ -180,6 +186,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert out["errors"][1] == ["ValueError: boom"]
     assert out["errors"][0][0].startswith("DistributedError: a step that fails on rank 1 failed on another rank")
     assert "rank 1: ValueError: boom" in out["errors"][0][0]
+    # Under CUDA's rule neither rank waited for the device in an epoch (tests/cryoem/test_sync_free.py).
+    assert out["waits"] == [[], []]
 
 
 def test_single_process_context_needs_no_process_group(monkeypatch):

@@ -10,7 +10,8 @@ epoch on the CPU with the reading rule of CUDA (``read_losses_every_batch = Fals
 records each of these with the function that made it: host reads
 (``aten::_local_scalar_dense``), the data-dependent operators by name, and host data of more
 than one element. Reads that on CUDA touch no device value are allowed by name: the pose
-perturbations' seeds from the epoch's host-side batch order (``start_perturbations``),
+perturbations' seeds from the epoch's host-side batch order (``start_perturbations``), a
+rank's positions in each batch, found on the host in data-parallel runs (``owned_positions``),
 torch's CPU Adam step counts (``torch/optim``; on CUDA the optimisers are capturable,
 :mod:`fieldkern.train.optim`) and the rotation checks (``_check_orthonormal``, which CUDA
 tensors skip). Anything else fails the test. What runs only on a GPU (the Triton kernels'
@@ -19,6 +20,7 @@ launchers) is not seen here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 
@@ -32,7 +34,7 @@ from fieldkern.cryoem import reconstruct, slice_taps
 from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.train.optim import adam
 
-HOST_ONLY = ("start_perturbations",)
+HOST_ONLY = ("start_perturbations", "owned_positions")
 
 
 #: Operators that wait on a GPU whatever their arguments: their output's size (or value, for
@@ -87,6 +89,29 @@ def _origin() -> str:
     return "?"
 
 
+@contextlib.contextmanager
+def as_on_a_gpu():
+    """The CPU run takes the paths a CUDA run takes where they differ: no rotation checks (CUDA
+    tensors skip them) and the taps' adjoint of other devices."""
+    check, methods = fieldkern.checks._check_orthonormal, slice_taps.SCATTER_METHODS
+    fieldkern.checks._check_orthonormal = lambda *a, **k: None
+    slice_taps.SCATTER_METHODS = {}
+    try:
+        yield
+    finally:
+        fieldkern.checks._check_orthonormal, slice_taps.SCATTER_METHODS = check, methods
+
+
+def epoch_waits(rec: Reconstruction, epoch: int, stage: int) -> tuple[float, list[tuple[str, str]]]:
+    """One epoch of ``rec`` under CUDA's reading rule, as on a GPU: its loss and the
+    ``(operator, origin)`` of each wait for the device that is not allowed by name."""
+    rec.read_losses_every_batch = False
+    mode = _HostReads()
+    with as_on_a_gpu(), mode:
+        loss = rec.train_epoch(epoch, stage)
+    return loss, [(op, where) for op, where in mode.ops if where not in HOST_ONLY + ("torch/optim",)]
+
+
 def _reconstruction(**kw):
     _, R, spectra, ctf = batch(48)
     images = torch.fft.ifft2(torch.fft.ifftshift(spectra, dim=(-2, -1))).real
@@ -97,18 +122,13 @@ def _reconstruction(**kw):
 def test_an_epoch_reads_its_losses_once(monkeypatch, projector):
     rec = _reconstruction(projector=projector)
     rec.train_epoch(0, 0)  # first epoch: whatever is built once stays out
-    rec.read_losses_every_batch = False  # CUDA's rule
-    monkeypatch.setattr(fieldkern.checks, "_check_orthonormal", lambda *a, **k: None)  # as for CUDA tensors
-    monkeypatch.setattr(slice_taps, "SCATTER_METHODS", {})  # the taps' adjoint as off the CPU
     checked = []
     real_check = reconstruct.check_losses
     monkeypatch.setattr(reconstruct, "check_losses", lambda losses, *a, **k: checked.append(len(losses))
                         or real_check(losses, *a, **k))
-    mode = _HostReads()
-    with mode:
-        loss = rec.train_epoch(1, 1)
+    loss, waits = epoch_waits(rec, 1, 1)
     assert loss > 0
-    assert [r for r in mode.reads if r not in HOST_ONLY + ("torch/optim",)] == [], mode.ops
+    assert waits == []
     assert checked == [3]  # 3 batches, their losses read together (``tolist``) at the end
 
 
