@@ -8,7 +8,7 @@ Examples:
     python examples/cryoem.py --particles relion.star --invert       # real data: half maps, FSC 0.143
     python examples/cryoem.py --preset paper --device cuda      # 50,000 particles (GPU)
 
-Several GPUs or nodes (data parallel; see README "Several GPUs and clusters"):
+Several GPUs or nodes (data parallel; see docs/cryoem.md, "Several GPUs and clusters"):
     torchrun --nproc_per_node 4 examples/cryoem.py --preset paper --out runs/paper
 
 Writes to ``--out``: ``ground_truth.mrc``, ``reconstruction_scale{k}.mrc`` (every scale at the
@@ -16,7 +16,8 @@ end, aligned to the ground truth), ``stage{k}_scale{k}.mrc`` (scale k as its sta
 ``fsc.png``, ``slices.png``, ``poses.star``, ``results.json`` and ``checkpoint.pt`` (every
 epoch; ``--resume`` continues from it). ``--particles`` without ``--reference``: two half-set
 reconstructions and their FSC at 0.143 (``half{1,2}_*.mrc``, ``checkpoint_half{1,2}.pt``).
-Exit status 0 on success, 1 on bad input or failure, 2 on bad arguments.
+Exit status 0 on success, 1 on bad input or failure, 2 on bad arguments, 3 when ``--time-limit``
+stopped the run (resume it with ``--resume``).
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ def align_volume(
         flip: also try the mirror image (handedness flip) and keep the better hand.
         search_size: box of the coarse rotation search (Fourier-cropped, even, <= D).
         refine_size: box of the local refinement (even, <= D).
-        n_rotations: coarse grid size (1536: ~ 21 degree spacing).
+        n_rotations: coarse grid size (1536: neighbours ~18 degrees apart, a rotation at most ~19
+            from the nearest).
         n_candidates: coarse maxima refined locally (per hand).
         max_iter: L-BFGS iterations per local refinement.
         chunk: rotations scored per batch (memory ~ chunk * search_size^3).

@@ -35,7 +35,7 @@ class ReconstructionConfig:
             whose slice fits the particle best at the stage's band, where that beats its
             estimate (:func:`fieldkern.cryoem.poses.search_poses`): for starting poses far off
             (``coarse``), which local pose steps cannot bring back. Not in the paper. 4608
-            rotations: a random rotation lies 7.5 degrees from the nearest on average, 11.8 at most.
+            rotations: a random rotation lies 7.4 degrees from the nearest on average, 13.1 at most.
         search_temperature: 0 (default): the search takes each image's best fit. ``T > 0``:
             before the last stage, each image's pose is drawn from its posterior over the grid
             and its estimate at ``T`` times its residual's noise level

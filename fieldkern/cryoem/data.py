@@ -62,15 +62,19 @@ def prepare_data(structure: str, out_dir: Path, preset, seed: int, particles: st
     reference map of the stack's box) to that many pixels (:meth:`ParticleDataset.downsample`).
 
     With a data-parallel ``dist``, rank 0 simulates (or reads) as above; the other ranks
-    then open the same STAR file lazily (memory-mapped: the trainer reads only each rank's
-    block of images) and receive rank 0's true poses, so every rank starts from the same
+    then open the same STAR file and receive rank 0's true poses; every rank's stack is
+    memory-mapped (the trainer reads only each rank's block of images), so every rank starts from the same
     numbers. ``out_dir`` (or ``particles``) must be on a file system every node sees. Only
     rank 0 holds the ground-truth map.
     """
+    # Memory-mapped under data parallelism (each rank, rank 0 included, reads only its block)
+    # and when cropping (a stack is never held at its stored size).
+    lazy = dist is not None and dist.distributed
+
     def load() -> ExperimentData:
         if particles is not None:
-            return _read_particles(particles, reference, invert, downsample)
-        return _simulate(structure, out_dir / "data", preset, seed, progress, device)
+            return _read_particles(particles, reference, invert, downsample, lazy or downsample is not None)
+        return _simulate(structure, out_dir / "data", preset, seed, progress, device, lazy)
 
     if dist is None or not dist.distributed:
         return load()
@@ -92,9 +96,10 @@ def prepare_data(structure: str, out_dir: Path, preset, seed: int, particles: st
     return data
 
 
-def _read_particles(particles, reference, invert: bool, downsample: int | None) -> ExperimentData:
-    """A RELION particle set, its contrast checked, with ``reference`` as the ground truth."""
-    ds = load_particles(particles, invert=invert, require_poses=False)  # none: ab initio only
+def _read_particles(particles, reference, invert: bool, downsample: int | None, lazy: bool = False) -> ExperimentData:
+    """A RELION particle set, its contrast checked, with ``reference`` as the ground truth
+    (``lazy``: the stacks memory-mapped, :func:`~fieldkern.cryoem.load_particles`)."""
+    ds = load_particles(particles, invert=invert, require_poses=False, lazy=lazy)  # no poses: ab initio only
     stack_box = ds.box
     if downsample is not None:
         ds = ds.downsample(downsample)
@@ -112,7 +117,7 @@ def _read_particles(particles, reference, invert: bool, downsample: int | None) 
     return ExperimentData(ds, gt, ds.rotations, str(particles), False, {"particles": str(particles)})
 
 
-def _simulate(structure, data_dir: Path, preset, seed: int, progress: bool, device) -> ExperimentData:
+def _simulate(structure, data_dir: Path, preset, seed: int, progress: bool, device, lazy: bool = False) -> ExperimentData:
     """The preset's particle set simulated from ``structure`` into ``data_dir``, and loaded."""
     if is_map(structure):
         volume, apix = read_map(structure, "map")
@@ -123,7 +128,7 @@ def _simulate(structure, data_dir: Path, preset, seed: int, progress: bool, devi
         structure_arg, data_dir, preset.n_particles, box, apix_arg, snr=preset.snr, seed=seed,
         progress=progress, overwrite=True, device=device,
     )
-    ds = load_particles(sim.star_path)
+    ds = load_particles(sim.star_path, lazy=lazy)
     gt, _ = read_mrc(sim.volume_path)
     return ExperimentData(ds, gt, sim.rotations, str(structure), True,
                           {"particles": str(sim.star_path), "ground_truth_input": str(sim.volume_path)})

@@ -35,7 +35,7 @@ def start_perturbations(batches: list[torch.Tensor], seed: int, epoch: int,
     """Each global batch's starting pose perturbation (``initial_perturbation``) from the
     batches' host indices: drawn for the whole batch from a seed of the run, the epoch and
     its first particle, so a particle starts from the same one whichever rank refines it;
-    moved to ``device`` in one copy per epoch, not one per batch."""
+    moved to ``device`` once per epoch (angles and axes), not per batch."""
     draws = [initial_perturbation(len(idx), torch.Generator(device="cpu").manual_seed(
         seed * 7919 + epoch * 104729 + int(idx[0]))) for idx in batches]
     sizes = [len(idx) for idx in batches]

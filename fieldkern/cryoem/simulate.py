@@ -16,6 +16,7 @@ The defocus U is the larger one (dfV = dfU - astigmatism), as CTFFIND reports it
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -189,14 +190,17 @@ def _write_files(paths, meta, volume, rotations, euler, defocus, optics, *, gen,
     """Write the map, the stack, the STAR file and ``simulation.json`` (``meta`` with the noise
     sigma filled in); returns the noise sigma. A simulation that fails part-way (a device or
     backend that cannot run, a full disk, an interrupt) removes what it wrote: never an
-    all-zero stack that looks like data."""
+    all-zero stack that looks like data. The stack is filled under a temporary name and
+    renamed when complete, so a process killed outright leaves no partial stack by its name."""
     N, D, apix = meta["n_particles"], meta["box"], meta["apix"]
     (dfu, dfv, dfang), (volt, cs, w) = defocus, optics
+    partial = paths["stack"].with_name(paths["stack"].name + ".partial")
     try:
         write_mrc(paths["volume"], volume, apix)
-        sigma = _write_stack(paths["stack"], volume, rotations, defocus, optics, apix=apix,
+        sigma = _write_stack(partial, volume, rotations, defocus, optics, apix=apix,
                              ctf_pad=meta["ctf_pad"], snr=meta["snr"], gen=gen, batch_size=batch_size,
                              device=device, progress=progress)
+        os.replace(partial, paths["stack"])
         write_particles_star(
             paths["star"], image_names=[f"{i + 1:06d}@{STACK_NAME}" for i in range(N)], euler_deg=euler,
             dfu=dfu, dfv=dfv, dfang=dfang, apix=apix, box=D, volt=volt, cs=cs, w=w,
@@ -204,7 +208,7 @@ def _write_files(paths, meta, volume, rotations, euler, defocus, optics, *, gen,
         )
         paths["meta"].write_text(json.dumps({**meta, "noise_sigma": sigma}, indent=2) + "\n")
     except BaseException:
-        for path in paths.values():
+        for path in (*paths.values(), partial):
             path.unlink(missing_ok=True)
         raise
     return sigma

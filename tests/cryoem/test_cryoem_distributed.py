@@ -21,6 +21,7 @@ from fieldkern.cryoem import (
     apply_ctf,
     ctf,
     jitter_rotations,
+    load_particles,
     project,
     random_rotations,
 )
@@ -528,6 +529,26 @@ def test_a_simulation_that_fails_part_way_removes_what_it_wrote(tmp_path, monkey
     with pytest.raises(RuntimeError, match="device lost"):
         sim.simulate("1ol5", tmp_path, n_particles=600, box=16, apix=6.0, progress=False)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_simulated_stack_is_written_under_a_temporary_name_until_complete(tmp_path, monkeypatch):
+    """A run killed outright (no exception to clean up after) leaves no partial particles.mrcs."""
+    import importlib
+
+    sim = importlib.import_module("fieldkern.cryoem.simulate")
+    seen = []
+
+    def watching(*args, **kwargs):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return project(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "project", watching)
+    sim.simulate("1ol5", tmp_path, n_particles=600, box=16, apix=6.0, progress=False)
+    assert len(seen) == 3 and all("particles.mrcs" not in names and "particles.mrcs.partial" in names
+                                  for names in seen), seen
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "particles.mrcs" in names and "particles.mrcs.partial" not in names
+    assert load_particles(tmp_path / "particles.star").images.shape == (600, 16, 16)
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -291,6 +291,18 @@ def test_downsampled_particles_keep_their_frequencies(particle_set):
         ds.downsample(7)
 
 
+def test_a_downsampled_set_never_holds_the_stack_at_its_stored_size(particle_set):
+    """--downsample maps the stack and crops each block as it is read."""
+    reference = particle_set.parent / "ground_truth.mrc"
+    loaded = data.prepare_data("4ake", particle_set.parent, None, 0, particles=str(particle_set),
+                               reference=str(reference), progress=False, downsample=8)
+    images = loaded.dataset.images
+    assert isinstance(images, cem.io.particles.CroppedImages) and isinstance(images.images, cem.ImageStack)
+    full = data.prepare_data("4ake", particle_set.parent, None, 0, particles=str(particle_set), progress=False)
+    assert isinstance(full.dataset.images, torch.Tensor)  # one process, stored size: read at once
+    torch.testing.assert_close(images[:], cem.fourier_crop(full.dataset.images, 8, 2), rtol=0, atol=0)
+
+
 def test_example_downsamples_particles_and_their_reference(particle_set, tmp_path):
     out = tmp_path / "small"
     reference = particle_set.parent / "ground_truth.mrc"

@@ -49,6 +49,17 @@ def test_opcheck_filters_and_layer():
 
 
 @needs_interpreter
+def test_opcheck_project_volume():
+    from fieldkern.cryoem import random_rotations
+
+    g = torch.Generator().manual_seed(0)
+    volume = torch.rand(5, 5, 5, generator=g).requires_grad_()  # odd box
+    rotations = random_rotations(2, generator=g).float().requires_grad_()
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.fieldkern.project_volume.default, (volume, rotations, "auto"), test_utils=utils)
+
+
+@needs_interpreter
 def test_compile_fullgraph_triton_backend():
     torch.manual_seed(0)
     model = fieldkern.ResidualMFN(2, 16, 1, n_scales=3, resolution=32, head_activation="relu")

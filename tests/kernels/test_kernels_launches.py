@@ -34,7 +34,7 @@ pytestmark = needs_interpreter
 
 MODELS = {
     "residual_3d": lambda: ResidualMFN(3, 32, 1, n_scales=3, resolution=32),
-    "residual_2d_relu": lambda: ResidualMFN(2, 24, 3, n_scales=4, resolution=64),
+    "residual_2d_relu": lambda: ResidualMFN(2, 24, 3, n_scales=4, resolution=64, head_activation="relu"),
     "bacon_2d": lambda: BACON(2, 24, 3, n_scales=4, resolution=64),
     "mfn_fourier": lambda: MFN(2, 24, 3, n_layers=4),
     "mfn_gabor": lambda: MFN(3, 24, 2, n_layers=3, filter="gabor"),
