@@ -62,10 +62,10 @@ def prepare_data(structure: str, out_dir: Path, preset, seed: int, particles: st
     reference map of the stack's box) to that many pixels (:meth:`ParticleDataset.downsample`).
 
     With a data-parallel ``dist``, rank 0 simulates (or reads) as above; the other ranks
-    then open the same STAR file and receive rank 0's true poses; every rank's stack is
-    memory-mapped (the trainer reads only each rank's block of images), so every rank starts from the same
-    numbers. ``out_dir`` (or ``particles``) must be on a file system every node sees. Only
-    rank 0 holds the ground-truth map.
+    then open the same STAR file and receive rank 0's true poses, so every rank starts from
+    the same numbers. Every rank's stack is memory-mapped (the trainer reads only each
+    rank's block of images), as is a downsampled one. ``out_dir`` (or ``particles``) must
+    be on a file system every node sees. Only rank 0 holds the ground-truth map.
     """
     # Memory-mapped under data parallelism (each rank, rank 0 included, reads only its block)
     # and when cropping (a stack is never held at its stored size).

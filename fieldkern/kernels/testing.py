@@ -94,7 +94,8 @@ _NO_LAUNCH = {"detach", "alias", "lift_fresh", "set_", "resize_", "is_same_size"
 
 @contextlib.contextmanager
 def count_launches(noop: bool = False) -> Iterator[LaunchCount]:
-    """Count the kernel launches, allocations and host syncs of a block (:class:`LaunchCount`).
+    """Count the kernel launches, allocations and host syncs of a block (:class:`LaunchCount`;
+    host syncs include ``Tensor.tolist``/``numpy`` calls, :func:`python_host_reads`).
 
     ``noop``: Triton launches return at once instead of running (see :func:`triton_launches`).
     Views and metadata queries are not counted; a ``fieldkern::`` custom op is looked into:
@@ -116,8 +117,32 @@ def count_launches(noop: bool = False) -> Iterator[LaunchCount]:
             _classify(count, func, args, kwargs)
             return func(*args, **kwargs)
 
-    with triton_launches(noop=noop, record=count.triton), _Counter():
+    with triton_launches(noop=noop, record=count.triton), python_host_reads(count.syncs.append), _Counter():
         yield count
+
+
+@contextlib.contextmanager
+def python_host_reads(on_read) -> Iterator[None]:
+    """Within the block, ``Tensor.tolist`` and ``Tensor.numpy`` call ``on_read(name)`` first:
+    they read a tensor's memory directly, so no dispatch mode sees them (``.item()``,
+    ``float()``, ``bool()`` and copies are seen as ``_local_scalar_dense`` and ``_to_copy``)."""
+    import torch
+
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def recorded(name, original):
+        def read(self, *args, **kwargs):
+            on_read(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, recorded(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 @contextlib.contextmanager
@@ -151,7 +176,7 @@ def triton_launches(noop: bool = False, record: list | None = None) -> Iterator[
 
 def _classify(count: LaunchCount, func, args, kwargs) -> None:
     name = func.overloadpacket.__name__
-    if name == "_local_scalar_dense":
+    if name in ("_local_scalar_dense", "item"):  # "item" itself where a custom op's body calls it
         count.syncs.append(name)
     elif name in ("_to_copy", "copy_") and _to_host(func, args, kwargs):
         count.syncs.append(name)

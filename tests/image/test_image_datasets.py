@@ -71,6 +71,25 @@ def test_load_images_file_and_folder_grey_rgb_rgba(tmp_path):
     assert sq[0].shape == (16, 16, 1)
 
 
+def test_8bit_pixels_load_as_the_written_values_over_255_in_channel_order(tmp_path):
+    rng = np.random.default_rng(2)
+    grey = rng.integers(0, 256, (6, 9), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    rgb[0, 0] = [255, 128, 0]  # one pixel orange, so a channel swap shows up at a glance
+    opaque = np.concatenate([rgb, np.full((7, 5, 1), 255, np.uint8)], axis=-1)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")  # PNG: lossless
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "rgba.png")
+
+    (g,), _ = datasets.load_images(tmp_path / "grey.png")
+    (c,), _ = datasets.load_images(tmp_path / "rgb.png")
+    (a,), _ = datasets.load_images(tmp_path / "rgba.png")
+    np.testing.assert_allclose(g, grey[..., None] / 255.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(c, rgb / 255.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(c[0, 0], [1.0, 128 / 255, 0.0], rtol=0, atol=1e-6)  # R, G, B
+    np.testing.assert_allclose(a, rgb / 255.0, rtol=0, atol=1e-6)  # alpha 255: the colours as they are
+
+
 def test_load_images_errors(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")

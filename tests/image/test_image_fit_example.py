@@ -46,7 +46,23 @@ def test_tiny_run_writes_results_table_and_figures(example, tmp_path, capsys):
             assert len(entry["per_image"][0]["mad"]) == 3
         else:
             assert entry["mad"] is None
+    # The summary is the population mean and std (ddof 0) of the per-image values beside it.
+    for name, entry in summary["methods"].items():
+        per_image = entry["per_image"]
+        for key in ("psnr", "psnr_train", "seconds"):
+            values = [p[key] for p in per_image]
+            assert entry[key] == pytest.approx({"mean": np.mean(values), "std": np.std(values)}), (name, key)
+        if METHODS[name].staged:
+            for s, ms in enumerate(entry["mad"]):
+                values = [p["mad"][s] for p in per_image]
+                assert all(v > 0 for v in values), (name, s)  # later stages move every earlier scale
+                assert ms == pytest.approx({"mean": np.mean(values), "std": np.std(values)}), (name, s)
     table = (out / "results.md").read_text()
+    # Table 2's rows show those means and stds.
+    for entry in summary["methods"].values():
+        cells = [f"{ms['mean']:.2f} ± {ms['std']:.2f}" for ms in entry["mad"] or []] or ["-"] * 3
+        psnr = f"{entry['psnr']['mean']:.2f} ± {entry['psnr']['std']:.2f}"
+        assert "| " + " | ".join([entry["label"], *cells, psnr]) + " |" in table
     assert "| Method | MAD scale 1 | MAD scale 2 | MAD scale 3 | PSNR (dB) scale 4 |" in table
     for method in METHODS.values():
         assert f"| {method.label} |" in table

@@ -68,11 +68,58 @@ def test_staged_methods_train_exactly_their_stage(name):
         f"head{k}" for k in range(4)}
     assert {k for k, v in watch.changed.items() if v} == expected
     assert {k for k, v in watch.trainable.items() if v} == expected
-    # One MAD per scale but the last, all finite; final PSNR finite.
-    assert len(result.mad) == 3 and all(np.isfinite(result.mad))
-    assert np.isfinite(result.psnr) and np.isfinite(result.psnr_train)
     # The snapshots are the scales' outputs on the training grid.
     assert [a.shape for a in result.stage_outputs] == [(16, 16, 3)] * 3
+
+
+def _outputs(model):
+    """Every output the model returns on PRESET's 16 x 16 grid, ``(16, 16, C)`` numpy arrays."""
+    with torch.no_grad():
+        return [o.reshape(16, 16, -1).numpy() for o in model(grid_coordinates((16, 16)).reshape(-1, 2))]
+
+
+class StageEndOutputs(Callback):
+    """The last output (scale ``stage``) when each stage ends, before the model switches."""
+
+    def __init__(self, model):
+        self.model, self.outputs = model, {}
+
+    def on_stage_end(self, stage, step):
+        self.outputs[stage] = _outputs(self.model)[-1]
+
+
+def _spectrum_mad(before, after):
+    """Table 2's MAD written out: mean over channels and frequencies of | |FFT2| - |FFT2| |,
+    orthonormal FFT of the intensities in grey levels (times 255)."""
+    def spectrum(a):
+        return np.abs(np.fft.fft2(255.0 * a.astype(np.float64), axes=(0, 1), norm="ortho"))
+    return float(np.mean(np.abs(spectrum(before) - spectrum(after))))
+
+
+@pytest.mark.parametrize("name", ["staged_bacon_unfair", "staged_bacon_fair", "staged_res_bacon_init",
+                                  "staged_res_new_init"])
+def test_staged_methods_score_mad_and_psnr_from_their_outputs(name):
+    method = METHODS[name]
+    model = method.build(3, PRESET)
+    ends = StageEndOutputs(model)
+    image = _image()
+    result = fit_image(method, image, PRESET, model=model, callbacks=[ends], progress=False)
+    final = _outputs(model)  # fit_image leaves every scale active
+    assert len(result.mad) == len(result.stage_outputs) == len(result.final_train_outputs) == 3
+    for s in range(3):
+        # The exposed outputs are scale s at the end of its stage and after all training ...
+        np.testing.assert_allclose(result.stage_outputs[s], ends.outputs[s], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(result.final_train_outputs[s], final[s], rtol=0, atol=1e-6)
+        # ... which differ (training later stages moves earlier scales in all four methods) ...
+        assert np.abs(ends.outputs[s] - final[s]).max() > 1e-3
+        # ... and the MAD is the spectrum change between them.
+        assert result.mad[s] == pytest.approx(_spectrum_mad(ends.outputs[s], final[s]), rel=1e-9)
+        assert result.mad[s] > 0.01
+    # PSNR of the final scale, unclipped; PRESET trains at the evaluation size, where the
+    # Lanczos resize keeps the image as it is, so both resolutions score the same.
+    expected_psnr = -10 * np.log10(np.mean((final[-1].astype(np.float64) - image) ** 2))
+    assert result.psnr == pytest.approx(expected_psnr, rel=1e-6)
+    assert result.psnr_train == pytest.approx(expected_psnr, rel=1e-6)
 
 
 def test_training_ends_with_all_scales_active_and_trainable():

@@ -1,5 +1,6 @@
 """Fused Fourier / Gabor filter kernels vs the reference, under the interpreter."""
 
+import contextlib
 import pytest
 import torch
 import triton
@@ -114,7 +115,15 @@ def test_launchers_run_on_their_inputs_gpu(monkeypatch):
                  multiplicative_layer.multiplicative_layer_backward, mfn_stack.mfn_stack_forward,
                  mfn_stack.mfn_stack_backward, project_volume.project_volume_forward,
                  project_volume.project_volume_backward]
-    assert all(getattr(f, "__wrapped__", None) is not None for f in launchers)
+    # each is on_input_device's wrapper (not merely some functools.wraps decorator) ...
+    wrapper_code = _common.on_input_device(lambda: None).__code__
+    assert all(f.__code__ is wrapper_code for f in launchers)
+    # ... which enters device_guard with its first tensor's device
+    guarded = []
+    monkeypatch.setattr(_common, "device_guard", lambda device: guarded.append(device) or contextlib.nullcontext())
+    t = torch.zeros(2)
+    assert wrapped(3, t, torch.ones(1, device="meta")) == "done"
+    assert guarded == [t.device]
 
 
 @triton.jit

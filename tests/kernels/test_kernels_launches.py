@@ -115,3 +115,22 @@ def test_the_counter_sees_syncs_launches_and_custom_ops():
     assert count.syncs == ["_local_scalar_dense"]
     assert count.torch["sum"] == 1 and count.torch["abs"] == 1
     assert count.allocations >= 1  # the op's output, allocated inside the custom op
+
+
+def test_the_counter_sees_reads_no_dispatch_mode_sees(monkeypatch):
+    """``tolist``/``numpy`` (which bypass the dispatcher) and an ``.item()`` inside a
+    fieldkern custom op's body are host syncs too."""
+    from fieldkern.kernels import filters
+    from fieldkern.kernels.testing import count_launches
+
+    x = torch.rand(16, 2)
+    w, b = torch.randn(8, 2), torch.randn(8)
+    with count_launches() as count:
+        x.sum().tolist()
+        x.numpy()
+    assert count.syncs == ["tolist", "numpy"]
+    forward = filters.filter_forward
+    monkeypatch.setattr(filters, "filter_forward", lambda x, w, b, *a: forward(x, w, b, *a) + 0 * b.max().item())
+    with count_launches() as count, fieldkern.set_backend("triton"):
+        fieldkern.ops.fourier_filter(x, w, b)
+    assert count.syncs == ["item"], count.syncs

@@ -86,6 +86,9 @@ def test_rotation_gradient_matches_finite_differences():
 
 
 def test_bfloat16_volume_storage_accumulates_in_float32():
+    """bf16 voxels, fp32 sums, one rounding of each pixel to bf16 at the end: within half a
+    bf16 ulp (2^-8 relative) of the fp32 projection of the same stored values. Sums of 2 D
+    interpolated samples kept in bf16 would be off by many ulps."""
     D = 8
     volume = smooth_volume(D)
     R = random_rotations(3, generator=torch.Generator().manual_seed(0)).float()
@@ -93,7 +96,7 @@ def test_bfloat16_volume_storage_accumulates_in_float32():
         out = ops.project_volume(volume.bfloat16(), R)
     ref = ops.project_volume(volume.bfloat16().float(), R)  # the same stored values, fp32 path
     assert out.dtype == torch.bfloat16
-    close("bf16 storage", out.float(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), ref, rtol=2**-8 + 1e-5, atol=1e-6)  # elementwise
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter on NaN
@@ -211,9 +214,9 @@ def test_deterministic_volume_gradient(D, B, edge, deterministic_algorithms, mon
     grad_out = torch.randn(len(rotations), D, D, generator=torch.Generator().manual_seed(2))
     (out, gv, gr), (out_ref, gv_ref, gr_ref) = projection_both_paths(volume, rotations, grad_out)
     close("d volume (gather)", gv, gv_ref, RTOL, ATOL)
-    again = projection_both_paths(volume, rotations, grad_out)[0][1]
-    assert torch.equal(gv, again)
-    assert len(launches) == 2  # the gather kernel, not the atomics, made both
+    # the gather kernel, not the atomics, made it (bitwise repeats: test_project_volume_deterministic_cuda;
+    # the interpreter runs programs in turn, so a repeat here could not differ)
+    assert len(launches) == 1
 
 
 @pytest.mark.parametrize("method", ["auto", "scatter", "scatter_tiled", "gather"])
