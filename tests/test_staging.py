@@ -139,8 +139,11 @@ def test_vanilla_training_sums_all_scales_and_trains_everything(data):
 def test_trainable_frequencies_follow_the_stage(data):
     x, target = data
     model = ResidualMFN(2, 16, 1, 3, 32, trainable_frequencies=True)
-    model.set_stage(0)
-    assert model.filters[0].weight.requires_grad and not model.filters[1].weight.requires_grad
+    for stage in (0, 1, 2):  # the frequencies of the stage's layers and below train
+        model.set_stage(stage)
+        assert [f.weight.requires_grad for f in model.filters] == [i <= stage for i in range(3)]
+    model.set_stage(None)
+    assert all(f.weight.requires_grad for f in model.filters)
 
 
 @pytest.mark.parametrize("stage", [-1, 3, 1.0])

@@ -98,6 +98,12 @@ def test_fourier_ring_correlation_2d():
     img = torch.randn(32, 32, generator=g)
     shells, frc = cem.fourier_shell_correlation(img, img)
     assert shells.shape == (16,) and torch.allclose(frc, torch.ones(16, dtype=F64))
+    # a correlation, not a similarity: scale-free, signed, ~0 between independent images
+    _, scaled = cem.fourier_shell_correlation(img, 3 * img)
+    _, flipped = cem.fourier_shell_correlation(img, -img)
+    _, unrelated = cem.fourier_shell_correlation(img, torch.randn(32, 32, generator=g))
+    assert torch.allclose(scaled, torch.ones(16, dtype=F64)) and torch.allclose(flipped, -torch.ones(16, dtype=F64))
+    assert unrelated[1:].abs().mean() < 0.2  # shells of 6-100 coefficients
 
 
 @pytest.mark.parametrize(

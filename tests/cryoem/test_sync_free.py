@@ -1,21 +1,24 @@
 """The trainer's epoch reads nothing back from the device but its losses, once per epoch.
 
 On a GPU every host read of a device value (``float(loss)``, ``.item()``, ``int(idx[0])``,
-``bool(t.all())``, a copy to the host) waits for the queue to drain, so the next batch's
-launches start only when the GPU is idle; so do operators whose output's size depends on the
-data (``bincount``, ``nonzero``, boolean indexing, ...: CUDA reads the size back) and
-tensors made from host data on the device (``torch.tensor([...], device=...)``, a blocking
-copy from pageable memory). None of them can be captured in a CUDA graph. The test runs an
-epoch on the CPU with the reading rule of CUDA (``read_losses_every_batch = False``) and
-records each of these with the function that made it: host reads
-(``aten::_local_scalar_dense``), the data-dependent operators by name, and host data of more
-than one element. Reads that on CUDA touch no device value are allowed by name: the pose
-perturbations' seeds from the epoch's host-side batch order (``start_perturbations``), a
-rank's positions in each batch, found on the host in data-parallel runs (``owned_positions``),
-torch's CPU Adam step counts (``torch/optim``; on CUDA the optimisers are capturable,
-:mod:`fieldkern.train.optim`) and the rotation checks (``_check_orthonormal``, which CUDA
-tensors skip). Anything else fails the test. What runs only on a GPU (the Triton kernels'
-launchers) is not seen here.
+``bool(t.all())``, ``tolist()``, a copy to the host) waits for the queue to drain, so the
+next batch's launches start only when the GPU is idle; so do operators whose output's size
+depends on the data (``bincount``, ``nonzero``, boolean indexing, ...: CUDA reads the size
+back) and tensors made from host data on the device (``torch.tensor([...], device=...)``, a
+blocking copy from pageable memory). None of them can be captured in a CUDA graph. The test
+runs an epoch on the CPU with the reading rule of CUDA (``read_losses_every_batch = False``)
+and the code paths CUDA takes where they differ (:func:`as_on_a_gpu`: no rotation checks,
+which CUDA tensors skip; the taps' adjoint of other devices), and records each of these with
+the function that made it: host reads (``aten::_local_scalar_dense``, and ``tolist`` /
+``numpy``, which no dispatch mode sees), the data-dependent operators by name, and host data
+of more than one element. Allowed by name: reads that on CUDA touch no device value (the pose
+perturbations' seeds from the epoch's host-side batch order, ``start_perturbations``; a
+rank's positions in each batch, found on the host in data-parallel runs,
+``owned_positions``; torch's CPU Adam step counts, ``torch/optim``: on CUDA the optimisers
+are capturable, :mod:`fieldkern.train.optim`) and the epoch's one read of its losses
+(``check_losses``, whose calls the test counts). Anything else fails the test. What runs
+only on a GPU (the Triton kernels' launchers, CUDA libraries) is not seen here:
+``test_cuda_steps_never_wait_for_the_device`` checks it on a device.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fieldkern.checks
 from fieldkern.cryoem import reconstruct, slice_taps
 from fieldkern.cryoem.reconstruct import Reconstruction
-from fieldkern.kernels.testing import python_host_reads
 from fieldkern.train.optim import adam
 
 HOST_ONLY = ("start_perturbations", "owned_positions")
@@ -58,6 +60,10 @@ class _HostReads(TorchDispatchMode):
         self.ops.append((name, self.reads[-1]))
 
     def __enter__(self):
+        # Imported here: fieldkern.kernels imports triton, which must wait for TRITON_INTERPRET
+        # (tests/kernels/conftest.py), and this module is collected first.
+        from fieldkern.kernels.testing import python_host_reads
+
         self._python = python_host_reads(self._record)  # tolist, numpy: no dispatch mode sees them
         self._python.__enter__()
         return super().__enter__()
