@@ -98,8 +98,10 @@ def _worker(tmp):
         # Batches of 4: some hold no particle of one rank (that rank joins DDP with a zero loss).
         small = reconstruction(ctx, epochs=1, batch_size=4)
         small.fit(progress=False)
-        # An epoch under CUDA's reading rule: each rank waits for nothing but the allowed reads.
-        waits = reconstruction(ctx, batch_size=4)
+        # An epoch under CUDA's reading rule, after one that builds what is cached (40
+        # particles in batches of 4: empty shards too): each rank waits for nothing but the
+        # allowed reads.
+        waits = Reconstruction(*data(n=40), ReconstructionConfig(**{**CONFIG, "batch_size": 4}), dist=ctx)
         waits.train_epoch(0, 0)
         all_waits = ctx.all_gather_object(epoch_waits(waits, 1, 1)[1])
         # The spherical support: each rank evaluates the field inside the sphere on its planes.
