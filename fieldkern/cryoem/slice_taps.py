@@ -175,10 +175,11 @@ class _TakeTaps(torch.autograd.Function):
 
 
 #: How :func:`scatter_taps` sums, by device type: ``"bincount"`` (a sequential sum, bitwise
-#: repeatable; on the 2-core CPU 20x faster than ``index_add_`` on ``(rows, 2)`` for 100 images of D = 32) or
-#: ``"index_add"`` (on a GPU ``bincount`` reads its input's extremes back to the host to size
-#: its output, a wait per volume step that also forbids CUDA-graph capture; ``index_add_``
-#: does not, and is deterministic under ``torch.use_deterministic_algorithms``).
+#: repeatable; on the 2-core CPU 20x faster than ``index_add_`` on ``(rows, 2)`` for 100
+#: images of D = 32) or ``"index_add"`` (on a GPU ``bincount`` reads its input's extremes
+#: back to the host to size its output, a wait per volume step that also forbids CUDA-graph
+#: capture; ``index_add_`` does not, and is deterministic under
+#: ``torch.use_deterministic_algorithms``).
 SCATTER_METHODS = {"cpu": "bincount"}
 
 
