@@ -1,10 +1,15 @@
 """Kernel tests: Triton kernels vs the PyTorch reference.
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter. ``triton.jit``
-picks interpreter or compiler when a kernel is *decorated*, i.e. when
-``fieldkern.kernels.<op>`` is first imported (lazily, on the first Triton call), so setting
-the variable here, at conftest import, is early enough even if fieldkern itself was
-imported by another conftest. With CUDA the variable is left alone and the CPU cases skip.
+picks interpreter or compiler when a function is *decorated*: triton's own library
+(``tl.cdiv``, ...) when ``triton`` is first imported (``import fieldkern.kernels`` does
+that), fieldkern's kernels when ``fieldkern.kernels.<op>`` is (lazily, on the first Triton
+call). Setting the variable here, at conftest import, is early enough if nothing collected
+before this folder imported triton (``import fieldkern`` does not): a test module elsewhere
+must import ``fieldkern.kernels`` inside its tests, not at module level. Otherwise every
+interpreted kernel fails with "Cannot call @triton.jit'd outside of the scope of a kernel",
+so this conftest stops the run at once and names the cause. With CUDA the variable is left
+alone and the CPU cases skip.
 """
 
 import os
@@ -13,14 +18,14 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-_early = [m for m in ("fieldkern.kernels._common", "fieldkern.kernels.mfn_stack") if m in sys.modules]
-if _early and os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover - guard
-    import warnings
-
-    warnings.warn(f"{_early} imported before TRITON_INTERPRET=1 was set: CPU kernel tests may fail")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:  # a value set by hand is kept
+    if "triton" in sys.modules:  # pragma: no cover - guard
+        raise pytest.UsageError(
+            "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1, so the "
+            "interpreted kernel tests would all fail: a test module collected earlier imports "
+            "fieldkern.kernels (or triton) at module level; import it inside the test, or run with "
+            "TRITON_INTERPRET=1 set")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(params=["truncate", "nearest"])
