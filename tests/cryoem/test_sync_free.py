@@ -52,12 +52,15 @@ class _HostReads(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.reads = []
-        self.ops = []  # (operator, origin) of each, for the failure message
+        self.ops = []  # (operator, origin) of each wait
+
+    @property
+    def reads(self) -> list[str]:
+        """The origin of each wait."""
+        return [where for _, where in self.ops]
 
     def _record(self, name: str) -> None:
-        self.reads.append(_origin())
-        self.ops.append((name, self.reads[-1]))
+        self.ops.append((name, _origin()))
 
     def __enter__(self):
         # Imported here: fieldkern.kernels imports triton, which must wait for TRITON_INTERPRET
