@@ -211,7 +211,8 @@ def test_mfn_stack_saves_for_backward_only_when_needed():
 def test_backward_point_products(mixed):
     """The backward's two GEMM kernels (hidden > 128 or mixed) against torch: a sum over
     points split into slabs with a ragged last one, added in place, and rows times a square
-    matrix."""
+    matrix (77 rows: a ragged last row block; the interpreter is slow, and the kernel's row
+    blocks are independent)."""
     from fieldkern.kernels import mfn_stack as M
 
     g = torch.Generator().manual_seed(0)
@@ -222,7 +223,7 @@ def test_backward_point_products(mixed):
         # bf16 differently from torch, so the float32 inputs hold bf16 values here)
         a = a.to(torch.bfloat16)
         b, w = b.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
-    ref_sum, ref_rows = a.float().t() @ b, a.float() @ w
+    ref_sum, ref_rows = a.float().t() @ b, a[:77].float() @ w
     b_split = (b, None) if mixed else split_tf32(b)
     start = torch.randn(200, 3, generator=g)  # the sum is added in place to what is there
     out = start.clone()
@@ -233,8 +234,8 @@ def test_backward_point_products(mixed):
         M._add_points_sum(out, a, b, None, mixed=False, cublas=True)
         torch.testing.assert_close(out, start + ref_sum, rtol=1e-5, atol=1e-4)
     w_split = (w, None) if mixed else split_tf32(w)
-    torch.testing.assert_close(M._rows_matmul(a, *w_split, mixed=mixed, cublas=False), ref_rows, rtol=1e-5,
-                               atol=1e-4)
+    torch.testing.assert_close(M._rows_matmul(a[:77], *w_split, mixed=mixed, cublas=False), ref_rows,
+                               rtol=1e-5, atol=1e-4)
 
 
 @triton.jit
@@ -270,7 +271,8 @@ def test_tf32_emulation_bites_and_the_split_undoes_it(tf32_tensor_cores):
     from fieldkern.kernels import mfn_stack as M
 
     g = torch.Generator().manual_seed(0)
-    a, w = torch.randn(300, 200, generator=g), torch.randn(200, 200, generator=g)
+    # measured: unsplit 1.9e-4, split 2.6e-7 of the scale, both ways (also at 300 rows)
+    a, w = torch.randn(64, 200, generator=g), torch.randn(200, 200, generator=g)
     ref = (a.double() @ w.double())
     scale = ref.abs().max().item()
     w_hi, w_lo = split_tf32(w)

@@ -146,9 +146,10 @@ def _rot(axis, angle):
 # Exact axis-aligned and 90/180-degree rotations (ray directions with components exactly 0,
 # samples on voxel centres, rays along the box faces and exactly one voxel outside them),
 # 45 degrees about one axis (whole rays outside the box, others leaving it early), and
-# angles of 1e-6 (direction components tiny but not 0: huge slab parameters). At D = 34 the
-# interpreter's 64-pixel programs hold about two rows, and x45 and tilted clip their loops
-# (e.g. steps 6..26 of 34 for x45's first rows); at D <= 10 no program's loop is clipped.
+# angles of 1e-6 (direction components tiny but not 0: huge slab parameters). At D = 22 the
+# interpreter's 64-pixel programs hold about three rows, and x45 and tilted clip their loops
+# at both ends (steps 2..20 of 22 for x45's first rows; tilted 1..22 and 0..21); at D <= 10
+# no program's loop is clipped (``_clipped_loops``; the test checks it).
 _EDGE_ROTATIONS = {
     "identity": torch.eye(3, dtype=torch.float64),
     "x90": _rot(0, torch.pi / 2),
@@ -165,16 +166,42 @@ _EDGE_ROTATIONS = {
 _ON_FACES = ("identity", "x90", "y90", "z90", "z180", "cycle", "z45", "x45")
 
 
-@pytest.mark.parametrize("D, names", [(8, None), (10, None), (34, ("x45", "tilted"))])
+def _clipped_loops(D, rotation, block):
+    """(programs whose loop starts after step 0, programs whose loop ends before step D) of
+    the kernels' row-run programs of ``block`` pixels for one rotation: ``_k_range`` of
+    fieldkern/kernels/project_volume.py in float64, which is the same for these rotations."""
+    R = rotation.double()
+    c = D // 2
+    pix = torch.arange(D * D)
+    p = torch.stack([(pix % D - c).double(), (pix // D - c).double(), torch.full((D * D,), -float(c))], 1)
+    q0, d = p @ R + (c + 1), R[2].expand(D * D, 3)  # padded-index ray origins, per-step increment
+    t1, t2 = (-0.5 - q0) / d, (D + 1.5 - q0) / d  # no component of d is 0 for x45 / tilted
+    lo = torch.minimum(t1, t2).amax(1).clamp(min=0.0)
+    hi = torch.maximum(t1, t2).amin(1).clamp(max=D - 1.0)
+    starts, ends = 0, 0
+    for first in range(0, D * D, block):
+        keep = lo[first:first + block] <= hi[first:first + block]
+        if keep.any():
+            starts += int(lo[first:first + block][keep].min().floor()) > 0
+            ends += int(hi[first:first + block][keep].max().floor()) + 2 < D
+    return starts, ends
+
+
+@pytest.mark.parametrize("D, names", [(8, None), (10, None), (22, ("x45", "tilted"))])
 def test_projection_edge_rotations(D, names):
-    """Ray clipping and the padded box at their edge cases (D = 34: the two rotations that
-    clip, as the interpreter is slow there). At axis-aligned rotations, and in one
+    """Ray clipping and the padded box at their edge cases (D = 22: the two rotations that
+    clip at both ends, as the interpreter is slow there). At axis-aligned rotations, and in one
     coordinate at 45 degrees about an axis, every sample sits on a kink of the interpolant,
     where the rotation gradient is one-sided; the reference computes those positions exactly
-    only for power-of-two D (see ``_project_block``; at D = 34 it lands on the other side and
-    differs by ~10%, as did the previous kernel), so for D = 10 and 34 the rotation gradient
+    only for power-of-two D (see ``_project_block``; at other D it can land on the other side:
+    at D = 34 it differed by ~10%, as did the previous kernel), so for D = 10 and 22 the rotation gradient
     is compared on the other rotations only. At the 1e-6 angles the samples lie within
     rounding of those kinks in both implementations: values and the volume gradient only."""
+    from fieldkern.kernels.project_volume import BLOCK, _FWD_CONFIGS
+
+    assert [(c.kwargs["BLOCK"], c.kwargs["TILE_W"]) for c in _FWD_CONFIGS] == [(BLOCK, 0)]  # row runs
+    if names:  # the case exists to clip loops at both ends (forward and backward share _k_range)
+        assert all(min(_clipped_loops(D, _EDGE_ROTATIONS[n], BLOCK)) > 0 for n in names)
     volume = smooth_volume(D, seed=D)
     names = list(names or _EDGE_ROTATIONS)
     rotations = torch.stack([_EDGE_ROTATIONS[n] for n in names]).float()
