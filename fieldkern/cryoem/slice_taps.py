@@ -132,6 +132,12 @@ def sample_positions(rotations: torch.Tensor, plane: HalfPlane, P: int) -> torch
     return P // 2 + (P / plane.D) * torch.matmul(k, rotations[:, :2, :])
 
 
+def tap_index_dtype(Q: int, n: int) -> torch.dtype:
+    """The taps' index type for ``n`` samples of a table of ``Q^3`` rows: int32 where every
+    column and row offset fits (the sparse product runs ~1.7x faster than with int64)."""
+    return torch.int32 if max(Q**3, 8 * n + 1) < 2**31 else torch.int64
+
+
 def slice_taps(positions: torch.Tensor, P: int) -> SliceTaps:
     """The taps of samples at ``positions`` ``(..., 3)`` (spectrum index units, ``(x, y, z)``)."""
     Q = table_size(P)
@@ -140,15 +146,16 @@ def slice_taps(positions: torch.Tensor, P: int) -> SliceTaps:
     p = (positions.reshape(-1, 3) + _BORDER).clamp(0.5, Q - 1.5)
     base = p.floor()
     fx, fy, fz = (p - base).unbind(-1)
-    base = base.long()
+    # Computed in the index type from the start: converting (n, 8) int64 columns afterwards
+    # is an extra pass over the largest array here, and halved the speed of this function on the CPU.
+    n = p.shape[0]
+    index = tap_index_dtype(Q, n)
+    base = base.to(index)
     flat = (base[:, 2] * Q + base[:, 1]) * Q + base[:, 0]
     # Made on the device: a tensor from host data would be a copy that waits on a GPU.
-    corner = torch.arange(8, device=positions.device)
+    corner = torch.arange(8, device=positions.device, dtype=index)
     offsets = (corner >> 2) * (Q * Q) + ((corner >> 1) & 1) * Q + (corner & 1)
-    n = flat.shape[0]
-    # int32 indices where they fit: the sparse product runs ~1.7x faster than with int64.
-    index = torch.int32 if max(Q**3, 8 * n + 1) < 2**31 else torch.int64
-    columns = (flat[:, None] + offsets).to(index)  # (n, 8), corners ordered (dz, dy, dx)
+    columns = flat[:, None] + offsets  # (n, 8), corners ordered (dz, dy, dx)
     # One product per corner on (n,) vectors: broadcasting over tiny trailing axes is slow.
     zy = [a * b for a in (1 - fz, fz) for b in (1 - fy, fy)]
     weights = torch.stack([a * b for a in zy for b in (1 - fx, fx)], 1)
@@ -265,4 +272,5 @@ __all__ = [
     "spectrum_table",
     "table_size",
     "take_slices",
+    "tap_index_dtype",
 ]

@@ -20,6 +20,7 @@ from fieldkern.cryoem.slice_taps import (
     slice_taps,
     spectrum_table,
     take_slices,
+    tap_index_dtype,
 )
 
 
@@ -112,6 +113,25 @@ def test_adjoint_is_the_transpose():
     taps = slice_taps(sample_positions(rotations(3, dtype=torch.float64), plane, P), P)
     table = torch.randn(taps.matrix.shape[1], 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: torch.view_as_real(take_slices(t, taps)), (table,))
+
+
+def test_taps_index_in_int32_where_it_fits_and_int64_gives_the_same_taps(monkeypatch):
+    """int32 columns up to 2^31 table rows or 8 n + 1 row offsets, int64 beyond; the int64
+    path (forced here: its sizes would not fit in a test) makes the same taps and products."""
+    from fieldkern.cryoem import slice_taps as module
+
+    assert tap_index_dtype(1290, 10**6) == torch.int32  # 1290^3 < 2^31 <= 1291^3
+    assert tap_index_dtype(1291, 10) == torch.int64
+    assert tap_index_dtype(10, 2**28 - 1) == torch.int32 and tap_index_dtype(10, 2**28) == torch.int64
+    D, P = 10, 20
+    positions = sample_positions(rotations(4), half_plane(D), P)
+    small = slice_taps(positions, P)
+    monkeypatch.setattr(module, "tap_index_dtype", lambda Q, n: torch.int64)
+    large = slice_taps(positions, P)
+    assert (small.columns.dtype, large.columns.dtype) == (torch.int32, torch.int64)
+    assert torch.equal(small.columns.long(), large.columns) and torch.equal(small.weights, large.weights)
+    table = torch.randn(small.matrix.shape[1], 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(small.matrix @ table, large.matrix @ table)
 
 
 @pytest.mark.parametrize("method", ["bincount", "index_add"])

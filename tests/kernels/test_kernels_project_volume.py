@@ -197,7 +197,7 @@ def test_projection_edge_rotations(D, names):
     at D = 34 it differed by ~10%, as did the previous kernel), so for D = 10 and 22 the rotation gradient
     is compared on the other rotations only. At the 1e-6 angles the samples lie within
     rounding of those kinks in both implementations: values and the volume gradient only."""
-    from fieldkern.kernels.project_volume import BLOCK, _FWD_CONFIGS
+    from fieldkern.kernels.project_volume import _FWD_CONFIGS, BLOCK
 
     assert [(c.kwargs["BLOCK"], c.kwargs["TILE_W"]) for c in _FWD_CONFIGS] == [(BLOCK, 0)]  # row runs
     if names:  # the case exists to clip loops at both ends (forward and backward share _k_range)
