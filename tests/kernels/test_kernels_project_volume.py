@@ -149,7 +149,7 @@ def _rot(axis, angle):
 # angles of 1e-6 (direction components tiny but not 0: huge slab parameters). At D = 22 the
 # interpreter's 64-pixel programs hold about three rows, and x45 and tilted clip their loops
 # at both ends (steps 2..20 of 22 for x45's first rows; tilted 1..22 and 0..21); at D <= 10
-# no program's loop is clipped (``_clipped_loops``; the test checks it).
+# no program's loop is clipped (``_clipped_loops``; the test checks the D = 22 case).
 _EDGE_ROTATIONS = {
     "identity": torch.eye(3, dtype=torch.float64),
     "x90": _rot(0, torch.pi / 2),
@@ -179,11 +179,11 @@ def _clipped_loops(D, rotation, block):
     lo = torch.minimum(t1, t2).amax(1).clamp(min=0.0)
     hi = torch.maximum(t1, t2).amin(1).clamp(max=D - 1.0)
     starts, ends = 0, 0
-    for first in range(0, D * D, block):
-        keep = lo[first:first + block] <= hi[first:first + block]
+    for lo_p, hi_p in zip(lo.split(block), hi.split(block)):
+        keep = lo_p <= hi_p
         if keep.any():
-            starts += int(lo[first:first + block][keep].min().floor()) > 0
-            ends += int(hi[first:first + block][keep].max().floor()) + 2 < D
+            starts += int(lo_p[keep].min().floor()) > 0
+            ends += int(hi_p[keep].max().floor()) + 2 < D
     return starts, ends
 
 
