@@ -81,12 +81,17 @@ def search_poses(spectrum: torch.Tensor, rotations: torch.Tensor, targets: torch
     if temperature > 0 and (uniforms is None or uniforms.shape != rotations.shape[:1]):
         raise ValueError(f"a draw at temperature {temperature} needs uniforms of shape ({rotations.shape[0]},)")
     D = targets.shape[-1]
-    mask = torch.ones(D, D, dtype=torch.bool, device=targets.device) if frequencies is None else frequencies
-    slices = central_slices(spectrum, grid.to(spectrum.real.dtype), D)[:, mask]          # (G, K)
-    T, C = targets[:, mask], ctfs[:, mask].to(slices.real.dtype)
+    # The mask as indices, found once: each boolean-mask index is a nonzero, which waits for a GPU.
+    index = None if frequencies is None else frequencies.flatten().nonzero().flatten()
+
+    def compared(t):  # (m, D, D) -> (m, K)
+        return t.flatten(-2) if index is None else t.flatten(-2)[:, index]
+
+    slices = compared(central_slices(spectrum, grid.to(spectrum.real.dtype), D))          # (G, K)
+    T, C = compared(targets), compared(ctfs).to(slices.real.dtype)
     # fit = |C S - T|^2 - |T|^2 for every (image, grid slice), then the current estimate's
     fit = C.square() @ slices.abs().square().T - 2 * ((T.conj() * C).to(slices.dtype) @ slices.T).real
-    current = central_slices(spectrum, rotations.to(spectrum.real.dtype), D)[:, mask]
+    current = compared(central_slices(spectrum, rotations.to(spectrum.real.dtype), D))
     current_fit = (C.square() * current.abs().square()).sum(1) - 2 * (T.conj() * C * current).sum(1).real
     if temperature > 0:
         fit = torch.cat([fit, current_fit[:, None]], 1)                                   # (n, G + 1)
@@ -98,9 +103,9 @@ def search_poses(spectrum: torch.Tensor, rotations: torch.Tensor, targets: torch
     else:
         best_fit, pick = fit.min(dim=1)
         moved = best_fit < current_fit
-    out = rotations.clone()
-    out[moved] = grid[pick[moved]].to(out)
-    return out, moved
+    # (a drawn pick of G is the current estimate: clamped to a valid row, which ``where`` discards)
+    chosen = grid[pick.clamp_max(grid.shape[0] - 1)].to(rotations)
+    return torch.where(moved[:, None, None], chosen, rotations), moved
 
 
 def _draw_poses(fit: torch.Tensor, noise: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:

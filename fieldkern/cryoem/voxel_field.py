@@ -31,6 +31,7 @@ class VoxelField:
         self.coords = field_coordinates(D, device=device)
         # Voxels within D/2 of the centre voxel D//2 (the sphere inscribed in the box).
         self.support = (self.coords.square().sum(-1) <= 0.25) if support == "sphere" else None
+        self._inside: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._ddp = None
         self._ddp_stage = _UNSET
 
@@ -44,9 +45,20 @@ class VoxelField:
         """The field on z-planes ``z0..z1-1``, ``(z1 - z0, D, D)`` per evaluated scale."""
         if self.support is None:
             return [y[..., 0] / self.D for y in module(self.coords[z0:z1])]
-        inside = self.support[z0:z1]
-        ys = module(self.coords[z0:z1][inside])
-        return [y.new_zeros(inside.shape).masked_scatter(inside, y[:, 0] / self.D) for y in ys]
+        coords, index = self.inside(z0, z1)
+        shape = (z1 - z0, self.D, self.D)
+        return [y.new_zeros(shape).flatten().index_copy(0, index, y[:, 0] / self.D).view(shape)
+                for y in module(coords)]
+
+    def inside(self, z0: int, z1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coordinates ``(n, 3)`` of the support's voxels on z-planes ``z0..z1-1`` and
+        their flat indices ``(n,)`` in those planes, row-major. Found once per block: a
+        boolean mask would be a ``nonzero`` per call, which on a GPU reads its size back to
+        the host (a wait per volume step, and no CUDA-graph capture)."""
+        if (z0, z1) not in self._inside:
+            index = self.support[z0:z1].flatten().nonzero().flatten()
+            self._inside[(z0, z1)] = (self.coords[z0:z1].reshape(-1, 3)[index], index)
+        return self._inside[(z0, z1)]
 
     def training_volume(self, module=None) -> torch.Tensor:
         """The field at the active scale on the grid, as volume and pose steps use it.

@@ -145,9 +145,12 @@ def _reconstruction(**kw):
     return Reconstruction(images, ctf.contiguous(), R, config(batch_size=16, **kw))
 
 
-@pytest.mark.parametrize("projector", ["fourier", "grid_sample", "real"])
-def test_an_epoch_reads_its_losses_once(monkeypatch, projector):
-    rec = _reconstruction(projector=projector)
+@pytest.mark.parametrize(("projector", "support"), [("fourier", "box"), ("grid_sample", "box"), ("real", "box"),
+                                                     ("fourier", "sphere")])
+def test_an_epoch_reads_its_losses_once(monkeypatch, projector, support):
+    """With ``support="sphere"`` (the quick preset's) the field is evaluated on the sphere's
+    voxels only: found once, not by a boolean mask per step."""
+    rec = _reconstruction(projector=projector, support=support)
     rec.train_epoch(0, 0)  # first epoch: whatever is built once stays out
     checked = []
     real_check = reconstruct.check_losses
@@ -250,17 +253,39 @@ def _never_synchronizing(step):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("projector", ["fourier", "grid_sample", "real"])
-def test_cuda_steps_never_wait_for_the_device(projector):
+@pytest.mark.parametrize(("projector", "support"), [("fourier", "box"), ("grid_sample", "box"), ("real", "box"),
+                                                     ("fourier", "sphere")])
+def test_cuda_steps_never_wait_for_the_device(projector, support):
     """On a GPU the volume and pose steps of an epoch never synchronize (what the CPU test
     above cannot see: the launchers, cuBLAS/cuSPARSE and torch's own CUDA operators); the
     first epoch runs unguarded (autotuning, what is cached)."""
     _, R, spectra, ctf = batch(48)
     images = torch.fft.ifft2(torch.fft.ifftshift(spectra, dim=(-2, -1))).real
-    rec = Reconstruction(images, ctf.contiguous().cuda(), R, config(batch_size=16, projector=projector),
-                         device="cuda")
+    rec = Reconstruction(images, ctf.contiguous().cuda(), R,
+                         config(batch_size=16, projector=projector, support=support), device="cuda")
     assert not rec.read_losses_every_batch
     rec.train_epoch(0, 0)
     rec._volume_steps = _never_synchronizing(rec._volume_steps)
     rec._pose_steps = _never_synchronizing(rec._pose_steps)
     assert rec.train_epoch(1, 1) > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 10.0])
+def test_a_pose_search_waits_once_for_its_frequencies(temperature):
+    """The search turns its frequency mask into indices once (one ``nonzero``) and moves the
+    poses with ``where``: no boolean-mask indexing per use."""
+    from fieldkern.cryoem.fourier_slice import volume_spectrum
+    from fieldkern.cryoem.poses import search_poses
+    from fieldkern.cryoem.rotations import super_fibonacci_rotations
+
+    vol, R, spectra, ctf = batch(6)
+    spectrum = volume_spectrum(vol)
+    D = vol.shape[-1]
+    k = torch.arange(D) - D // 2
+    mask = k[:, None] ** 2 + k[None, :] ** 2 < (D // 4) ** 2
+    uniforms = torch.rand(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grid = super_fibonacci_rotations(64)
+    mode = _HostReads()
+    with mode:
+        search_poses(spectrum, R.double(), spectra, ctf, grid, mask, temperature, uniforms)
+    assert mode.ops == [("nonzero", "search_poses")]
