@@ -52,9 +52,9 @@ if has tests; then
   late="backward_products or project_volume_deterministic or gradient_variants or forward_variants"
   t "not every and (mfn_stack and (case0 or case1))" 7 &
   t "not every and not (mfn_stack and (case0 or case1)) and not ($late)" 8 & t "not every and ($late)" 11 &
-  # the trainer's steps under torch.cuda.set_sync_debug_mode("error")
-  timeout 150 python -m pytest -q -p no:cacheprovider -rf tests/cryoem/test_sync_free.py -k cuda \
-    > "$LOGS/tests_trainer.log" 2>&1 &
+  # the trainer's steps under torch.cuda.set_sync_debug_mode("error"), and replayed from CUDA graphs
+  timeout 150 python -m pytest -q -p no:cacheprovider -rf tests/cryoem/test_sync_free.py \
+    tests/cryoem/test_step_graphs.py -k cuda > "$LOGS/tests_trainer.log" 2>&1 &
 fi
 wait
 if [ -e "$LOGS/warm.log" ]; then
@@ -83,7 +83,7 @@ if has epoch; then
   timeout 180 python bench/epoch_speed.py > "$OUT/epoch_speed.txt" 2>&1; tail -n 8 "$OUT/epoch_speed.txt"
 fi
 has host && bench host 120 bench/test_bench_host_cost.py
-# the paper preset's epoch (synthetic data: simulation ~1.3 GB written, then 2 cases of an
+# the paper preset's epoch (synthetic data: simulation ~1.3 GB written, then 3 cases of an
 # untimed and 2 timed epochs each); FIELDKERN_BENCH_PARTICLES=10000 if a session is short
 has paper && bench paper 420 bench/test_bench_paper_epoch.py
 has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"

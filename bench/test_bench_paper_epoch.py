@@ -9,7 +9,9 @@ case times that), read back as a particle set. Cases, same data, same run:
   a device copy of the parameters (:func:`fieldkern.cryoem.experiment.batch_ctfs`), the
   losses read back once per epoch, capturable Adam (no host reads in a step);
 - ``host_round_trips``: the trainer as it ran before (CTFs computed on the host per batch
-  and copied over, each batch's loss read back as it is made).
+  and copied over, each batch's loss read back as it is made);
+- ``cuda_graphs``: ``trainer`` with each batch's volume steps and pose steps replayed from
+  CUDA graphs (``Reconstruction(..., cuda_graphs=True)``, :mod:`fieldkern.train.graphs`).
 
 The targets (issue 21): <= 4 s per epoch, the whole paper preset (100 epochs) <= 7 minutes,
 on one H100/H200. ``extra_info``: particles, seconds per epoch, projected minutes for the
@@ -57,20 +59,20 @@ def test_bench_paper_simulate(benchmark, paper_data):
     benchmark.extra_info.update(case="simulate", particles=len(ds), simulate_seconds=seconds)
 
 
-@pytest.mark.parametrize("case", ["trainer", "host_round_trips"])
+@pytest.mark.parametrize("case", ["trainer", "host_round_trips", "cuda_graphs"])
 def test_bench_paper_epoch(benchmark, paper_data, case):
     from fieldkern.cryoem.experiment import batch_ctfs
     from fieldkern.cryoem.reconstruct import Reconstruction
 
     preset, ds, _ = paper_data
     config = preset.recon
-    ctfs = batch_ctfs(ds, None, DEVICE) if case == "trainer" else functools.partial(_host_ctfs, ds)
-    rec = Reconstruction(ds.images, ctfs, ds.rotations, config, device=DEVICE)
+    ctfs = functools.partial(_host_ctfs, ds) if case == "host_round_trips" else batch_ctfs(ds, None, DEVICE)
+    rec = Reconstruction(ds.images, ctfs, ds.rotations, config, device=DEVICE, cuda_graphs=case == "cuda_graphs")
     rec.read_losses_every_batch = case == "host_round_trips"
     last = config.n_scales - 1
     rec.model.set_stage(last)
     first = config.stage_epochs[-1] if config.stage_epochs else 0
-    rec.train_epoch(first, last)  # untimed: compilation, autotuning
+    rec.train_epoch(first, last)  # untimed: compilation, autotuning (and the graphs' captures)
     epochs = iter(range(first + 1, first + 100))
 
     def epoch():

@@ -38,6 +38,7 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -54,6 +55,7 @@ from fieldkern.cryoem.voxel_field import VoxelField
 from fieldkern.distributed import DistContext
 from fieldkern.nn import ResidualMFN
 from fieldkern.train import Callback, StageSchedule, TimeLimit, run_stages
+from fieldkern.train.graphs import GraphedSteps
 from fieldkern.train.optim import adam
 
 #: Particles per block of the pose search (bounds its ``(block, grid)`` distance matrix).
@@ -80,6 +82,9 @@ class Reconstruction:
             ``rlnOriginX/YAngst / apix``): image ``i`` is moved by ``shifts[i]`` (a phase ramp
             on its spectrum, so sub-pixel shifts are exact) before anything is fitted to it.
             None: the images are centred already (simulated data).
+        cuda_graphs: replay each batch's volume steps and pose steps from CUDA graphs
+            (:mod:`fieldkern.train.graphs`; one process on a CUDA device). Off by default:
+            not yet run on a device (``tests/cryoem/test_step_graphs.py`` has its GPU test).
 
     Data parallelism (``dist.world_size = W > 1``): rank ``r`` owns the contiguous block
     ``dist.shard(N)`` of particles: their images, spectra and pose updates. Every epoch
@@ -100,7 +105,7 @@ class Reconstruction:
     """
 
     def __init__(self, images, ctfs, rotations, config: ReconstructionConfig, device="cpu",
-                 dist: DistContext | None = None, shifts: torch.Tensor | None = None):
+                 dist: DistContext | None = None, shifts: torch.Tensor | None = None, cuda_graphs: bool = False):
         shifts = None if shifts is None else torch.as_tensor(shifts).detach().cpu()
         N, D = check_inputs(images, rotations, shifts)
         self.dist = dist if dist is not None else DistContext.single(device)
@@ -140,6 +145,11 @@ class Reconstruction:
         #: stops the epoch at once), or all of an epoch's at its end (CUDA: a read waits for
         #: the device, so one per epoch keeps the GPU's queue full).
         self.read_losses_every_batch = self.device.type == "cpu"
+        if cuda_graphs and (self.device.type != "cuda" or self.dist.distributed):
+            raise ValueError("cuda_graphs needs one process on a CUDA device "
+                             f"(device {self.device}, {self.dist.world_size} processes)")
+        #: The graphs the batches' steps are replayed from (None: launched from Python).
+        self.graphs = GraphedSteps() if cuda_graphs else None
 
     # -- data at a batch and stage ----------------------------------------------------------
 
@@ -175,16 +185,14 @@ class Reconstruction:
         (nothing in here waits for the device; data parallel, the loss's sum over ranks is a
         collective on the device under NCCL)."""
         batch_size = len(idx) if batch_size is None else batch_size
+        if not self.dist.distributed:
+            if self.graphs is None:
+                return self._volume_batch(self.rotations[idx], target, ctf)
+            # a graph per batch size (a short last batch keeps its own), recaptured per stage
+            return self.graphs(("volume", len(idx)), self.model.stage, self._volume_batch, self.rotations[idx],
+                               target, ctf)[0]
         model = self.forward_model
         poses = model.bind(self.rotations[idx]) if idx.numel() else None  # they hold still here
-        if not self.dist.distributed:
-            loss = torch.zeros((), device=self.device)
-            for _ in range(self.config.volume_steps):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = model.per_image_loss(model.predict(model.prepare(self.volume()), poses, ctf), target).mean()
-                loss.backward()
-                self.optimizer.step()
-            return loss.detach()
         field_module = self.field.module()
         # The gather's backward sums dL_r/dV over ranks (W x the mean-loss gradient on each
         # rank's planes); DDP then divides the parameter gradients summed over ranks by W.
@@ -210,19 +218,48 @@ class Reconstruction:
         (long, on the device; all of them by default); ``target`` and ``ctf`` are those particles' rows, ``start``
         the whole batch's starting perturbation ``(theta (B,), axis (B, 3))`` on the device
         (:func:`~fieldkern.cryoem.epochs.start_perturbations`)."""
-        cfg = self.config
+        if not self.dist.distributed:
+            step = functools.partial(self._pose_batch, lr=lr)
+            args = (self.rotations[idx], target, ctf, *start)
+            self.rotations[idx] = step(*args) if self.graphs is None else \
+                self.graphs(("pose", len(idx)), (self.model.stage, lr), step, *args)[0]
+            return
         sel = idx if mine is None else idx[mine]
         with torch.no_grad():
             # collective: before any early return
             fixed = self.forward_model.prepare(self.field.training_volume(), for_poses=True)
         if sel.numel() == 0:
             return
-        model = self.forward_model
         theta, axis = start if mine is None else (start[0][mine], start[1][mine])
-        self.rotations[sel] = refine_poses(
-            lambda R: model.per_image_loss(model.predict_posed(fixed, R, ctf), target), self.rotations[sel],
-            cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis),
-        )
+        self.rotations[sel] = self._refine(fixed, self.rotations[sel], target, ctf, theta, axis, lr)
+
+    def _volume_batch(self, rotations, target, ctf) -> torch.Tensor:
+        """One process's volume steps on a batch posed at ``rotations`` ``(n, 3, 3)``: the
+        last step's loss before its update (a 0-d device tensor). A step function of
+        :attr:`graphs`: it reads only its inputs, the model and the optimiser."""
+        model = self.forward_model
+        poses = model.bind(rotations)  # they hold still here
+        loss = torch.zeros((), device=self.device)
+        for _ in range(self.config.volume_steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = model.per_image_loss(model.predict(model.prepare(self.volume()), poses, ctf), target).mean()
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    def _pose_batch(self, rotations, target, ctf, theta, axis, lr: float) -> torch.Tensor:
+        """One process's pose steps on a batch against the current map: :meth:`_refine`. A step
+        function of :attr:`graphs` (``lr`` is fixed at its capture: part of its key)."""
+        with torch.no_grad():
+            fixed = self.forward_model.prepare(self.volume(), for_poses=True)
+        return self._refine(fixed, rotations, target, ctf, theta, axis, lr)
+
+    def _refine(self, fixed, rotations, target, ctf, theta, axis, lr: float) -> torch.Tensor:
+        """:func:`~fieldkern.cryoem.poses.refine_poses` of ``rotations`` ``(n, 3, 3)`` against the
+        map ``fixed`` (prepared for pose steps) from the perturbation ``theta (n,)``, ``axis (n, 3)``."""
+        model, cfg = self.forward_model, self.config
+        return refine_poses(lambda R: model.per_image_loss(model.predict_posed(fixed, R, ctf), target), rotations,
+                            cfg.pose_steps, lr, cfg.pose_betas, initial=(theta, axis))
 
     def _search_poses(self, stage: int | None, epoch: int) -> None:
         """:func:`~fieldkern.cryoem.poses.search_poses` for this rank's particles against the
@@ -383,6 +420,8 @@ class Reconstruction:
                 does not fit the model, or holds NaN/inf. Nothing is loaded then.
         """
         load_checkpoint(self, path)
+        if self.graphs is not None:  # the optimiser's state tensors were replaced
+            self.graphs.clear()
         self._checkpoint_epoch = self.state.epoch
 
     @torch.no_grad()
