@@ -70,6 +70,7 @@ class GraphedSteps:
         self.capture = capture
         self._graphs: dict[Hashable, _Graph] = {}
         self._warm: dict[Hashable, Hashable] = {}  # slot -> the key its last eager call had
+        self._side = None  # the warm-ups' stream
 
     def __call__(self, slot: Hashable, key: Hashable, fn: Callable, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``fn(*inputs)`` as a tuple of tensors (copies: the static outputs are overwritten
@@ -89,11 +90,15 @@ class GraphedSteps:
     def _warm_up(self, fn, inputs) -> tuple[torch.Tensor, ...]:
         if not self.capture:
             return _as_tuple(fn(*inputs))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        main = torch.cuda.current_stream()
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
             out = _as_tuple(fn(*inputs))
-        torch.cuda.current_stream().wait_stream(side)
+        main.wait_stream(self._side)
+        for t in out:  # made on the side stream, used on the main one: not to be reused before
+            t.record_stream(main)
         return out
 
     def clear(self) -> None:
