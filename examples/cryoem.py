@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (a folder holding anything "
                    "is refused without --resume or --overwrite)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each batch's volume and pose steps from CUDA "
+                   "graphs (one process on a CUDA device; not yet run on a device: docs/cryoem.md)")
     p.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop after the epoch that ends past this "
                    "many minutes of training, checkpoints written, with exit status 3; --resume goes on")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -114,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         given = [f"--{n.replace('_', '-')}" for n in ("box", "apix", "n_particles", "snr") if getattr(args, n) is not None]
         if given:
             p.error(f"{', '.join(given)}: simulation settings, which do not apply to --particles")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        p.error(f"--cuda-graphs replays CUDA graphs: it needs a CUDA --device, got {args.device!r}")
     if args.time_limit is not None and not args.time_limit > 0:
         p.error("--time-limit must be a positive number of minutes")
     if args.marching == "fsc" and args.pose_search:
@@ -189,7 +193,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     train_start = time.perf_counter()
     # One reconstruction, or (no ground truth) one per half set for the gold-standard FSC.
     recs = experiment.reconstruct(data, init, recon_cfg, out, resume=args.resume, progress=progress,
-                                  device=device, dist=dist,
+                                  device=device, dist=dist, cuda_graphs=args.cuda_graphs,
                                   time_limit=None if args.time_limit is None else 60 * args.time_limit)
     train_seconds = time.perf_counter() - train_start
     if not dist.is_main:
@@ -200,7 +204,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     settings = cryoem_settings(preset, {
         "structure": args.structure, "particles": args.particles, "pose_init": args.pose_init,
         "device": str(device), "world_size": dist.world_size, "backend": dist.backend,
-        "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
+        "cuda_graphs": args.cuda_graphs, "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
     })
     return write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, settings, seconds, train_seconds,
                          marching=recs[0][1].state.marching)

@@ -61,7 +61,8 @@ class ImageRows:
 
 def reconstruct(data: ExperimentData, initial: torch.Tensor, config: ReconstructionConfig, out: Path, *,
                 resume: bool = False, progress: bool = True, device=None, dist: DistContext | None = None,
-                time_limit: float | None = None) -> list[tuple[torch.Tensor | None, Reconstruction]]:
+                time_limit: float | None = None, cuda_graphs: bool = False,
+                ) -> list[tuple[torch.Tensor | None, Reconstruction]]:
     """Train on ``data`` from the poses ``initial`` ``(N, 3, 3)``; returns ``(particle indices,
     trained reconstruction)`` pairs: ``[(None, rec)]`` for all particles, or one pair per half set.
 
@@ -76,20 +77,22 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
     the checkpoints (half 2 starts afresh if the run stopped before it began); FileNotFoundError
     if the first is missing. ``time_limit`` (seconds, for all of them together): stop after
     the epoch that ends past it with :class:`~fieldkern.train.TimeLimitReached`, every
-    checkpoint written; ``resume`` then goes on. Call on every rank.
+    checkpoint written; ``resume`` then goes on. ``cuda_graphs``: replay the steps from CUDA
+    graphs (:class:`~fieldkern.cryoem.reconstruct.Reconstruction`). Call on every rank.
     """
     start = time.monotonic()
     ds = data.dataset
     one = data.has_ground_truth and config.marching == "fixed"
     halves = [None] if one else list(split_halves(ds, config.seed))
     if config.marching == "fsc":
-        runs = [_half_run(data, index, h, initial, config, out, device, dist, resume) for h, index in enumerate(halves, 1)]
+        runs = [_half_run(data, index, h, initial, config, out, device, dist, resume, cuda_graphs)
+                for h, index in enumerate(halves, 1)]
         fit_halves([rec for _, rec, _ in runs], [c for _, _, c in runs], progress=progress, time_limit=time_limit,
                    callbacks=[StageMapWriter(rec, out, ds.apix, f"half{h}_") for h, (_, rec, _) in enumerate(runs, 1)])
         return [(index, rec) for index, rec, _ in runs]
     recs = []
     for h, index in enumerate(halves, 1):
-        index, rec, checkpoint = _half_run(data, index, h, initial, config, out, device, dist, resume)
+        index, rec, checkpoint = _half_run(data, index, h, initial, config, out, device, dist, resume, cuda_graphs)
         tag = "" if index is None else f"half{h}_"
         left = None if time_limit is None else max(time_limit - (time.monotonic() - start), 1e-3)
         rec.fit(checkpoint, progress=progress, callbacks=[StageMapWriter(rec, out, ds.apix, tag)], time_limit=left)
@@ -98,7 +101,7 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
 
 
 def _half_run(data: ExperimentData, index: torch.Tensor | None, h: int, initial: torch.Tensor,
-              config: ReconstructionConfig, out: Path, device, dist, resume: bool):
+              config: ReconstructionConfig, out: Path, device, dist, resume: bool, cuda_graphs: bool):
     """``(index, reconstruction, checkpoint path)`` of half set ``h`` (rows ``index``; None: all
     particles), loaded from its checkpoint with ``resume``."""
     ds = data.dataset
@@ -108,7 +111,8 @@ def _half_run(data: ExperimentData, index: torch.Tensor | None, h: int, initial:
     else:
         images, poses, shifts = ImageRows(ds.images, index), initial[index], ds.shifts_A[index]
     cfg = config if index is None else half_set_config(config, h)
-    rec = Reconstruction(images, ctfs, poses, cfg, device=device, dist=dist, shifts=shifts / ds.apix)
+    rec = Reconstruction(images, ctfs, poses, cfg, device=device, dist=dist, shifts=shifts / ds.apix,
+                         cuda_graphs=cuda_graphs)
     checkpoint = out / ("checkpoint.pt" if index is None else f"checkpoint_half{h}.pt")
     if resume:
         if checkpoint.is_file():

@@ -95,6 +95,14 @@ def test_example_pose_search_option(capsys):
     assert info.value.code == 2 and "--pose-search must be >= 0" in capsys.readouterr().err
 
 
+def test_example_cuda_graphs_option(capsys):
+    assert _example().parse_args(["--cuda-graphs", "--device", "cuda:1"]).cuda_graphs
+    assert not _example().parse_args(["--device", "cpu"]).cuda_graphs
+    with pytest.raises(SystemExit) as info:
+        _example().parse_args(["--cuda-graphs", "--device", "cpu"])
+    assert info.value.code == 2 and "--cuda-graphs replays CUDA graphs: it needs a CUDA --device" in capsys.readouterr().err
+
+
 def test_prepare_data_reads_map_files_and_checks_them(tmp_path):
     preset = cryoem_preset("tiny", n_particles=3)
     path = cem.write_mrc(tmp_path / "emd_1.map", _blob(), 6.0)  # EMDB's ending went to gemmi
