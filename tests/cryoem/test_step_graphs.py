@@ -81,13 +81,15 @@ def test_cuda_graphs_need_one_process_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_train_as_plain_steps():
     """Captured and replayed on the device: the same training as launches from Python, up to
-    the order of atomic additions (the taps' adjoint, ``index_add_``)."""
+    the order of atomic additions (the taps' adjoint, ``index_add_``), which 4 epochs of
+    training amplify; a replay of stale inputs (another batch's poses or targets) would
+    differ by far more."""
     plain, graphed = _reconstructions("cuda")
     graphed.graphs = GraphedSteps()
     params, rotations, losses = _train(plain)
     g_params, g_rotations, g_losses = _train(graphed)
     assert len(graphed.graphs) == 3
     for a, b in zip(params, g_params):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g_rotations, rotations, rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(g_losses), torch.tensor(losses), rtol=1e-4, atol=0)
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(g_rotations, rotations, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(g_losses), torch.tensor(losses), rtol=1e-3, atol=0)
