@@ -14,16 +14,10 @@
 #   "project accuracy epoch", so split a session's work like that.
 # The device has no mrcfile/starfile/gemmi and no network: run `bash bench/gpu_wheels.sh`
 # here first and name `.whl` in the call's `carry` (the `paper` step and the example need them).
+# The paper preset itself, across calls: bench/paper_run.sh.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD:$PWD/bench"
-# The device image lacks mrcfile, starfile and gemmi (simulate, load_particles, the example):
-# installed from the wheels bench/gpu_wheels.sh fetches into .whl (name it in `carry`).
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fieldkern_site \
-    .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/fieldkern_site"
-fi
-has_file_libraries() { python -c "import mrcfile, starfile" 2> /dev/null; }
+source bench/device_env.sh  # PYTHONPATH, the carried wheels, has_modules, versions
 OUT=${OUT:-/tmp/fieldkern_gpu}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
@@ -34,10 +28,7 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*"; flush_logs; }
 flush_logs() { for f in "$LOGS"/*.log; do [ -e "$f" ] && { echo "=== $f"; grep -v "^\s*$" "$f" | tail -n 60; }; done > "$OUT/log.txt"; }
 has() { [[ " $steps " == *" $1 "* ]]; }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  python -c "import mrcfile, starfile, gemmi; from importlib.metadata import version as v
-print(*(f'{n} {v(n)}' for n in ('mrcfile', 'starfile', 'gemmi')))" 2> /dev/null ||
-    echo "file libraries missing (bench/gpu_wheels.sh, carry .whl)"; }
+  versions; }
 
 # 1. compile every mfn_stack autotune candidate of the benchmark networks in parallel (fills
 #    Triton's disk cache; autotuning would compile them one after the other) while the
@@ -98,7 +89,7 @@ has host && bench host 120 bench/test_bench_host_cost.py
 # the paper preset's epoch (synthetic data: simulation ~1.3 GB written, then 3 cases of an
 # untimed and 2 timed epochs each); FIELDKERN_BENCH_PARTICLES=10000 if a session is short
 if has paper; then
-  if has_file_libraries; then bench paper 420 bench/test_bench_paper_epoch.py
+  if has_modules mrcfile starfile; then bench paper 420 bench/test_bench_paper_epoch.py
   else stamp "paper: skipped, no mrcfile/starfile here (run bench/gpu_wheels.sh and carry .whl)"; fi
 fi
 has compile && bench mfn_compile 150 bench/test_bench_mfn_stack.py -k "(64x64x64 or 512x512) and compile"

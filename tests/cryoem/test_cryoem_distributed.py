@@ -407,14 +407,20 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path)
 
 def test_a_run_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
     """``--time-limit``: a clean stop after an epoch (checkpoint written, no results, exit
-    status 3, the way to go on named), then ``--resume`` in a later call: bit for bit the
-    uninterrupted run (a device session's 10-minute calls)."""
+    status 3, the way to go on named), then ``--resume`` in a later call on a machine that
+    kept nothing but the carried ``checkpoint.pt`` and stage maps (a lent GPU's 10-minute
+    calls; the data set regenerates from its seed): bit for bit the uninterrupted run."""
     out = tmp_path / "limited"
     stopped = _example(out, "--time-limit", "0.0001")
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     assert "--resume" in stopped.stderr and "time limit reached after step 1 of 10" in stopped.stderr
     assert not (out / "results.json").exists()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
+    carried = tmp_path / "carried"  # the next call's folder: no data set, no other files
+    carried.mkdir()
+    for path in [out / "checkpoint.pt", *out.glob("stage*.mrc")]:
+        shutil.copy(path, carried)
+    out = carried
     resumed = _example(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.equal(_poses(out / "poses.star"), _poses(uninterrupted / "poses.star"))
