@@ -5,15 +5,15 @@
 #   the simulation, compilation and autotuning, the epoch running at the limit and the final
 #   evaluation come on top, inside the call's 600 s.
 # Runs `examples/cryoem.py --preset paper --structure STRUCTURE --pose-init uniform --device
-# cuda` in /tmp (its 1.3 GB particle stack never goes to $OUT). A checkpoint carried in
+# cuda` in $TMPDIR or /tmp (its 1.3 GB particle stack never goes to $OUT). A checkpoint carried in
 # runs/device/paper_STRUCTURE/ is resumed (the data set regenerates from its seed, bit for
 # bit: tests/cryoem/test_cryoem_distributed.py, the time-limit test). $OUT/paper_STRUCTURE/
 # gets every file of the run but the data set, and log.txt. Exit status: the example's
 # (3: stopped by the time limit; go on in the next call).
 # Between calls, here: `mkdir -p runs/device && cp -r FILES_AT/paper_STRUCTURE runs/device/`
 # and name `runs/device` and `.whl` (bash bench/gpu_wheels.sh) in the call's `carry`.
-# PRESET (default paper) and DEVICE (default cuda) override: PRESET=tiny DEVICE=cpu tries
-# the protocol on a CPU.
+# PRESET (default paper), DEVICE (default cuda) and CARRIED (the carried folder) override:
+# PRESET=tiny DEVICE=cpu tries the protocol on a CPU (tests/cryoem/test_device_scripts.py).
 set -u
 cd "$(dirname "$0")/.."
 source bench/device_env.sh  # PYTHONPATH, the carried wheels, has_modules, versions
@@ -22,8 +22,8 @@ minutes=${2:-5}
 shift $(( $# < 2 ? $# : 2 ))
 OUT=${OUT:-/tmp/fieldkern_gpu}
 name=paper_$structure
-run=/tmp/fieldkern_$name
-carried=runs/device/$name
+run=${TMPDIR:-/tmp}/fieldkern_$name
+carried=${CARRIED:-runs/device/$name}
 dest=$OUT/$name
 if ! has_modules mrcfile starfile gemmi; then
   echo "paper_run: mrcfile, starfile or gemmi missing: run bash bench/gpu_wheels.sh here and carry .whl" >&2
