@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    "box; the quick preset's) or box (the paper's)")
     p.add_argument("--marching", choices=MARCHINGS, help="fixed: stages start at the preset's epochs (default); fsc: "
                    "two half sets train side by side and their FSC decides after every epoch to stay, go to the next "
-                   "stage, limit the band or stop, within --epochs (not in the paper; no --pose-search)")
+                   "stage, limit the band or stop, within --epochs (not in the paper; with --pose-search the halves' maps are "
+                   "aligned, mirror allowed, before every comparison)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/cryoem", metavar="DIR", help="output folder (default runs/cryoem)")
@@ -120,10 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--cuda-graphs replays CUDA graphs: it needs a CUDA --device, got {args.device!r}")
     if args.time_limit is not None and not args.time_limit > 0:
         p.error("--time-limit must be a positive number of minutes")
-    if args.marching == "fsc" and args.pose_search:
-        why = f" (the default of --pose-init {args.pose_init})" if args.pose_init in FAR_POSE_INITS else ""
-        p.error(f"--marching fsc compares two half maps in one frame; --pose-search{why} may mirror each half: "
-                "drop one of them")
     if args.pose_search is not None and args.pose_search < 0:
         p.error("--pose-search must be >= 0")
     if args.search_temperature is not None and not args.search_temperature >= 0:

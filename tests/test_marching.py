@@ -121,6 +121,19 @@ def test_a_sudden_drop_limits_the_support_once():
     assert march(FSCMarching(), [drop], stage=1)[0].decision == "continue"
 
 
+def test_a_drop_while_the_score_still_rises_is_the_front_not_a_limit():
+    """Halves still converging (ab initio): a steep fall at the front of what they agree on,
+    the band's score rising every epoch, limits nothing; once the score stalls it does."""
+    def front(r):  # agreement up to shell r, then a fall of 0.8 within one shell
+        return [0.95] * r + [0.1] * (SHELLS - r)
+    rule = FSCMarching(min_epochs=1, patience=3)
+    rising = march(rule, [front(5), front(6), front(7)])
+    assert all(sudden_drop(front(r), 15, 0.5, 2, 0.6) is not None for r in (5, 6, 7))
+    assert [s.decision for s in rising] == ["continue"] * 3 and rising[-1].support_limit is None
+    stalled = march(rule, [front(5), front(6), front(7), front(7)])
+    assert stalled[-1].decision == "limit" and stalled[-1].support_limit == 6.0
+
+
 def test_smooth_curves_and_drops_beyond_the_band_are_not_sudden_drops():
     assert sudden_drop(curve(8, width=1.0), 15, 0.5, 2, 0.6) is None  # ~0.23 per shell at most
     late = [1.0] * 10 + [0.0] * 6

@@ -54,7 +54,8 @@ class ReconstructionConfig:
         marching: "fixed" (stages start at ``stage_epochs``) or "fsc": after every epoch the
             FSC between two half-set reconstructions decides whether to stay, go to the next
             stage, limit the band or stop (:mod:`fieldkern.cryoem.marching`; ``epochs`` is
-            then the most it may take, ``stage_epochs`` unused). Not in the paper.
+            then the most it may take, ``stage_epochs`` unused; with ``pose_search`` the
+            halves' maps are aligned, mirror allowed, before every comparison). Not in the paper.
         seed: seeds the model initialisation and the batch order.
     """
 
@@ -89,10 +90,6 @@ class ReconstructionConfig:
             raise ValueError(f"support must be one of {SUPPORTS}, got {self.support!r}")
         if self.marching not in MARCHINGS:
             raise ValueError(f"marching must be one of {MARCHINGS}, got {self.marching!r}")
-        if self.marching == "fsc" and int(self.pose_search) > 0:
-            # A search may flip each half's hand independently: their FSC would compare mirror images.
-            raise ValueError("marching 'fsc' compares two half maps in one frame; it cannot be combined "
-                             f"with a global pose search (pose_search = {self.pose_search})")
         if len(self.stage_epochs) != self.n_scales - 1:
             raise ValueError(
                 f"stage_epochs must hold n_scales - 1 = {self.n_scales - 1} epochs, got {self.stage_epochs}"
