@@ -100,8 +100,9 @@ def test_a_diverged_half_stops_marching_and_keeps_the_last_good_checkpoints(tmp_
 
 def test_half_maps_of_a_global_search_are_aligned_mirror_allowed_before_their_fsc():
     """With a global pose search each half set settles in a frame and hand of its own: the
-    curve aligns half 2's map to half 1's first. A mirrored, rotated copy then scores ~1 at
-    every shell the blobs fill; in the shared frame (no search) the same pair is not aligned."""
+    curve aligns half 2's map to half 1's first. A mirrored, rotated copy then scores above
+    0.9 at shells 1-4 (measured >= 0.998; beyond shell 5 trilinear resampling of these sharp
+    blobs costs correlation); in the shared frame (no search) the same pair is not aligned."""
     from types import SimpleNamespace
 
     from fieldkern.cryoem.alignment import FLIP_Z
