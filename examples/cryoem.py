@@ -73,8 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                    "two half sets train side by side and their FSC decides after every epoch to stay, go to the next "
                    "stage, limit the band or stop, within --epochs (not in the paper; with --pose-search the halves' maps are "
                    "aligned, mirror allowed, before every comparison)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the simulation (poses, CTFs, noise), the initial poses, "
+                   "the half-set split and the training (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train (default cuda when available, else cpu)")
     p.add_argument("--out", default="runs/cryoem", metavar="DIR", help="output folder (default runs/cryoem)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (a folder holding anything "

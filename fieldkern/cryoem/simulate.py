@@ -144,8 +144,10 @@ def simulate(
     volume, D, apix, source = _volume(structure, box, apix, resolution)
     paths = _output_paths(Path(out_dir), overwrite)
     gen = torch.Generator().manual_seed(int(seed))
-    rotations, euler, (dfu, dfv, dfang) = _draw_poses_and_defocus(
-        n_particles, gen, defocus_range, astigmatism_range, defocus_angle_range)
+    # drawn in this order (rotations, then the CTFs, then the noise), so a seed fixes the data set
+    rotations, euler = _draw_poses(n_particles, gen)
+    params = _draw_ctf_params(n_particles, gen, defocus_range, astigmatism_range, defocus_angle_range,
+                              optics=(volt, cs, w))
     meta = {
         "source": source, "n_particles": n_particles, "box": D, "apix": apix, "snr": snr,
         "snr_definition": "var(all clean pixels of all images) / var(noise)",
@@ -155,37 +157,40 @@ def simulate(
         "defocus_angle_range": list(defocus_angle_range), "volt": volt, "cs": cs, "w": w,
         "resolution": resolution, "shifts": "none",
     }
-    sigma = _write_files(paths, meta, volume, rotations, euler, (dfu, dfv, dfang), (volt, cs, w), gen=gen,
-                         batch_size=batch_size, device=device, progress=progress)
-    N = n_particles
-    params = CTFParams(
-        dfu=dfu, dfv=dfv, dfang=dfang, volt=torch.full((N,), float(volt), dtype=torch.float64),
-        cs=torch.full((N,), float(cs), dtype=torch.float64), w=torch.full((N,), float(w), dtype=torch.float64),
-        phase_shift=torch.zeros(N, dtype=torch.float64), bfactor=torch.zeros(N, dtype=torch.float64),
-    )
+    sigma = _write_files(paths, meta, volume, rotations, euler, params, gen=gen, batch_size=batch_size,
+                         device=device, progress=progress)
     return SimulationResult(
         star_path=paths["star"], stack_path=paths["stack"], volume_path=paths["volume"],
-        metadata_path=paths["meta"], n_particles=N, box=D, apix=apix, snr=snr, noise_sigma=sigma,
+        metadata_path=paths["meta"], n_particles=n_particles, box=D, apix=apix, snr=snr, noise_sigma=sigma,
         ctf_pad=ctf_pad, rotations=rotations, euler_deg=euler, ctf_params=params,
     )
 
 
-def _draw_poses_and_defocus(N, gen, defocus_range, astigmatism_range, defocus_angle_range):
-    """Rotations ``(N, 3, 3)`` float64, their RELION Euler angles ``(N, 3)`` (degrees) and
-    ``(dfu, dfv, dfang)``, drawn from ``gen`` in this order (the noise is drawn after them, so
-    a seed fixes the data set)."""
+def _draw_poses(N: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotations ``(N, 3, 3)`` float64, uniform on SO(3), and their RELION Euler angles
+    ``(N, 3)`` (degrees)."""
     rotations = random_rotations(N, generator=gen, dtype=torch.float64)
-    dfu = _uniform(N, *defocus_range, gen)
-    dfv = dfu - _uniform(N, *astigmatism_range, gen)
-    dfang = _uniform(N, *defocus_angle_range, gen)
     # The STAR file stores Euler angles; the matrices they give back (not the drawn ones,
     # which differ by ~1e-16) are the poses the images are made with, so files and images
     # agree to rounding.
     euler = matrix_to_relion_euler(rotations)
-    return relion_euler_to_matrix(euler), euler, (dfu, dfv, dfang)
+    return relion_euler_to_matrix(euler), euler
 
 
-def _write_files(paths, meta, volume, rotations, euler, defocus, optics, *, gen, batch_size, device,
+def _draw_ctf_params(N: int, gen: torch.Generator, defocus_range, astigmatism_range, defocus_angle_range, *,
+                     optics) -> CTFParams:
+    """Per-particle CTFs: defocus U, astigmatism (dfV = dfU - it) and angle uniform on their
+    ranges (A, A, degrees), drawn from ``gen`` in this order; ``optics = (volt, cs, w)`` (kV, mm,
+    amplitude contrast) shared by all; no phase shift or B-factor."""
+    dfu = _uniform(N, *defocus_range, gen)
+    dfv = dfu - _uniform(N, *astigmatism_range, gen)
+    dfang = _uniform(N, *defocus_angle_range, gen)
+    volt, cs, w = (torch.full((N,), float(v), dtype=torch.float64) for v in optics)
+    zeros = torch.zeros(N, dtype=torch.float64)
+    return CTFParams(dfu=dfu, dfv=dfv, dfang=dfang, volt=volt, cs=cs, w=w, phase_shift=zeros, bfactor=zeros)
+
+
+def _write_files(paths, meta, volume, rotations, euler, params: CTFParams, *, gen, batch_size, device,
                  progress) -> float:
     """Write the map, the stack, the STAR file and ``simulation.json`` (``meta`` with the noise
     sigma filled in); returns the noise sigma. A simulation that fails part-way (a device or
@@ -193,18 +198,16 @@ def _write_files(paths, meta, volume, rotations, euler, defocus, optics, *, gen,
     all-zero stack that looks like data. The stack is filled under a temporary name and
     renamed when complete, so a process killed outright leaves no partial stack by its name."""
     N, D, apix = meta["n_particles"], meta["box"], meta["apix"]
-    (dfu, dfv, dfang), (volt, cs, w) = defocus, optics
     partial = paths["stack"].with_name(paths["stack"].name + ".partial")
     try:
         write_mrc(paths["volume"], volume, apix)
-        sigma = _write_stack(partial, volume, rotations, defocus, optics, apix=apix,
-                             ctf_pad=meta["ctf_pad"], snr=meta["snr"], gen=gen, batch_size=batch_size,
-                             device=device, progress=progress)
+        sigma = _write_stack(partial, volume, rotations, params, apix=apix, ctf_pad=meta["ctf_pad"],
+                             snr=meta["snr"], gen=gen, batch_size=batch_size, device=device, progress=progress)
         os.replace(partial, paths["stack"])
         write_particles_star(
             paths["star"], image_names=[f"{i + 1:06d}@{STACK_NAME}" for i in range(N)], euler_deg=euler,
-            dfu=dfu, dfv=dfv, dfang=dfang, apix=apix, box=D, volt=volt, cs=cs, w=w,
-            extra_columns={"rlnRandomSubset": (torch.arange(N) % 2 + 1)},
+            dfu=params.dfu, dfv=params.dfv, dfang=params.dfang, apix=apix, box=D, volt=meta["volt"],
+            cs=meta["cs"], w=meta["w"], extra_columns={"rlnRandomSubset": (torch.arange(N) % 2 + 1)},
         )
         paths["meta"].write_text(json.dumps({**meta, "noise_sigma": sigma}, indent=2) + "\n")
     except BaseException:
@@ -244,42 +247,59 @@ def _output_paths(out: Path, overwrite: bool) -> dict[str, Path]:
     return paths
 
 
-def _write_stack(path: Path, volume: torch.Tensor, rotations: torch.Tensor, defocus, optics, *, apix: float,
+def _write_stack(path: Path, volume: torch.Tensor, rotations: torch.Tensor, params: CTFParams, *, apix: float,
                  ctf_pad: int, snr: float | None, gen: torch.Generator, batch_size: int, device,
                  progress: bool) -> float:
     """The images ``apply_ctf(project(V, R_i), CTF_i)`` plus noise at the data-set ``snr``
     (drawn from ``gen`` after all clean images), written to the MRC stack ``path`` in batches;
-    returns the noise standard deviation (0 without noise). ``defocus``: ``(dfu, dfv, dfang)``
-    ``(N,)`` each (A, A, degrees); ``optics``: ``(volt, cs, w)``."""
+    returns the noise standard deviation (0 without noise)."""
     import mrcfile
-    from tqdm.auto import tqdm
 
     N, D = rotations.shape[0], volume.shape[-1]
-    dfu, dfv, dfang = defocus
-    volt, cs, w = optics
-    vol_dev = volume.to(device)
-    P = ctf_pad * D
-    total, total_sq = 0.0, 0.0
     with mrcfile.new_mmap(path, shape=(N, D, D), mrc_mode=2, overwrite=True) as mrc:
         mrc.set_image_stack()
         mrc.voxel_size = apix
         with torch.no_grad():
-            for b0 in tqdm(range(0, N, batch_size), desc="project + CTF", disable=not progress):
-                b1 = min(N, b0 + batch_size)
-                proj = project(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32))
-                c = ctf(P, apix, dfu[b0:b1], dfv[b0:b1], dfang[b0:b1], volt, cs, w, device=device)
-                img = apply_ctf(proj, c).cpu()
-                x = img.to(torch.float64)
-                total += float(x.sum())
-                total_sq += float((x * x).sum())
-                mrc.data[b0:b1] = img.numpy()
+            total, total_sq = _write_clean_images(mrc.data, volume, rotations, params, apix=apix, ctf_pad=ctf_pad,
+                                                  batch_size=batch_size, device=device, progress=progress)
             count = N * D * D
             var = max(total_sq / count - (total / count) ** 2, 0.0)
             sigma = 0.0 if snr is None else (var / snr) ** 0.5
             if snr is not None:
-                for b0 in tqdm(range(0, N, batch_size), desc="noise", disable=not progress):
-                    b1 = min(N, b0 + batch_size)
-                    noise = torch.randn((b1 - b0, D, D), generator=gen, dtype=torch.float32)
-                    mrc.data[b0:b1] += (sigma * noise).numpy()
+                _add_noise(mrc.data, sigma, gen, batch_size=batch_size, progress=progress)
         mrc.update_header_stats()
     return sigma
+
+
+def _batches(N: int, batch_size: int, desc: str, progress: bool):
+    """``(b0, b1)`` bounds of consecutive batches of ``range(N)``, with a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    for b0 in tqdm(range(0, N, batch_size), desc=desc, disable=not progress):
+        yield b0, min(N, b0 + batch_size)
+
+
+def _write_clean_images(data, volume, rotations, params: CTFParams, *, apix, ctf_pad, batch_size, device,
+                        progress) -> tuple[float, float]:
+    """Fill ``data`` ``(N, D, D)`` with the CTF-filtered projections (the CTF on a
+    ``ctf_pad * D`` grid); returns the sum and the sum of squares of all pixels (float64)."""
+    vol_dev = volume.to(device)
+    P = ctf_pad * volume.shape[-1]
+    total, total_sq = 0.0, 0.0
+    for b0, b1 in _batches(rotations.shape[0], batch_size, "project + CTF", progress):
+        proj = project(vol_dev, rotations[b0:b1].to(device=device, dtype=torch.float32))
+        img = apply_ctf(proj, ctf(P, apix, **params.select(slice(b0, b1)), device=device)).cpu()
+        x = img.to(torch.float64)
+        total += float(x.sum())
+        total_sq += float((x * x).sum())
+        data[b0:b1] = img.numpy()
+    return total, total_sq
+
+
+def _add_noise(data, sigma: float, gen: torch.Generator, *, batch_size, progress) -> None:
+    """Add white Gaussian noise of standard deviation ``sigma`` to ``data`` ``(N, D, D)``, drawn
+    from ``gen`` batch by batch (float32)."""
+    N, D = data.shape[0], data.shape[-1]
+    for b0, b1 in _batches(N, batch_size, "noise", progress):
+        noise = torch.randn((b1 - b0, D, D), generator=gen, dtype=torch.float32)
+        data[b0:b1] += (sigma * noise).numpy()
