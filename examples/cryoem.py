@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     train_seconds = time.perf_counter() - train_start
     if not dist.is_main:
         return None
-    ev, volumes, rotations, shifts_A, losses = experiment.evaluate_reconstructions(recs, data, init)
+    outcome = experiment.evaluate_reconstructions(recs, data, init)
     seconds = time.perf_counter() - start
     launcher = ["python"] if not dist.distributed else ["torchrun", f"--nproc_per_node {dist.world_size}"]
     settings = cryoem_settings(preset, {
@@ -205,8 +205,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
         "device": str(device), "world_size": dist.world_size, "backend": dist.backend,
         "cuda_graphs": args.cuda_graphs, "command": " ".join([*launcher, "examples/cryoem.py", *argv]),
     })
-    return write_outputs(out, data, rotations, shifts_A, losses, volumes, ev, settings, seconds, train_seconds,
-                         marching=recs[0][1].state.marching)
+    return write_outputs(out, data, outcome, settings, seconds=seconds, train_seconds=train_seconds)
 
 
 #: Exit status of a run stopped by --time-limit (resumable; 1 is an error, 2 bad arguments).

@@ -27,7 +27,6 @@ from fieldkern.cryoem.config import ReconstructionConfig
 from fieldkern.cryoem.ctf import ctf as _ctf
 from fieldkern.cryoem.data import ExperimentData
 from fieldkern.cryoem.evaluation import (
-    Evaluation,
     evaluate,
     evaluate_half_maps,
     pose_error_summary,
@@ -36,7 +35,7 @@ from fieldkern.cryoem.evaluation import (
 )
 from fieldkern.cryoem.io import ParticleDataset
 from fieldkern.cryoem.marching import fit_halves
-from fieldkern.cryoem.outputs import RESULTS, StageMapWriter
+from fieldkern.cryoem.outputs import RESULTS, RunOutcome, StageMapWriter
 from fieldkern.cryoem.reconstruct import Reconstruction
 from fieldkern.distributed import DistContext
 
@@ -84,15 +83,16 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
     ds = data.dataset
     one = data.has_ground_truth and config.marching == "fixed"
     halves = [None] if one else list(split_halves(ds, config.seed))
+    half_run = functools.partial(_half_run, data, initial=initial, config=config, out=out, device=device, dist=dist,
+                                 resume=resume, cuda_graphs=cuda_graphs)
     if config.marching == "fsc":
-        runs = [_half_run(data, index, h, initial, config, out, device, dist, resume, cuda_graphs)
-                for h, index in enumerate(halves, 1)]
+        runs = [half_run(index, h) for h, index in enumerate(halves, 1)]
         fit_halves([rec for _, rec, _ in runs], [c for _, _, c in runs], progress=progress, time_limit=time_limit,
                    callbacks=[StageMapWriter(rec, out, ds.apix, f"half{h}_") for h, (_, rec, _) in enumerate(runs, 1)])
         return [(index, rec) for index, rec, _ in runs]
     recs = []
     for h, index in enumerate(halves, 1):
-        index, rec, checkpoint = _half_run(data, index, h, initial, config, out, device, dist, resume, cuda_graphs)
+        index, rec, checkpoint = half_run(index, h)
         tag = "" if index is None else f"half{h}_"
         left = None if time_limit is None else max(time_limit - (time.monotonic() - start), 1e-3)
         rec.fit(checkpoint, progress=progress, callbacks=[StageMapWriter(rec, out, ds.apix, tag)], time_limit=left)
@@ -100,7 +100,7 @@ def reconstruct(data: ExperimentData, initial: torch.Tensor, config: Reconstruct
     return recs
 
 
-def _half_run(data: ExperimentData, index: torch.Tensor | None, h: int, initial: torch.Tensor,
+def _half_run(data: ExperimentData, index: torch.Tensor | None, h: int, *, initial: torch.Tensor,
               config: ReconstructionConfig, out: Path, device, dist, resume: bool, cuda_graphs: bool):
     """``(index, reconstruction, checkpoint path)`` of half set ``h`` (rows ``index``; None: all
     particles), loaded from its checkpoint with ``resume``."""
@@ -178,19 +178,20 @@ def _host_ctfs(ds: ParticleDataset, index: torch.Tensor, idx: torch.Tensor) -> t
 
 
 def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstruction]], data: ExperimentData,
-                             initial: torch.Tensor) -> tuple[Evaluation, list, torch.Tensor, torch.Tensor, list]:
-    """Evaluate what :func:`reconstruct` returned: ``(evaluation, maps, rotations, origins_A,
-    losses)`` with every particle's pose ``(N, 3, 3)`` and RELION origin ``(N, 2)`` in A (half
-    2's moved into half 1's frame, which the averaged half maps are in) and the losses per
-    epoch (one list per half set). Half sets with a ground truth (FSC marching): the averaged
-    half maps are measured against the truth, the half-map resolutions kept beside."""
+                             initial: torch.Tensor) -> RunOutcome:
+    """Evaluate what :func:`reconstruct` returned: the maps, every particle's pose and RELION
+    origin (half 2's moved into half 1's frame, which the averaged half maps are in), the
+    losses per epoch (one list per half set) and the marching decisions. Half sets with a
+    ground truth (FSC marching): the averaged half maps are measured against the truth, the
+    half-map resolutions kept beside."""
     ds = data.dataset
+    marching = recs[0][1].state.marching
     if len(recs) == 1:
         rec = recs[0][1]
         rotations, volumes = rec.rotations.cpu(), rec.volumes()
         ev = evaluate(volumes, data.ground_truth, ds.apix, initial, rotations, data.true_rotations,
                       flip=rec.config.pose_search > 0)
-        return ev, volumes, rotations, ds.shifts_A, rec.state.losses
+        return RunOutcome(ev, volumes, rotations, ds.shifts_A, rec.state.losses, marching)
     (first, rec1), (second, rec2) = recs
     ev = evaluate_half_maps(rec1.volumes(), rec2.volumes(), ds.apix, global_search=rec1.config.pose_search > 0)
     rotations = initial.clone().to(torch.float64)
@@ -203,7 +204,7 @@ def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstructio
         halves = ev
         ev = evaluate(halves.aligned_maps, data.ground_truth, ds.apix, initial, rotations, data.true_rotations)
         ev.half_maps, ev.half_map_resolution = halves.half_maps, halves.resolution_angstrom
-    return ev, ev.aligned_maps, rotations, shifts, [rec1.state.losses, rec2.state.losses]
+    return RunOutcome(ev, ev.aligned_maps, rotations, shifts, [rec1.state.losses, rec2.state.losses], marching)
 
 
 __all__ = ["ImageRows", "evaluate_reconstructions", "half_set_config", "reconstruct"]

@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -79,20 +79,41 @@ class StageMapWriter(Callback):
                 write_map(path, volume, self.apix)
 
 
-def write_outputs(out: Path, data: ExperimentData, rotations: torch.Tensor, shifts_A: torch.Tensor, losses,
-                  volumes, ev: Evaluation, settings: dict, seconds: float,
-                  train_seconds: float | None = None, marching: list[dict] | None = None) -> dict:
-    """Maps (``.mrc``), ``fsc.csv``/``fsc.png``, ``slices.png``, ``poses.star`` (``rotations``
-    ``(N, 3, 3)`` and RELION origins ``shifts_A`` ``(N, 2)`` of every particle) and
-    ``results.json`` in ``out``; returns the results dictionary. ``volumes``: the maps of every
-    scale (written unless ``ev`` holds aligned ones); ``losses``: the loss per epoch (a list),
-    or one list per half set; with half maps, ``half{1,2}_scale{k}.mrc`` are written too (half
-    2 aligned); ``settings``: :func:`cryoem_settings`; ``seconds``: the whole run's time and
-    ``train_seconds`` the training's; ``marching``: FSC marching's decisions, one dict per
-    epoch (epoch, stage, band edge, FSC there, resolved shell, score, decision, support limit)."""
+@dataclass
+class RunOutcome:
+    """What a trained run produced (:func:`fieldkern.cryoem.experiment.evaluate_reconstructions`),
+    for :func:`write_outputs`.
+
+    Attributes:
+        evaluation: FSC resolutions, aligned maps, pose errors.
+        volumes: the map of every scale, ``(D, D, D)`` each, in the reconstruction's frame
+            (written unless ``evaluation`` holds aligned ones).
+        rotations, shifts_A: every particle's pose ``(N, 3, 3)`` and RELION origin ``(N, 2)``
+            in A (half 2's moved into half 1's frame).
+        losses: the loss per epoch (a list), or one list per half set.
+        marching: FSC marching's decisions, one dict per epoch (epoch, stage, band edge, FSC
+            there, resolved shell, score, decision, support limit); empty without marching.
+    """
+
+    evaluation: Evaluation
+    volumes: list
+    rotations: torch.Tensor
+    shifts_A: torch.Tensor
+    losses: list
+    marching: list[dict] = field(default_factory=list)
+
+
+def write_outputs(out: Path, data: ExperimentData, outcome: RunOutcome, settings: dict, *, seconds: float,
+                  train_seconds: float | None = None) -> dict:
+    """Maps (``.mrc``), ``fsc.csv``/``fsc.png``, ``slices.png``, ``poses.star`` (the outcome's
+    poses of every particle) and ``results.json`` in ``out``; returns the results dictionary.
+    With half maps, ``half{1,2}_scale{k}.mrc`` are written too (half 2 aligned). ``settings``:
+    :func:`cryoem_settings`; ``seconds``: the whole run's time and ``train_seconds`` the
+    training's."""
+    ev = outcome.evaluation
     ds = data.dataset
     apix, D = ds.apix, ds.box
-    maps = ev.aligned_maps or volumes
+    maps = ev.aligned_maps or outcome.volumes
     if data.ground_truth is not None:
         write_map(out / "ground_truth.mrc", data.ground_truth.float(), apix)
     for k, v in enumerate(maps):
@@ -103,7 +124,7 @@ def write_outputs(out: Path, data: ExperimentData, rotations: torch.Tensor, shif
     if ev.fsc:
         _write_fsc(out, ev, apix, D)
     figures.plot_slices(out / "slices.png", maps, data.ground_truth)
-    _write_poses(out / "poses.star", ds, rotations, shifts_A)
+    _write_poses(out / "poses.star", ds, outcome.rotations, outcome.shifts_A)
     results = {
         "nyquist_angstrom": 2 * apix,
         "resolution_angstrom": [_json_float(r) for r in ev.resolution_angstrom],
@@ -116,13 +137,13 @@ def write_outputs(out: Path, data: ExperimentData, rotations: torch.Tensor, shif
         "seconds": seconds,
         "train_seconds": train_seconds,
         "alignment": ev.alignment,
-        ("loss_per_epoch_halves" if ev.half_maps else "loss_per_epoch"): losses,
+        ("loss_per_epoch_halves" if ev.half_maps else "loss_per_epoch"): outcome.losses,
         "settings": settings,
     }
     if ev.half_map_resolution is not None:
         results["half_map_resolution_angstrom"] = [_json_float(r) for r in ev.half_map_resolution]
-    if marching:
-        results["marching"] = marching
+    if outcome.marching:
+        results["marching"] = outcome.marching
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
@@ -220,6 +241,7 @@ def summary_lines(results: dict) -> list[str]:
 __all__ = [
     "OUTPUTS",
     "RESULTS",
+    "RunOutcome",
     "StageMapWriter",
     "cryoem_settings",
     "prepare_output_dir",
