@@ -200,10 +200,23 @@ def align_volume(
     chunk = check_count("chunk", chunk)
     if local and flip:
         raise ValueError("local=True refines from the identity and cannot flip the hand; pass flip=False")
+    search = _Search(flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk, local)
     with _intra_op_threads(1):
-        return _align_volume(
-            volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk, local
-        )
+        return _align_volume(volume, reference, search)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """:func:`align_volume`'s search settings (its arguments of the same names)."""
+
+    flip: bool
+    search_size: int
+    refine_size: int
+    n_rotations: int
+    n_candidates: int
+    max_iter: int
+    chunk: int
+    local: bool
 
 
 def _box_sizes(volume, reference, search_size, refine_size) -> tuple[int, int, int]:
@@ -222,10 +235,8 @@ def _box_sizes(volume, reference, search_size, refine_size) -> tuple[int, int, i
     return D, s_size, r_size
 
 
-def _align_volume(
-    volume, reference, flip, search_size, refine_size, n_rotations, n_candidates, max_iter, chunk, local
-):
-    D, s_size, r_size = _box_sizes(volume, reference, search_size, refine_size)
+def _align_volume(volume: torch.Tensor, reference: torch.Tensor, search: _Search) -> AlignmentResult:
+    D, s_size, r_size = _box_sizes(volume, reference, search.search_size, search.refine_size)
     v64 = volume.detach().to(torch.float64).cpu()
     r64 = reference.detach().to(torch.float64).cpu()
     # A NaN map scores 0 everywhere and would come back as a finite all-zero "alignment".
@@ -233,35 +244,26 @@ def _align_volume(
     check_finite("reference", r64)
     v_s, r_s = fourier_crop(v64, s_size, 3), fourier_crop(r64, s_size, 3)
     v_r, r_r = fourier_crop(v64, r_size, 3), fourier_crop(r64, r_size, 3)
-    ref_s_f = torch.fft.rfftn(_normalise(r_s))
-
-    grid = super_fibonacci_rotations(n_rotations)
-    hands = [] if local else [False, True] if flip else [False]
-    cands = [(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), False)] if local else []
-    for h in hands:
-        mats = matmul3(grid, FLIP_Z) if h else grid
-        scores, peaks = _scores(v_s, ref_s_f, mats, chunk)
-        top = torch.topk(scores, min(n_candidates, scores.numel())).indices
-        cands += [(mats[i], _unravel_shift(int(peaks[i]), s_size), h) for i in top.tolist()]
+    if search.local:
+        cands = [(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), False)]
+    else:
+        cands = _global_candidates(v_s, r_s, search)
 
     # Refine every candidate on the search box, then the best one on the refine box.
     ref_s_n = _normalise(r_s)
     refined = []
     for M0, t0, h in cands:
-        M, t, score = _refine(v_s, ref_s_n, M0, t0, max_iter)
+        M, t, score = _refine(v_s, ref_s_n, M0, t0, search.max_iter)
         refined.append((score, M, t, h))
     _, M, t, flipped = max(refined, key=lambda c: c[0])
     if r_size != s_size:
-        M, t, _ = _refine(v_r, _normalise(r_r), M, t * (r_size / s_size), max_iter)
+        M, t, _ = _refine(v_r, _normalise(r_r), M, t * (r_size / s_size), search.max_iter)
 
     rotated = transform_volume(v64, M)
-    if local:
+    if search.local:
         t = t * (D / r_size)  # the refined shift, from the refine box's voxels to the map's
     else:
-        ref_f = torch.fft.rfftn(_normalise(r64))
-        cc = torch.fft.irfftn(ref_f * torch.fft.rfftn(_normalise(rotated)).conj(), s=(D, D, D))
-        idx = int(cc.flatten().argmax())
-        t = _subvoxel_peak(cc, idx)
+        t = _full_size_shift(rotated, r64)
     aligned = fourier_shift(rotated, t, 3)
     score = float((_normalise(aligned) * _normalise(r64)).sum())
     R = matmul3(M, FLIP_Z) if flipped else M
@@ -273,3 +275,26 @@ def _align_volume(
         shift=t,
         score=score,
     )
+
+
+def _global_candidates(v_s: torch.Tensor, r_s: torch.Tensor, search: _Search) -> list:
+    """The ``search.n_candidates`` best ``(matrix, integer shift, flipped)`` of the rotation grid
+    per hand, for the maps cropped to the search box."""
+    ref_s_f = torch.fft.rfftn(_normalise(r_s))
+    grid = super_fibonacci_rotations(search.n_rotations)
+    cands = []
+    for h in [False, True] if search.flip else [False]:
+        mats = matmul3(grid, FLIP_Z) if h else grid
+        scores, peaks = _scores(v_s, ref_s_f, mats, search.chunk)
+        top = torch.topk(scores, min(search.n_candidates, scores.numel())).indices
+        cands += [(mats[i], _unravel_shift(int(peaks[i]), v_s.shape[-1]), h) for i in top.tolist()]
+    return cands
+
+
+def _full_size_shift(rotated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The shift ``(x, y, z)`` (voxels) that best overlays ``rotated`` on ``reference``: the peak
+    of their full-size FFT cross-correlation, refined to a sub-voxel one."""
+    D = rotated.shape[-1]
+    ref_f = torch.fft.rfftn(_normalise(reference))
+    cc = torch.fft.irfftn(ref_f * torch.fft.rfftn(_normalise(rotated)).conj(), s=(D, D, D))
+    return _subvoxel_peak(cc, int(cc.flatten().argmax()))
