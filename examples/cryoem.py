@@ -178,7 +178,7 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> dict | None:
     progress = not args.no_progress and dist.is_main
 
     start = time.perf_counter()
-    data = prepare_data(args.structure, out, preset, args.seed, args.particles, args.reference,
+    data = prepare_data(args.structure, out, preset, args.seed, particles=args.particles, reference=args.reference,
                         progress=progress, device=device, dist=dist, invert=args.invert, downsample=args.downsample)
     ds = data.dataset
     check_memory(memory_needs(preset.recon, ds.box, len(ds), world_size=dist.world_size),

@@ -41,7 +41,7 @@ class ExperimentData:
         self.has_ground_truth = self.has_ground_truth or self.ground_truth is not None
 
 
-def prepare_data(structure: str, out_dir: Path, preset, seed: int, particles: str | None = None,
+def prepare_data(structure: str, out_dir: Path, preset, seed: int, *, particles: str | None = None,
                  reference: str | None = None, progress: bool = True, device=None,
                  dist: DistContext | None = None, invert: bool = False,
                  downsample: int | None = None) -> ExperimentData:
@@ -74,7 +74,7 @@ def prepare_data(structure: str, out_dir: Path, preset, seed: int, particles: st
     def load() -> ExperimentData:
         if particles is not None:
             return _read_particles(particles, reference, invert, downsample, lazy or downsample is not None)
-        return _simulate(structure, out_dir / "data", preset, seed, progress, device, lazy)
+        return _simulate(structure, out_dir / "data", preset, seed, progress=progress, device=device, lazy=lazy)
 
     if dist is None or not dist.distributed:
         return load()
@@ -117,7 +117,7 @@ def _read_particles(particles, reference, invert: bool, downsample: int | None, 
     return ExperimentData(ds, gt, ds.rotations, str(particles), False, {"particles": str(particles)})
 
 
-def _simulate(structure, data_dir: Path, preset, seed: int, progress: bool, device, lazy: bool = False) -> ExperimentData:
+def _simulate(structure, data_dir: Path, preset, seed: int, *, progress: bool, device, lazy: bool = False) -> ExperimentData:
     """The preset's particle set simulated from ``structure`` into ``data_dir``, and loaded."""
     if is_map(structure):
         volume, apix = read_map(structure, "map")

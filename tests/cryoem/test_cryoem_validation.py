@@ -121,7 +121,8 @@ def test_reference_map_with_nan_fails_instead_of_reporting_n_a(tmp_path):
     _raw_mrc(tmp_path / "ref.mrc", ref.numpy(), 2.0)
     preset = cryoem_preset("tiny")
     with pytest.raises(ValueError, match=r"ref\.mrc holds NaN"):
-        prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
+        prepare_data("4ake", tmp_path, preset, 0, particles=str(star), reference=str(tmp_path / "ref.mrc"),
+                     progress=False)
 
 
 @pytest.mark.parametrize("value", [0.0, 3.5])
@@ -132,7 +133,8 @@ def test_constant_reference_or_structure_map_is_refused(tmp_path, value):
     _raw_mrc(tmp_path / "ref.mrc", np.full((8, 8, 8), value, np.float32), 2.0)
     preset = cryoem_preset("tiny")
     with pytest.raises(ValueError, match=r"ref\.mrc holds one value everywhere.*no structure"):
-        prepare_data("4ake", tmp_path, preset, 0, str(star), str(tmp_path / "ref.mrc"), progress=False)
+        prepare_data("4ake", tmp_path, preset, 0, particles=str(star), reference=str(tmp_path / "ref.mrc"),
+                     progress=False)
     with pytest.raises(ValueError, match=r"map .*ref\.mrc holds one value everywhere"):
         prepare_data(str(tmp_path / "ref.mrc"), tmp_path / "o", preset, 0, progress=False)
 
