@@ -104,8 +104,8 @@ def run(args: argparse.Namespace, argv: list[str], dist) -> None:
 
     start = time.perf_counter()
     # Under torchrun each rank fits its own block of images; rank 0 gets the whole table.
-    results = fimage.run_experiment(images, names, methods, preset, device, args.seed, not args.no_progress,
-                                    dist=dist)
+    results = fimage.run_experiment(images, names, methods, preset, device=device, seed=args.seed,
+                                    progress=not args.no_progress, dist=dist)
     wall = time.perf_counter() - start
     if not dist.is_main:
         return

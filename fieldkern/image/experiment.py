@@ -21,6 +21,7 @@ def run_experiment(
     names: list[str],
     methods: list[Method],
     preset: ImagePreset,
+    *,
     device="cpu",
     seed: int = 0,
     progress: bool = True,
@@ -48,7 +49,8 @@ def run_experiment(
             for i in range(lo, hi):
                 row = []
                 for method in methods:
-                    r = fit_image(method, images[i], preset, device, seed + i, names[i], progress)
+                    r = fit_image(method, images[i], preset, device=device, seed=seed + i, image_name=names[i],
+                                  progress=progress)
                     if i >= keep_arrays:
                         r.drop_arrays()
                     row.append(r)

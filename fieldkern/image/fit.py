@@ -95,6 +95,7 @@ def fit_image(
     method: Method,
     image: np.ndarray,
     preset: ImagePreset,
+    *,
     device: str | torch.device = "cpu",
     seed: int = 0,
     image_name: str = "image",

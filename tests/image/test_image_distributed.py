@@ -28,7 +28,8 @@ def _worker(path):
     ctx = init_from_env("cpu")
     try:
         images, names, methods, preset = _inputs()
-        results = fimage.run_experiment(images, names, methods, preset, ctx.device, 0, False, dist=ctx)
+        results = fimage.run_experiment(images, names, methods, preset, device=ctx.device, seed=0, progress=False,
+                                        dist=ctx)
         assert (results is None) == (not ctx.is_main)
         if ctx.is_main:
             Path(path).write_bytes(pickle.dumps(results))
@@ -38,7 +39,7 @@ def _worker(path):
 
 def test_two_processes_fit_the_images_of_one(tmp_path):
     images, names, methods, preset = _inputs()
-    single = fimage.run_experiment(images, names, methods, preset, "cpu", 0, False)
+    single = fimage.run_experiment(images, names, methods, preset, device="cpu", seed=0, progress=False)
     spawn_local(_worker, 2, str(tmp_path / "results.pkl"))
     split = pickle.loads((tmp_path / "results.pkl").read_bytes())
     assert [[r.image for r in row] for row in split] == [[r.image for r in row] for row in single]
