@@ -98,6 +98,26 @@ def test_by_default_a_resolved_coarse_band_gets_three_epochs():
     assert [s.decision for s in steps[:3]] == ["continue", "continue", "next"]
 
 
+def test_with_settle_gain_a_resolved_coarse_band_waits_while_its_score_rises():
+    """Ab initio (``settle_gain``): a coarse band resolved to its edge whose score still gains
+    more than ``settle_gain`` an epoch goes on; the first epoch that gains less ends it."""
+    scores = [0.75, 0.86, 0.88, 0.905, 0.91, 0.912]
+    curves = [[1.0] + [s] * 4 + [0.0] * (SHELLS - 5) for s in scores]  # resolved to the edge
+    assert [band_score(c, 4.0) for c in curves] == pytest.approx(scores)
+    default = march(FSCMarching(), curves, stage=1, edge=4.0)
+    assert [s.decision for s in default][:3] == ["continue", "continue", "next"]
+    settling = march(FSCMarching(settle_gain=0.01), curves, stage=1, edge=4.0)
+    # gains 0.11, 0.02, 0.025, 0.005: it ends at the first epoch that gains under 0.01
+    assert [s.decision for s in settling][:5] == ["continue"] * 4 + ["next"]
+    # the plateau rule still ends a stage that never resolves its band
+    unresolved = [[1.0, 0.5, 0.1] + [0.0] * (SHELLS - 3)] * 10
+    steps = march(FSCMarching(settle_gain=0.01, patience=2), unresolved, stage=1, edge=4.0)
+    assert [s.decision for s in steps][:3] == ["continue", "continue", "next"]
+    # and the last stage is as without it
+    curves = [curve(6 + 0.5 * e) for e in range(8)]
+    assert march(FSCMarching(settle_gain=0.01), curves) == march(FSCMarching(), curves)
+
+
 def test_only_the_current_stage_counts_for_a_plateau():
     rule = FSCMarching(min_epochs=1, patience=2)
     history = march(rule, [curve(4)] * 3, stage=0, edge=8.0)
@@ -146,6 +166,7 @@ def test_smooth_curves_and_drops_beyond_the_band_are_not_sudden_drops():
 @pytest.mark.parametrize("kwargs, name", [
     ({"min_epochs": 0}, "min_epochs"), ({"patience": 1.5}, "patience"), ({"drop_width": 0}, "drop_width"),
     ({"threshold": 1.5}, "threshold"), ({"min_gain": -1}, "min_gain"), ({"drop": 0}, "drop"),
+    ({"settle_gain": -0.1}, "settle_gain"), ({"settle_gain": float("nan")}, "settle_gain"),
 ])
 def test_bad_constants_are_refused_by_name(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -55,7 +55,8 @@ class ReconstructionConfig:
             FSC between two half-set reconstructions decides whether to stay, go to the next
             stage, limit the band or stop (:mod:`fieldkern.cryoem.marching`; ``epochs`` is
             then the most it may take, ``stage_epochs`` unused; with ``pose_search`` the
-            halves' maps are aligned, mirror allowed, before every comparison). Not in the paper.
+            halves' maps are aligned, mirror allowed, before every comparison, and a coarse
+            stage waits for its score to settle: ``marching_rule``). Not in the paper.
         seed: seeds the model initialisation and the batch order.
     """
 

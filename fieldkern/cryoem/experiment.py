@@ -201,8 +201,10 @@ def evaluate_reconstructions(recs: list[tuple[torch.Tensor | None, Reconstructio
                                                                *ev.transform, ds.apix)
     ev.pose_error_deg = pose_error_summary(initial, rotations, data.true_rotations)
     if data.ground_truth is not None:  # half sets with a truth (FSC marching): the average against it
+        # in half 1's frame and hand: after a global search that may be the truth's mirror image
         halves = ev
-        ev = evaluate(halves.aligned_maps, data.ground_truth, ds.apix, initial, rotations, data.true_rotations)
+        ev = evaluate(halves.aligned_maps, data.ground_truth, ds.apix, initial, rotations, data.true_rotations,
+                      flip=rec1.config.pose_search > 0)
         ev.half_maps, ev.half_map_resolution = halves.half_maps, halves.resolution_angstrom
     return RunOutcome(ev, ev.aligned_maps, rotations, shifts, [rec1.state.losses, rec2.state.losses], marching)
 

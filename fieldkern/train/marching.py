@@ -19,6 +19,10 @@ into a decision (:data:`DECISIONS`):
   reached the band edge) or the stage has plateaued: its *score*, the mean FSC over shells
   ``1 .. edge`` (up to the support limit once there is one), has not beaten the stage's best
   by more than ``min_gain`` for ``patience`` epochs. The next stage starts with the next epoch.
+  With ``settle_gain`` set (the trainer sets it under a global pose search: ab initio), a
+  resolved coarse band ends the stage only once its score no longer beats the stage's best
+  by more than ``settle_gain``: there the coarse stages also carry the poses from the
+  search's draws towards their fits, and the halves still converge while the score rises.
 * ``"stop"``: the same plateau at the last stage: training ends.
 * ``"continue"``: otherwise; ``"end"``: the epoch budget is spent (the caller's cap).
 
@@ -81,6 +85,9 @@ class FSCMarching:
         min_gain: the score gain over the stage's best that makes a new best.
         drop, drop_width, drop_from: a sudden drop is a fall of more than ``drop`` within
             ``drop_width`` shells, starting at an FSC of at least ``drop_from``.
+        settle_gain: None (default): a coarse stage ends as soon as its band is resolved.
+            A float: it also waits until the score no longer beats the stage's best by more
+            than this (``"next"`` above).
     """
 
     threshold: float = 0.143
@@ -90,6 +97,7 @@ class FSCMarching:
     drop: float = 0.5
     drop_width: int = 2
     drop_from: float = 0.6
+    settle_gain: float | None = None
 
     def __post_init__(self):
         for name in ("min_epochs", "patience", "drop_width"):
@@ -102,6 +110,8 @@ class FSCMarching:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain!r}")
         if not 0 < self.drop <= 2:
             raise ValueError(f"drop must lie in (0, 2], got {self.drop!r}")
+        if self.settle_gain is not None and not self.settle_gain >= 0:
+            raise ValueError(f"settle_gain must be None or >= 0, got {self.settle_gain!r}")
 
     def decide(self, curve: Sequence[float], epoch: int, stage: int, n_stages: int, band_edge: float,
                history: Sequence[MarchingStep] = (), support_limit: float | None = None) -> MarchingStep:
@@ -133,7 +143,8 @@ class FSCMarching:
             return MarchingStep(**{**step, "support_limit": float(drop)}, decision="limit")
         if len(scores) < self.min_epochs:
             return MarchingStep(**step, decision="continue")
-        if not last and resolved >= edge:
+        settled = self.settle_gain is None or epochs_since_best(scores, self.settle_gain) > 0
+        if not last and resolved >= edge and settled:
             return MarchingStep(**step, decision="next")
         if epochs_since_best(scores, self.min_gain) < self.patience:
             return MarchingStep(**step, decision="continue")
