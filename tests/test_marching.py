@@ -139,6 +139,10 @@ def test_a_sudden_drop_limits_the_support_once():
     assert steps[3].decision == "stop"
     # a coarse stage's curve is not trusted for drops
     assert march(FSCMarching(), [drop], stage=1)[0].decision == "continue"
+    # and with drop=None no curve limits the band: the plateau stops it
+    steps = march(FSCMarching(patience=1, drop=None), [curve(9), drop, drop, drop])
+    assert [s.decision for s in steps][1:3] == ["continue", "stop"]
+    assert all(s.support_limit is None for s in steps)
 
 
 def test_a_drop_while_the_score_still_rises_is_the_front_not_a_limit():

@@ -84,7 +84,8 @@ class FSCMarching:
             every run, where 5 left 4AKE's half maps 0.02-0.03 A behind it.
         min_gain: the score gain over the stage's best that makes a new best.
         drop, drop_width, drop_from: a sudden drop is a fall of more than ``drop`` within
-            ``drop_width`` shells, starting at an FSC of at least ``drop_from``.
+            ``drop_width`` shells, starting at an FSC of at least ``drop_from``; ``drop``
+            None: no ``"limit"`` ever.
         settle_gain: None (default): a coarse stage ends as soon as its band is resolved.
             A float: it also waits until the score no longer beats the stage's best by more
             than this (``"next"`` above).
@@ -94,7 +95,7 @@ class FSCMarching:
     min_epochs: int = 3
     patience: int = 8
     min_gain: float = 0.001
-    drop: float = 0.5
+    drop: float | None = 0.5
     drop_width: int = 2
     drop_from: float = 0.6
     settle_gain: float | None = None
@@ -108,7 +109,7 @@ class FSCMarching:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold!r}")
         if not self.min_gain >= 0:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain!r}")
-        if not 0 < self.drop <= 2:
+        if self.drop is not None and not 0 < self.drop <= 2:
             raise ValueError(f"drop must lie in (0, 2], got {self.drop!r}")
         if self.settle_gain is not None and not self.settle_gain >= 0:
             raise ValueError(f"settle_gain must be None or >= 0, got {self.settle_gain!r}")
@@ -138,7 +139,7 @@ class FSCMarching:
         # of what they agree on so far, not two fits that overfit their noise.
         rising = epochs_since_best(scores, self.min_gain) == 0
         drop = (sudden_drop(curve, edge, self.drop, self.drop_width, self.drop_from)
-                if last and support_limit is None and not rising else None)
+                if self.drop is not None and last and support_limit is None and not rising else None)
         if drop is not None:
             return MarchingStep(**{**step, "support_limit": float(drop)}, decision="limit")
         if len(scores) < self.min_epochs:

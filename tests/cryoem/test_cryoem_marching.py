@@ -215,6 +215,6 @@ def test_ab_initio_half_maps_in_the_mirror_hand_are_measured_against_the_truth_m
     assert fixed.evaluation.resolution_angstrom[-1] > outcome.evaluation.resolution_angstrom[-1] + 1.0
 
 
-def test_under_a_global_pose_search_the_coarse_stages_wait_for_their_score_to_settle():
+def test_under_a_global_pose_search_coarse_stages_wait_for_their_score_to_settle_and_nothing_limits():
     assert marching_rule(small_config()) == FSCMarching()
-    assert marching_rule(small_config(pose_search=96)) == FSCMarching(settle_gain=AB_INITIO_SETTLE_GAIN)
+    assert marching_rule(small_config(pose_search=96)) == FSCMarching(settle_gain=AB_INITIO_SETTLE_GAIN, drop=None)
