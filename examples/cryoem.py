@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--marching", choices=MARCHINGS, help="fixed: stages start at the preset's epochs (default); fsc: "
                    "two half sets train side by side and their FSC decides after every epoch to stay, go to the next "
                    "stage, limit the band or stop, within --epochs (not in the paper; with --pose-search the halves' maps are "
-                   "aligned, mirror allowed, before every comparison)")
+                   "aligned, mirror allowed, before every comparison, a coarse stage waits for its score to settle "
+                   "and nothing limits the band)")
     p.add_argument("--seed", type=int, default=0, help="seeds the simulation (poses, CTFs, noise), the initial poses, "
                    "the half-set split and the training (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

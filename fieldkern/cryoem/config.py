@@ -56,7 +56,7 @@ class ReconstructionConfig:
             stage, limit the band or stop (:mod:`fieldkern.cryoem.marching`; ``epochs`` is
             then the most it may take, ``stage_epochs`` unused; with ``pose_search`` the
             halves' maps are aligned, mirror allowed, before every comparison, and a coarse
-            stage waits for its score to settle: ``marching_rule``). Not in the paper.
+            stage waits for its score to settle, with no band limit: ``marching_rule``). Not in the paper.
         seed: seeds the model initialisation and the batch order.
     """
 

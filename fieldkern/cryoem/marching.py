@@ -44,8 +44,8 @@ def half_map_curve(halves) -> list[float]:
 #: coarse stage goes on while its band's score still beats its best by more than this. On the
 #: quick 4AKE data from random poses, without it stage 1 ended after its 3 epochs with the
 #: score still rising 0.02-0.04 an epoch, and at seed 2 of 3 both halves locked into a wrong
-#: map (23 A against the truth); with it stage 1 took 8 epochs and all 3 seeds reached
-#: 8.6-8.7 A (docs/cryoem.md, "Ab initio under marching").
+#: map (23 A against the truth); with it stage 1 took 7-8 epochs and all 3 seeds reached
+#: 8.6-8.8 A (docs/cryoem.md, "Ab initio under marching").
 AB_INITIO_SETTLE_GAIN = 0.01
 
 
